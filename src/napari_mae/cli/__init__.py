@@ -1,0 +1,66 @@
+"""The ``napari-mae`` console script.
+
+Each subcommand lives in its own module of this package and exposes
+``register(subparsers)``, which adds an ``argparse`` sub-parser whose ``func``
+default is called with the parsed arguments and returns an exit code. Heavy
+imports (torch, MONAI) happen inside those functions, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from napari_mae import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the top-level parser with every subcommand found in this package."""
+    parser = argparse.ArgumentParser(
+        prog="napari-mae",
+        description=(
+            "Masked-autoencoder masking, reconstruction, training and adaptive instance "
+            "segmentation of 2D images and 3D volumes, headless."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"napari-mae {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(subparsers)
+    return parser
+
+
+class CLIError(Exception):
+    """An error to report to the user as one line on stderr with exit code 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the console script; return the process exit code.
+
+    Errors the user can fix (``CLIError``, ``ValueError``, ``FileNotFoundError``)
+    are printed as one line on stderr and give exit code 2, not a traceback.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("napari-mae: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"napari-mae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
