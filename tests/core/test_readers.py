@@ -1,0 +1,167 @@
+"""Readers: TIFF/NIfTI/NRRD axes, spacing, orientation, and bad files."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+import tifffile
+
+from napari_mae._reader import napari_get_reader
+from napari_mae.io.readers import ImageReadError, monai_readers, read_image
+
+
+@pytest.fixture
+def volume():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 1000, size=(5, 7, 9), dtype=np.uint16)  # (Z, Y, X); ImageJ has no int16
+
+
+def test_imagej_tiff_stack_spacing(tmp_path, volume):
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(
+        path, volume, imagej=True, resolution=(1 / 0.25, 1 / 0.25), metadata={"spacing": 2.0, "unit": "um", "axes": "ZYX"}
+    )
+    data, spacing, meta = read_image(path)
+    np.testing.assert_array_equal(data, volume)
+    assert meta["axes"] == "ZYX"
+    assert spacing == pytest.approx((2.0, 0.25, 0.25))
+    assert meta["unit"] == "um"
+
+
+def test_two_page_tiff_reads_both_pages(tmp_path):
+    pages = np.stack([np.zeros((4, 6), np.uint8), np.full((4, 6), 7, np.uint8)])
+    path = tmp_path / "two.tif"
+    tifffile.imwrite(path, pages)
+    data, spacing, meta = read_image(path)
+    assert data.shape == (2, 4, 6)
+    assert data[1].max() == 7
+    assert spacing == (1.0, 1.0, 1.0)
+    assert meta["unit"] == "pixel"
+
+
+def test_monai_tifffile_reader_reads_every_page(tmp_path):
+    """MONAI's PIL fallback reads page 0 only; our reader must read the whole stack."""
+    from monai.transforms import LoadImage
+
+    pages = np.stack([np.full((4, 6), i, np.uint8) for i in range(3)])
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, pages, imagej=True, metadata={"spacing": 3.0, "unit": "um", "axes": "ZYX"})
+    img = LoadImage(reader=monai_readers(), image_only=True, ensure_channel_first=True)(str(path))
+    assert tuple(img.shape) == (1, 3, 4, 6)
+    np.testing.assert_array_equal(np.asarray(img)[0, :, 0, 0], [0, 1, 2])
+    assert float(img.affine[0, 0]) == pytest.approx(3.0)
+
+
+def test_rgb_tiff_channels_last(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 255, (8, 10, 3), dtype=np.uint8)
+    path = tmp_path / "rgb.tif"
+    tifffile.imwrite(path, rgb, photometric="rgb")
+    data, spacing, meta = read_image(path)
+    assert data.shape == (8, 10, 3)
+    assert meta["axes"] == "YXC" and meta["rgb"]
+    assert spacing == (1.0, 1.0)
+    layers = napari_get_reader(str(path))(str(path))
+    assert layers[0][1]["rgb"] is True
+
+
+def _nifti(tmp_path, data, zooms, name="vol.nii.gz", affine=None):
+    if affine is None:
+        affine = np.diag([*zooms, 1.0])
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def test_nifti_round_trip_anisotropic(tmp_path):
+    # Stored (X, Y, Z) in RAS with spacing 0.5 x 0.8 x 3 mm.
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    path = _nifti(tmp_path, data, (0.5, 0.8, 3.0))
+    out, spacing, meta = read_image(path)
+    assert out.shape == (6, 5, 4)  # (Z, Y, X)
+    assert spacing == pytest.approx((3.0, 0.8, 0.5))
+    assert meta["axes"] == "ZYX" and meta["unit"] == "mm"
+    assert out.dtype == np.int16
+    # RAS -> (S, P, L): Z keeps direction, Y (A->P) and X (R->L) are flipped.
+    np.testing.assert_array_equal(out, np.transpose(data[::-1, ::-1, :], (2, 1, 0)))
+
+
+def test_nifti_4d_time_axis(tmp_path):
+    data = np.zeros((4, 5, 6, 3), np.float32)
+    data[..., 2] = 1
+    path = _nifti(tmp_path, data, (1.0, 1.0, 2.0), name="t.nii")
+    out, spacing, meta = read_image(path)
+    assert meta["axes"] == "TZYX"
+    assert out.shape == (3, 6, 5, 4)
+    assert spacing == pytest.approx((2.0, 1.0, 1.0))
+    assert out[2].min() == 1 and out[0].max() == 0
+
+
+def test_nrrd_round_trip_anisotropic(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)  # (i, j, k)
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": np.diag([0.78, 0.78, 6.5]),
+        "space origin": np.zeros(3),
+    }
+    path = tmp_path / "vol.nrrd"
+    nrrd.write(str(path), data, header)
+    out, spacing, meta = read_image(path)
+    assert out.dtype == np.int16
+    assert out.shape == (6, 5, 4)
+    assert spacing == pytest.approx((6.5, 0.78, 0.78))
+    # LPS voxel axes are already (L, P, S): only the transpose to (Z, Y, X).
+    np.testing.assert_array_equal(out, np.transpose(data, (2, 1, 0)))
+
+
+def test_same_volume_same_orientation_nifti_and_nrrd(tmp_path):
+    """A volume written as RAS NIfTI and as LPS NRRD reads back identically."""
+    lps = np.random.default_rng(2).integers(0, 100, (4, 5, 6)).astype(np.int16)
+    ras = lps[::-1, ::-1, :]
+    nifti = _nifti(tmp_path, ras, (1.0, 1.0, 1.0))
+    nrrd_path = tmp_path / "v.nrrd"
+    header = {"space": "left-posterior-superior", "space directions": np.eye(3), "space origin": np.zeros(3)}
+    nrrd.write(str(nrrd_path), lps, header)
+    np.testing.assert_array_equal(read_image(nifti)[0], read_image(nrrd_path)[0])
+
+
+@pytest.mark.parametrize("name", ["broken.tif", "broken.nii.gz", "broken.nrrd"])
+def test_corrupt_file_clear_error(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"this is not an image at all" * 10)
+    with pytest.raises(ImageReadError, match=name):
+        read_image(path)
+
+
+def test_empty_and_missing(tmp_path):
+    empty = tmp_path / "empty.tif"
+    empty.touch()
+    with pytest.raises(ImageReadError, match="empty"):
+        read_image(empty)
+    with pytest.raises(FileNotFoundError):
+        read_image(tmp_path / "missing.tif")
+
+
+def test_napari_reader_rejects_unsupported(tmp_path):
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    assert napari_get_reader(str(other)) is None
+    assert napari_get_reader(str(tmp_path / "nothere.nii")) is None
+
+
+def test_napari_reader_labels_by_name(tmp_path):
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1:3, 1:3, 1:3] = 2
+    path = _nifti(tmp_path, labels, (1.0, 1.0, 2.0), name="case_seg.nii.gz")
+    (data, kwargs, layer_type), = napari_get_reader(str(path))(str(path))
+    assert layer_type == "labels"
+    assert kwargs["scale"] == pytest.approx([2.0, 1.0, 1.0])
+
+
+def test_shared_ct_reads_with_spacing(shared_data):
+    path = shared_data / "totalsegmentator_ct_mr_3d/images/example_ct_sm.nii.gz"
+    data, spacing, meta = read_image(path)
+    assert data.shape == (30, 101, 122)
+    assert data.dtype == np.int16
+    assert spacing == pytest.approx((3.0, 3.0, 3.0))
