@@ -1,0 +1,400 @@
+"""Plumbing shared by the dock widgets: jobs, notifications, layer pickers.
+
+Every widget follows the same path (see ``docs/architecture.md``):
+
+1. on the GUI thread, :func:`~._layers.prepare_image` reads a layer and its
+   ``scale`` into a :class:`~._layers.PreparedImage` (no pixel data is computed
+   yet, so dask and multiscale layers stay lazy);
+2. :class:`Job` runs ONE core function in a superqt worker thread, with a
+   napari ``progress`` bar and a Stop that raises
+   :class:`napari_mae._progress.Cancelled` from the progress callback;
+3. the result comes back on the GUI thread, where layers are added.
+
+Nothing here imports torch: the core modules are imported inside the worker
+functions, so napari starts fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt.utils import create_worker
+
+from napari_mae._progress import Cancelled
+
+from ._layers import TIME_MODES, UserInputError
+
+# --------------------------------------------------------------------------- jobs
+
+
+class _Relay(QObject):
+    """Carries progress from the worker thread to the GUI thread (queued signal)."""
+
+    progressed = Signal(int, int, str)
+
+
+class Job:
+    """One core call in a worker thread, with progress and a working Stop.
+
+    Parameters
+    ----------
+    func : callable
+        ``func(progress)`` or a generator function ``func(progress)``; it runs
+        in a worker thread and must only touch numpy arrays, never layers.
+        ``progress(done, total, message)`` is the core's progress callback: it
+        raises :class:`~napari_mae._progress.Cancelled` once Stop was pressed.
+    description : str
+        Label of the napari progress bar.
+    on_returned : callable
+        Called on the GUI thread with ``func``'s return value.
+    on_yielded : callable, optional
+        Called on the GUI thread with each value a generator yields.
+    on_progress : callable, optional
+        Called on the GUI thread with ``(done, total, message)``.
+    on_error : callable
+        Called on the GUI thread with a message for the user.
+    on_finished : callable, optional
+        Called on the GUI thread at the end, whatever happened.
+    """
+
+    #: Seconds between forwarded progress reports (the last one always goes).
+    throttle_s = 0.05
+
+    def __init__(
+        self,
+        func: Callable,
+        *,
+        description: str,
+        on_returned: Callable[[Any], None],
+        on_error: Callable[[str], None],
+        on_yielded: Callable[[Any], None] | None = None,
+        on_progress: Callable[[int, int, str], None] | None = None,
+        on_finished: Callable[[], None] | None = None,
+    ) -> None:
+        from napari.utils import progress as napari_progress
+
+        self.stop_event = threading.Event()
+        self.cancelled = False
+        self.running = True
+        self._on_progress = on_progress
+        self._on_error = on_error
+        self._on_finished = on_finished
+        self._last_emit = 0.0
+        self._relay = _Relay()
+        self._relay.progressed.connect(self._progressed)
+        self._pbar = napari_progress(total=0, desc=description)
+        self.worker = create_worker(
+            func,
+            self.progress,
+            _start_thread=False,
+            _connect={"errored": self._errored, "finished": self._finished},
+        )
+        self.worker.returned.connect(on_returned)
+        self.worker.warned.connect(lambda w: show_warning(str(w[0])))
+        if on_yielded is not None and hasattr(self.worker, "yielded"):
+            self.worker.yielded.connect(on_yielded)
+
+    def start(self) -> Job:
+        """Start the worker thread."""
+        self.worker.start()
+        return self
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        """The core's progress callback (worker thread); raises ``Cancelled`` after Stop."""
+        if self.stop_event.is_set():
+            raise Cancelled("stopped by the user")
+        now = time.monotonic()
+        if now - self._last_emit >= self.throttle_s or done >= total:
+            self._last_emit = now
+            self._relay.progressed.emit(int(done), int(total), str(message))
+
+    def stop(self) -> None:
+        """Ask the job to stop: the next progress report raises ``Cancelled``."""
+        self.cancelled = True
+        self.stop_event.set()
+        self.worker.quit()
+
+    # GUI-thread slots
+    def _progressed(self, done: int, total: int, message: str) -> None:
+        if not self.running:
+            return
+        if total and self._pbar.total != total:
+            self._pbar.total = total
+        if done != self._pbar.n:
+            self._pbar.update(done - self._pbar.n)
+        if message:
+            self._pbar.set_description(message)
+        if self._on_progress is not None:
+            self._on_progress(done, total, message)
+
+    def _errored(self, exc: BaseException) -> None:
+        if isinstance(exc, Cancelled) or self.cancelled:
+            return
+        if isinstance(exc, (UserInputError, ValueError, FileNotFoundError, MemoryError)):
+            self._on_error(str(exc))
+        else:
+            self._on_error(f"{type(exc).__name__}: {exc}")
+
+    def _finished(self) -> None:
+        self.running = False
+        self._pbar.close()
+        if self._on_finished is not None:
+            self._on_finished()
+
+
+# --------------------------------------------------------------------------- widgets
+
+
+class LayerCombo(QComboBox):
+    """A combo box of the viewer's layers of some types, kept in sync.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+    layer_types : tuple of type
+        Layer classes listed.
+    none_text : str, optional
+        If given, a first entry meaning "no layer".
+    predicate : callable, optional
+        Extra filter on layers.
+    """
+
+    def __init__(self, viewer, layer_types: tuple, none_text: str | None = None, predicate=None) -> None:
+        super().__init__()
+        self._viewer = viewer
+        self._types = layer_types
+        self._none_text = none_text
+        self._predicate = predicate
+        self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(12)
+        events = viewer.layers.events
+        for emitter in (events.inserted, events.removed, events.moved, events.changed):
+            emitter.connect(self.refresh)
+        self.destroyed.connect(lambda *_: _disconnect(events, self.refresh))
+        self.refresh()
+
+    def layers(self) -> list:
+        """The layers listed, top of the layer list first."""
+        found = [ly for ly in self._viewer.layers if isinstance(ly, self._types)]
+        if self._predicate is not None:
+            found = [ly for ly in found if self._predicate(ly)]
+        return found[::-1]
+
+    def refresh(self, event=None) -> None:
+        """Re-list the layers, keeping the current choice if it still exists."""
+        current = self.currentText()
+        names = [ly.name for ly in self.layers()]
+        inserted = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
+        for ly in self.layers():  # follow renames
+            with _suppress_runtime():
+                ly.events.name.connect(self.refresh)
+        self.blockSignals(True)
+        self.clear()
+        if self._none_text is not None:
+            self.addItem(self._none_text)
+        self.addItems(names)
+        if inserted is not None and inserted.name in names and self._none_text is None:
+            current = inserted.name
+        idx = self.findText(current)
+        self.setCurrentIndex(idx if idx >= 0 else 0)
+        self.blockSignals(False)
+        if self.currentText() != current:
+            self.currentIndexChanged.emit(self.currentIndex())
+
+    def value(self):
+        """The chosen layer, or None."""
+        name = self.currentText()
+        for ly in self._viewer.layers:
+            if ly.name == name and isinstance(ly, self._types):
+                return ly
+        return None
+
+    def set_value(self, layer) -> None:
+        """Select ``layer`` (or its name)."""
+        idx = self.findText(getattr(layer, "name", layer))
+        if idx >= 0:
+            self.setCurrentIndex(idx)
+
+
+def _suppress_runtime():
+    return contextlib.suppress(RuntimeError, TypeError, ValueError)
+
+
+def _disconnect(events, callback) -> None:
+    for name in ("inserted", "removed", "moved", "changed"):
+        with _suppress_runtime():
+            getattr(events, name).disconnect(callback)
+
+
+class JobWidget(QWidget):
+    """Base of the dock widgets: Run/Stop buttons, a progress bar and a status line.
+
+    Subclasses build their form into ``self.form_layout`` (a ``QVBoxLayout``
+    above the buttons) and call :meth:`start_job`.
+    """
+
+    def __init__(self, napari_viewer, run_text: str = "Run") -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.job: Job | None = None
+        self._job_layers: list = []
+        outer = QVBoxLayout(self)
+        self.form_layout = QVBoxLayout()
+        outer.addLayout(self.form_layout)
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton(run_text)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.run_button.clicked.connect(self.run)
+        self.stop_button.clicked.connect(self.stop)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.stop_button)
+        self.button_layout = buttons
+        outer.addLayout(buttons)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setTextVisible(True)
+        self.progress_bar.setFormat("idle")
+        self.progress_bar.setValue(0)
+        outer.addWidget(self.progress_bar)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        outer.addWidget(self.status)
+        self.results_layout = QVBoxLayout()
+        outer.addLayout(self.results_layout)
+        outer.addStretch(1)
+        layers_events = napari_viewer.layers.events
+        layers_events.removed.connect(self._layer_removed)
+        self.destroyed.connect(lambda *_: _disconnect_one(layers_events.removed, self._layer_removed))
+
+    # ----------------------------------------------------------------- notifications
+    def notify_error(self, message: str) -> None:
+        """Show ``message`` as a napari error notification and in the status line."""
+        self.status.setText(f"Error: {message}")
+        show_error(message)
+
+    def notify_info(self, message: str) -> None:
+        """Show ``message`` as a napari info notification and in the status line."""
+        self.status.setText(message)
+        show_info(message)
+
+    def notify_notes(self, notes: Iterable[str]) -> None:
+        """Show the notes of a :class:`PreparedImage` as one warning."""
+        notes = [n for n in notes if n]
+        if notes:
+            show_warning(" ".join(notes))
+
+    # ----------------------------------------------------------------- jobs
+    @property
+    def busy(self) -> bool:
+        """Whether a job is running."""
+        return self.job is not None and self.job.running
+
+    def run(self) -> None:  # pragma: no cover - overridden
+        """Start the widget's job (subclasses)."""
+        raise NotImplementedError
+
+    def start_job(self, func, *, description: str, on_returned, on_yielded=None, layers=()) -> Job | None:
+        """Run ``func(progress)`` in a worker; see :class:`Job`.
+
+        ``layers`` are the input layers: removing one stops the job.
+        """
+        if self.busy:
+            self.notify_error("A job is already running; press Stop first.")
+            return None
+        self._job_layers = list(layers)
+        self.run_button.setEnabled(False)
+        self.stop_button.setEnabled(True)
+        self.progress_bar.setRange(0, 0)  # busy until the first report
+        self.progress_bar.setFormat(description)
+        self.status.setText(f"{description}...")
+        self._t0 = time.monotonic()
+        self.job = Job(
+            func,
+            description=description,
+            on_returned=on_returned,
+            on_yielded=on_yielded,
+            on_error=self.notify_error,
+            on_progress=self._on_progress,
+            on_finished=self._on_finished,
+        )
+        return self.job.start()
+
+    def stop(self) -> None:
+        """Stop the running job (it ends at its next progress report)."""
+        if self.busy:
+            self.job.stop()
+            self.status.setText("Stopping...")
+
+    def _on_progress(self, done: int, total: int, message: str) -> None:
+        if total > 0:
+            self.progress_bar.setRange(0, total)
+            self.progress_bar.setValue(min(done, total))
+            self.progress_bar.setFormat(f"{message} %v/%m" if message else "%v/%m")
+
+    def _on_finished(self) -> None:
+        self.run_button.setEnabled(True)
+        self.stop_button.setEnabled(False)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0 if self.job is not None and self.job.cancelled else 1)
+        if self.job is not None and self.job.cancelled:
+            self.progress_bar.setFormat("stopped")
+            self.status.setText("Stopped.")
+            show_info("Stopped.")
+        else:
+            self.progress_bar.setFormat(f"done in {time.monotonic() - self._t0:.1f} s")
+        self._job_layers = []
+
+    def _layer_removed(self, event) -> None:
+        layer = event.value
+        if self.busy and any(layer is ly for ly in self._job_layers):
+            self.job.stop()
+            self.notify_error(f"Layer '{layer.name}' was removed while in use; the job was stopped.")
+
+
+def _disconnect_one(emitter, callback) -> None:
+    with _suppress_runtime():
+        emitter.disconnect(callback)
+
+
+#: Channel-axis choices: detect, none, or an axis of the layer data.
+CHANNEL_CHOICES = ("auto", "none", "0", "1", "2", "3", "last")
+
+
+def channel_axis_combo() -> QComboBox:
+    """A combo of :data:`CHANNEL_CHOICES`."""
+    combo = QComboBox()
+    combo.addItems(CHANNEL_CHOICES)
+    combo.setToolTip(
+        "Axis of the layer data that holds channels. 'auto' uses the RGB axis, or a short (2-6) "
+        "first or last axis."
+    )
+    return combo
+
+
+def parse_channel_axis(text: str) -> int | str | None:
+    """Turn a :data:`CHANNEL_CHOICES` entry into ``prepare_image``'s ``channel_axis``."""
+    return {"auto": "auto", "none": None, "last": -1}.get(text, int(text) if text.isdigit() else "auto")
+
+
+def time_mode_combo() -> QComboBox:
+    """A combo of :data:`TIME_MODES` (used for 4D layers)."""
+    combo = QComboBox()
+    combo.addItems(TIME_MODES)
+    combo.setToolTip("For 4D (T, Z, Y, X) layers: process the time point shown, or every time point.")
+    return combo

@@ -1,0 +1,314 @@
+"""Segmentation dock widget: instance labels, automatic or from scribbles.
+
+Calls :func:`napari_mae.segmentation.segment_instances` in a worker thread. With
+a scribbles Labels layer (1 = background, 2 = foreground) the classifier is
+trained from the strokes; without one the image is segmented automatically. The
+object radius and threshold it chose are shown and can be overridden. Live mode
+re-runs (debounced) whenever the scribbles change. The result is a Labels layer
+``"<name> labels"`` with the input's scale, whose ``features`` table (also shown
+in the widget) gives each object's size in physical units.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+from napari.layers import Image, Labels
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QWidget,
+)
+
+from ._common import JobWidget, LayerCombo, channel_axis_combo, parse_channel_axis, time_mode_combo
+from ._layers import UserInputError, add_or_update, prepare_image
+from ._model_picker import ModelPicker
+
+#: Scribble label values (the core's convention).
+BACKGROUND, FOREGROUND = 1, 2
+
+#: Rows shown in the objects table (the layer's ``features`` holds them all).
+MAX_TABLE_ROWS = 500
+
+
+def _auto_spin(decimals: int, maximum: float, tooltip: str) -> QDoubleSpinBox:
+    spin = QDoubleSpinBox()
+    spin.setDecimals(decimals)
+    spin.setRange(0.0, maximum)
+    spin.setSpecialValueText("auto")
+    spin.setValue(0.0)
+    spin.setToolTip(tooltip)
+    return spin
+
+
+def object_table(labels: np.ndarray, spacing, t: int | None = None) -> dict[str, np.ndarray]:
+    """Per-object sizes of a label image, in physical units.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape ``([Z,] Y, X)``
+        0 = background, objects 1..n.
+    spacing : sequence of float
+        Physical pixel size per axis.
+    t : int, optional
+        Time point, added as a column ``t``.
+
+    Returns
+    -------
+    dict of str to ndarray
+        ``label``, ``pixels`` and ``area`` (2D) or ``volume`` (3D) in units of
+        ``spacing`` squared/cubed, one row per object present.
+    """
+    counts = np.bincount(labels.ravel().astype(np.int64))
+    ids = np.nonzero(counts)[0]
+    ids = ids[ids > 0]
+    pixel_size = float(np.prod(spacing))
+    table = {"label": ids, "pixels": counts[ids]}
+    table["area" if labels.ndim == 2 else "volume"] = counts[ids] * pixel_size
+    if t is not None:
+        table = {"t": np.full(len(ids), t), **table}
+    return table
+
+
+class SegmentationWidget(JobWidget):
+    """Segment every object of an image into a Labels layer.
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+    """
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__(napari_viewer, run_text="Segment")
+        form = QFormLayout()
+        self.image = LayerCombo(napari_viewer, (Image,))
+        self.channel = channel_axis_combo()
+        self.time_mode = time_mode_combo()
+        self.scribbles = LayerCombo(napari_viewer, (Labels,), none_text="none (automatic)")
+        self.new_scribbles = QPushButton("New scribbles")
+        self.new_scribbles.setToolTip("Add a Labels layer to paint: 1 = background, 2 = objects")
+        self.new_scribbles.clicked.connect(self.add_scribbles_layer)
+        row = QWidget()
+        row_layout = QHBoxLayout(row)
+        row_layout.setContentsMargins(0, 0, 0, 0)
+        row_layout.addWidget(self.scribbles, 1)
+        row_layout.addWidget(self.new_scribbles)
+        self.use_model = QCheckBox("MAE features")
+        self.use_model.setToolTip("Add MAE encoder features to the scribble classifier")
+        self.model = ModelPicker()
+        self.model.setEnabled(False)
+        self.use_model.toggled.connect(self.model.setEnabled)
+        self.radius = _auto_spin(3, 1e6, "Typical object radius in physical units ('auto' = estimated)")
+        self.threshold = _auto_spin(4, 1e6, "Foreground threshold ('auto' = Otsu / 0.5 with scribbles)")
+        self.use_estimates = QPushButton("Keep estimates")
+        self.use_estimates.setToolTip("Copy the last estimated radius and threshold into the boxes above")
+        self.use_estimates.clicked.connect(self._keep_estimates)
+        self.use_estimates.setEnabled(False)
+        self.live = QCheckBox("live: re-run when scribbles change")
+        self.live.toggled.connect(self._live_toggled)
+        form.addRow("image", self.image)
+        form.addRow("channel axis", self.channel)
+        form.addRow("4D input", self.time_mode)
+        form.addRow("scribbles", row)
+        form.addRow(self.use_model, self.model)
+        form.addRow("object radius", self.radius)
+        form.addRow("threshold", self.threshold)
+        form.addRow(self.use_estimates, self.live)
+        self.form_layout.addLayout(form)
+        self.table = QTableWidget(0, 3)
+        self.table.setMinimumHeight(120)
+        self.results_layout.addWidget(self.table)
+        self.info: dict = {}
+        self.features: dict = {}
+        self.debounce = QTimer(self)
+        self.debounce.setSingleShot(True)
+        self.debounce.setInterval(600)
+        self.debounce.timeout.connect(self._live_run)
+        self._watched = None
+        self._rerun = False
+        self.scribbles.currentIndexChanged.connect(self._watch_scribbles)
+
+    # ----------------------------------------------------------------- scribbles
+    def add_scribbles_layer(self) -> Labels | None:
+        """Add an empty scribbles layer over the image, ready to paint objects (2)."""
+        try:
+            prep = prepare_image(
+                self.image.value(), self.viewer, channel_axis=parse_channel_axis(self.channel.currentText())
+            )
+        except (UserInputError, ValueError) as exc:
+            self.notify_error(str(exc))
+            return None
+        layer = self.viewer.add_labels(
+            np.zeros(prep.spatial_shape, dtype=np.uint8),
+            name=f"{prep.name} scribbles",
+            **prep.spatial_kwargs(),
+        )
+        layer.selected_label = FOREGROUND
+        layer.brush_size = max(3, min(prep.spatial_shape[-2:]) // 100)
+        layer.mode = "paint"
+        self.scribbles.set_value(layer)
+        self.status.setText("Paint objects with label 2 and background with label 1.")
+        return layer
+
+    def _watch_scribbles(self, *_) -> None:
+        if self._watched is not None:
+            for emitter in (self._watched.events.paint, self._watched.events.data):
+                with contextlib.suppress(RuntimeError, TypeError, ValueError):
+                    emitter.disconnect(self._scribbles_changed)
+        self._watched = self.scribbles.value()
+        if self._watched is not None:
+            self._watched.events.paint.connect(self._scribbles_changed)
+            self._watched.events.data.connect(self._scribbles_changed)
+
+    def _scribbles_changed(self, event=None) -> None:
+        if self.live.isChecked():
+            self.debounce.start()
+
+    def _live_toggled(self, on: bool) -> None:
+        if on:
+            self.debounce.start()
+        else:
+            self.debounce.stop()
+
+    def _live_run(self) -> None:
+        if self.busy:  # re-run once the current job has stopped
+            self._rerun = True
+            self.stop()
+            return
+        self.run()
+
+    def _on_finished(self) -> None:
+        super()._on_finished()
+        if self._rerun:
+            self._rerun = False
+            self.debounce.start()
+
+    def _keep_estimates(self) -> None:
+        if self.info:
+            self.radius.setValue(float(self.info.get("radius", 0.0) or 0.0))
+            self.threshold.setValue(max(0.0, float(self.info.get("threshold", 0.0) or 0.0)))
+
+    # ----------------------------------------------------------------- run
+    def run(self) -> None:
+        """Segment the chosen image in a worker thread."""
+        layer = self.image.value()
+        scribbles_layer = self.scribbles.value()
+        try:
+            prep = prepare_image(
+                layer,
+                self.viewer,
+                channel_axis=parse_channel_axis(self.channel.currentText()),
+                time_mode=self.time_mode.currentText(),
+            )
+            scribbles = None
+            if scribbles_layer is not None:
+                scribbles = np.asarray(scribbles_layer.data)
+                if scribbles.shape != prep.spatial_shape:
+                    raise UserInputError(
+                        f"Scribbles '{scribbles_layer.name}' have shape {scribbles.shape}, the image "
+                        f"{prep.spatial_shape}; use 'New scribbles' to make a matching layer."
+                    )
+                if not ((scribbles == BACKGROUND).any() and (scribbles >= FOREGROUND).any()):
+                    raise UserInputError("Paint both background (label 1) and objects (label 2) scribbles.")
+                scribbles = scribbles.copy()
+            model = self.model.spec() if self.use_model.isChecked() else None
+        except (UserInputError, ValueError) as exc:
+            self.notify_error(str(exc))
+            return
+        radius = self.radius.value() or None
+        threshold = self.threshold.value() or None
+        n = len(prep.frames)
+
+        def work(progress):
+            from napari_mae.segmentation import segment_instances
+
+            labels, infos = [], []
+            for i in range(n):
+
+                def frame_progress(done, total, message, i=i):
+                    progress(i * total + done, n * total, message)
+
+                lab, info = segment_instances(
+                    prep.frame(i, fill_nan=False),
+                    scribbles=scribbles,
+                    model=model,
+                    spacing=prep.spacing,
+                    channel_axis=prep.channel_axis,
+                    object_radius=radius,
+                    threshold=threshold,
+                    progress=frame_progress,
+                )
+                labels.append(lab)
+                infos.append(info)
+            tables = [object_table(lab, prep.spacing, t=i if n > 1 else None) for i, lab in enumerate(labels)]
+            features = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+            return labels, infos, features
+
+        def done(result) -> None:
+            self.show_result(prep, *result)
+
+        layers = [layer] if scribbles_layer is None else [layer, scribbles_layer]
+        self.start_job(work, description="Segmenting", on_returned=done, layers=layers)
+
+    def show_result(self, prep, labels, infos, features) -> None:
+        """Add the labels layer and fill the estimates and the objects table (GUI thread)."""
+        data = prep.to_layer_layout(labels)
+        features_df = _to_dataframe(features)
+        kwargs = prep.output_kwargs() if prep.stacked else prep.spatial_kwargs()
+        add_or_update(self.viewer, "labels", data, f"{prep.name} labels", features=features_df, **kwargs)
+        info = infos[0]
+        self.info = info
+        self.features = features
+        self.use_estimates.setEnabled(True)
+        n_objects = sum(int(i.get("n_objects", 0)) for i in infos)
+        size_key = "area" if prep.spatial_dims == 2 else "volume"
+        sizes = features[size_key]
+        unit = prep.units if prep.units != "pixel" else "px"
+        power = "²" if prep.spatial_dims == 2 else "³"
+        text = (
+            f"{n_objects} objects ({info.get('mode', '')}); radius {_fmt(info.get('radius'))} {unit}, "
+            f"threshold {_fmt(info.get('threshold'))}"
+        )
+        if len(sizes):
+            text += f"; median {size_key} {np.median(sizes):.4g} {unit}{power}"
+        if info.get("message"):
+            text += f". {info['message']}"
+        self.status.setText(text)
+        self.notify_notes(prep.notes)
+        self._fill_table(features, f"{size_key} ({unit}{power})")
+
+    def _fill_table(self, features: dict, size_header: str) -> None:
+        keys = list(features)
+        headers = [size_header if k in ("area", "volume") else k for k in keys]
+        n = min(len(features[keys[0]]), MAX_TABLE_ROWS) if keys else 0
+        self.table.clear()
+        self.table.setColumnCount(len(keys))
+        self.table.setHorizontalHeaderLabels(headers)
+        self.table.setRowCount(n)
+        for r in range(n):
+            for c, k in enumerate(keys):
+                v = features[k][r]
+                text = f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v)
+                self.table.setItem(r, c, QTableWidgetItem(text))
+
+
+def _fmt(value) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "?"
+    return "n/a" if math.isnan(v) else f"{v:.3g}"
+
+
+def _to_dataframe(features: dict):
+    import pandas as pd
+
+    return pd.DataFrame(features)

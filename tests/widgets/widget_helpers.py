@@ -1,0 +1,23 @@
+"""Helpers for the dock-widget tests (imported by the test modules)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def wait_done(qtbot, widget, timeout: int = 60_000) -> None:
+    """Wait until the widget's job has finished (no sleeps)."""
+    qtbot.waitUntil(lambda: widget.job is not None and not widget.busy, timeout=timeout)
+
+
+def errors(notifications) -> list[str]:
+    """The error messages among ``notifications``."""
+    return [text for level, text in notifications if level == "error"]
+
+
+def small_nuclei_2d(size: int = 160) -> tuple[np.ndarray, dict]:
+    """A crop of the bundled 2D nuclei sample, with its layer kwargs."""
+    from napari_mae._sample_data import nuclei_2d
+
+    data, kwargs, _ = nuclei_2d()[0]
+    return np.asarray(data)[:size, :size], {k: v for k, v in kwargs.items() if k != "contrast_limits"}
