@@ -1,0 +1,232 @@
+"""Masked-autoencoder checkpoints: written atomically, loaded without running code.
+
+A checkpoint is a ``torch.save`` of a plain dict::
+
+    {
+        "format": "napari-mae-checkpoint",
+        "version": 1,
+        "config": {...},            # MAEConfig.to_dict(): builtins only
+        "state_dict": {...},        # tensors
+        "normalization": {...},     # e.g. {"method": "percentile", "lower": 1.0, "upper": 99.8}
+        "training_state": {...} | None,  # optimiser, step, RNG states ...
+        "extra": {...} | None,
+    }
+
+Only builtins and tensors are stored, so :func:`load_checkpoint` can use
+``torch.load(weights_only=True)``, whose restricted unpickler refuses any
+pickle that would import or call code; such a file raises
+:class:`CheckpointError` instead of running it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "load_checkpoint",
+    "model_from_checkpoint",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "napari-mae-checkpoint"
+CHECKPOINT_VERSION = 1
+_REQUIRED_KEYS = ("config", "state_dict")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable napari-mae checkpoint (corrupt, foreign, or holding code)."""
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: Any,
+    *,
+    normalization: Mapping[str, Any] | None = None,
+    training_state: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` and its context to ``path`` atomically.
+
+    The data go to a temporary file in the same directory, which is flushed,
+    fsynced and then renamed over ``path`` (``os.replace``), so a crash or a
+    full disk never leaves a truncated checkpoint behind and readers see either
+    the old or the new file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Destination, conventionally ``*.pt``; parent directories are created.
+    model : MaskedAutoencoder
+        Anything with ``config`` (an ``MAEConfig``) and ``state_dict()``; a
+        ``DistributedDataParallel`` wrapper is unwrapped.
+    normalization : mapping, optional
+        Intensity normalisation of the training data; defaults to
+        ``model.normalization``.
+    training_state : mapping, optional
+        Optimiser/scheduler state, step, RNG states... (builtins and tensors only).
+    extra : mapping, optional
+        Anything else made of builtins and tensors.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    TypeError
+        If a value is not loadable with ``weights_only=True`` (e.g. a custom class);
+        nothing is written then.
+    """
+    import torch
+
+    model = getattr(model, "module", model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if normalization is None:
+        normalization = getattr(model, "normalization", None)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "normalization": dict(normalization) if normalization is not None else None,
+        "training_state": dict(training_state) if training_state is not None else None,
+        "extra": dict(extra) if extra is not None else None,
+    }
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _check_loadable(tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_loadable(name: str) -> None:
+    """Refuse to write what ``load_checkpoint`` would refuse to read."""
+    import torch
+
+    try:
+        torch.load(name, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise TypeError(
+            "checkpoint contents must be builtins (dict, list, str, numbers) and tensors so that they "
+            f"load with weights_only=True; {exc}"
+        ) from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`, on the CPU, without running code.
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    dict
+        With keys ``config`` (dict), ``state_dict``, ``normalization``,
+        ``training_state``, ``extra``, ``format``, ``version``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    CheckpointError
+        If the file is not a torch checkpoint, holds code or objects other
+        than builtins and tensors (refused by ``torch.load(weights_only=True)``),
+        or lacks the napari-mae keys.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {path}: it contains Python objects or code that a napari-mae checkpoint "
+            "never holds (torch.load with weights_only=True rejected it). Only open files you trust; "
+            f"details: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(data, Mapping) or any(key not in data for key in _REQUIRED_KEYS):
+        found = sorted(data)[:8] if isinstance(data, Mapping) else type(data).__name__
+        raise CheckpointError(
+            f"{path} is not a napari-mae checkpoint: expected a dict with keys {list(_REQUIRED_KEYS)}, "
+            f"found {found}; write checkpoints with napari_mae.io.checkpoint.save_checkpoint"
+        )
+    out = dict(data)
+    if out.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has format {out['format']!r}, not {CHECKPOINT_FORMAT!r}")
+    if int(out.get("version", CHECKPOINT_VERSION)) > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} is checkpoint version {out['version']}, newer than this napari-mae reads "
+            f"({CHECKPOINT_VERSION}); upgrade napari-mae"
+        )
+    for key in ("normalization", "training_state", "extra"):
+        out.setdefault(key, None)
+    return out
+
+
+def model_from_checkpoint(
+    checkpoint: Mapping[str, Any],
+    *,
+    source: str = "checkpoint",
+    spatial_dims: int | None = None,
+    in_channels: int | None = None,
+) -> Any:
+    """Build the model a checkpoint describes and load its weights.
+
+    Parameters
+    ----------
+    checkpoint : mapping
+        From :func:`load_checkpoint`.
+    source : str
+        How to name it in error messages (a path).
+    spatial_dims, in_channels : int, optional
+        If given, the kind of image it must take; a mismatch raises.
+
+    Returns
+    -------
+    MaskedAutoencoder
+        On the CPU, in eval mode, with ``normalization`` from the checkpoint.
+
+    Raises
+    ------
+    CheckpointError
+        If the config is invalid or the weights do not fit it.
+    ValueError
+        If the model does not fit ``spatial_dims`` / ``in_channels``.
+    """
+    from napari_mae.model import DEFAULT_NORMALIZATION, MAEConfig, MaskedAutoencoder, check_compatible
+
+    try:
+        config = MAEConfig.from_dict(checkpoint["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source} has an invalid model config: {exc}") from None
+    check_compatible(config, spatial_dims=spatial_dims, in_channels=in_channels, source=source)
+    model = MaskedAutoencoder(config)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: weights do not fit its config: {exc}") from None
+    model.normalization = dict(checkpoint.get("normalization") or DEFAULT_NORMALIZATION)
+    return model.eval()

@@ -1,0 +1,359 @@
+"""Input validation and intensity normalisation shared by the MAE core.
+
+Every array that reaches the model goes through here: dtypes the model cannot
+take (bool, integers, float16/64) become float32, the channel axis moves to the
+front, and intensities are mapped with per-channel percentiles so that the 1st
+and 99.8th percentiles land on 0 and 1 (the ``ScaleIntensityRangePercentiles``
+convention of MONAI and the CSBDeep/CARE normalisation used in microscopy).
+
+Two entry points:
+
+* :func:`as_channels_first` validates and returns a *view* ``(C, *spatial)``
+  without copying (numpy views, memmaps and dask arrays stay lazy), for tiled
+  code that reads window by window;
+* :func:`to_channels_first` does the same and returns a contiguous float32 copy,
+  for small images and training crops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "apply_normalization",
+    "as_channels_first",
+    "denormalize",
+    "normalize_percentile",
+    "percentile_range",
+    "resolve_channel_axis",
+    "to_channels_first",
+]
+
+#: Largest channel count guessed as a channel axis when ``channel_axis`` is None.
+_MAX_GUESSED_CHANNELS = 4
+
+
+def _is_dask(image: Any) -> bool:
+    return type(image).__module__.startswith("dask.")
+
+
+def _check_dtype(dtype: np.dtype) -> None:
+    if dtype.kind == "b" or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating):
+        return
+    if np.issubdtype(dtype, np.complexfloating):
+        raise ValueError(
+            f"complex images (dtype {dtype}) are not supported; pass np.abs(image) for the magnitude "
+            "or image.real for the real part"
+        )
+    raise ValueError(f"image dtype {dtype} is not supported; pass a bool, integer or floating-point array")
+
+
+def resolve_channel_axis(
+    shape: tuple[int, ...], *, channel_axis: int | None = None, spatial_dims: int | None = None
+) -> tuple[int | None, int]:
+    """Decide which axis holds channels and how many spatial axes there are.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Shape of the image.
+    channel_axis : int or None
+        The channel axis if known (negative values count from the end). ``None``
+        means: guess, as described below.
+    spatial_dims : {2, 3} or None
+        Number of spatial axes if known (a model's ``spatial_dims``).
+
+    Returns
+    -------
+    channel_axis : int or None
+        Non-negative channel axis, or None for a single-channel image.
+    spatial_dims : int
+        2 or 3.
+
+    Raises
+    ------
+    ValueError
+        If the shape cannot be an image of the requested kind, or the channel
+        axis is ambiguous (the message says which ``channel_axis`` to pass).
+
+    Notes
+    -----
+    Guessing, when ``channel_axis`` is None: an array with ``spatial_dims`` axes
+    has no channel axis; one with ``spatial_dims + 1`` axes has its channels last
+    if the last axis has at most 4 entries (RGB/RGBA ``(Y, X, 3)``), else first
+    if the first one has at most 4. Without ``spatial_dims``, a 2-axis array is
+    2D, a 3-axis array whose last axis has 3 or 4 entries is RGB(A) 2D, any
+    other 3-axis array is a 3D volume ``(Z, Y, X)``, and a 4-axis array is a
+    multi-channel volume.
+    """
+    ndim = len(shape)
+    if spatial_dims is not None and spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if channel_axis is not None:
+        if not -ndim <= channel_axis < ndim:
+            raise ValueError(f"channel_axis={channel_axis} is out of range for an image of shape {shape}")
+        channel_axis = channel_axis % ndim
+        n_spatial = ndim - 1
+        if spatial_dims is not None and n_spatial != spatial_dims:
+            raise ValueError(
+                f"image of shape {shape} with channel_axis={channel_axis} has {n_spatial} spatial axes, "
+                f"but a {spatial_dims}D image is needed"
+            )
+        if n_spatial not in (2, 3):
+            raise ValueError(
+                f"image of shape {shape} with channel_axis={channel_axis} has {n_spatial} spatial axes; "
+                "pass a 2D (Y, X) or 3D (Z, Y, X) image"
+            )
+        return channel_axis, n_spatial
+
+    if spatial_dims is None:
+        if ndim == 2:
+            return None, 2
+        if ndim == 3:
+            if shape[-1] in (3, 4):
+                return 2, 2
+            return None, 3
+        if ndim == 4:
+            spatial_dims = 3
+        else:
+            raise ValueError(
+                f"image of shape {shape} has {ndim} axes; pass a 2D (Y, X), 3D (Z, Y, X) image, "
+                "with channel_axis= for a channel axis"
+            )
+    if ndim == spatial_dims:
+        return None, spatial_dims
+    if ndim == spatial_dims + 1:
+        if shape[-1] <= _MAX_GUESSED_CHANNELS:
+            return ndim - 1, spatial_dims
+        if shape[0] <= _MAX_GUESSED_CHANNELS:
+            return 0, spatial_dims
+        raise ValueError(
+            f"cannot tell the channel axis of an image of shape {shape} for a {spatial_dims}D model; "
+            "pass channel_axis="
+        )
+    kind = "(Y, X)" if spatial_dims == 2 else "(Z, Y, X)"
+    raise ValueError(
+        f"image of shape {shape} has {ndim} axes, but a {spatial_dims}D model needs {kind} "
+        f"or {kind} plus one channel axis"
+    )
+
+
+def as_channels_first(image: Any, *, channel_axis: int | None = None, spatial_dims: int | None = None) -> Any:
+    """Validate ``image`` and return a channels-first view of it, without copying.
+
+    Parameters
+    ----------
+    image : array_like, shape (Y, X), (Z, Y, X) or either with one channel axis
+        numpy array, ``np.memmap``, dask array, or anything ``np.asarray`` takes.
+        Any dtype that is bool, integer or floating point; any strides.
+    channel_axis : int or None
+        See :func:`resolve_channel_axis`.
+    spatial_dims : {2, 3} or None
+        See :func:`resolve_channel_axis`.
+
+    Returns
+    -------
+    view : array, shape (C, *spatial)
+        Same type and dtype as the input (numpy view or lazy dask array).
+
+    Raises
+    ------
+    ValueError
+        For an unsupported dtype (complex, object, strings), an empty image or
+        an unusable shape; the message says what would work.
+    """
+    if not _is_dask(image) and not isinstance(image, np.ndarray):
+        if hasattr(image, "detach"):  # torch tensor
+            image = image.detach().cpu().numpy()
+        image = np.asarray(image)
+    _check_dtype(np.dtype(image.dtype))
+    shape = tuple(int(s) for s in image.shape)
+    if any(s == 0 for s in shape):
+        raise ValueError(f"image of shape {shape} is empty")
+    axis, n_spatial = resolve_channel_axis(shape, channel_axis=channel_axis, spatial_dims=spatial_dims)
+    if axis is None:
+        return image[None]
+    if _is_dask(image):
+        import dask.array as da
+
+        return da.moveaxis(image, axis, 0)
+    return np.moveaxis(image, axis, 0)
+
+
+def to_channels_first(
+    image: Any, *, channel_axis: int | None = None, spatial_dims: int | None = None
+) -> np.ndarray:
+    """Return ``image`` as a contiguous float32 array with channels first.
+
+    Parameters
+    ----------
+    image : array_like, shape (Y, X), (Z, Y, X) or either with one channel axis
+        Any bool, integer or floating-point dtype, any strides (negative strides
+        too, which ``torch.from_numpy`` rejects). RGB ``(Y, X, 3)`` is taken as
+        three channels.
+    channel_axis, spatial_dims
+        See :func:`resolve_channel_axis`.
+
+    Returns
+    -------
+    out : ndarray of float32, shape (C, *spatial)
+        A new C-contiguous array; bool becomes 0.0/1.0, integers their values
+        (exact up to 2**24). NaN and inf are kept (see :func:`normalize_percentile`).
+
+    Raises
+    ------
+    ValueError
+        See :func:`as_channels_first`.
+    """
+    view = as_channels_first(image, channel_axis=channel_axis, spatial_dims=spatial_dims)
+    return np.ascontiguousarray(np.asarray(view), dtype=np.float32)
+
+
+def _subsample(channel: Any, max_samples: int) -> np.ndarray:
+    """A regular, strided subsample of at most about ``max_samples`` values."""
+    n = math.prod(channel.shape)
+    if n <= max_samples:
+        return np.asarray(channel).ravel()
+    step = max(1, math.ceil((n / max_samples) ** (1.0 / channel.ndim)))
+    return np.asarray(channel[(slice(None, None, step),) * channel.ndim]).ravel()
+
+
+def percentile_range(
+    x: Any, lower: float = 1.0, upper: float = 99.8, *, max_samples: int = 1 << 22
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel lower and upper percentiles of the finite values of ``x``.
+
+    Parameters
+    ----------
+    x : array, shape (C, *spatial)
+        Channels first; numpy, memmap or dask. Large channels are read through a
+        regular strided subsample of about ``max_samples`` values, so memmaps
+        and dask arrays are not loaded whole.
+    lower, upper : float
+        Percentiles in [0, 100], ``lower < upper``.
+    max_samples : int
+        Values per channel above which the subsample is used.
+
+    Returns
+    -------
+    lo, hi : ndarray of float64, shape (C,)
+        In the units of ``x``. Where a channel is constant (``hi - lo`` below
+        1e-12 of its magnitude), ``hi = lo + 1`` so that normalising gives 0 and
+        denormalising gives the constant back exactly.
+
+    Raises
+    ------
+    ValueError
+        If the percentiles are out of order or a channel has no finite value.
+    """
+    if not 0.0 <= lower < upper <= 100.0:
+        raise ValueError(
+            f"percentiles must satisfy 0 <= lower < upper <= 100, got lower={lower}, upper={upper}"
+        )
+    lo = np.empty(x.shape[0])
+    hi = np.empty(x.shape[0])
+    for c in range(x.shape[0]):
+        values = _subsample(x[c], max_samples)
+        if values.dtype == bool:
+            values = values.astype(np.float32)
+        if np.issubdtype(values.dtype, np.floating):
+            values = values[np.isfinite(values)]
+        if values.size == 0:
+            raise ValueError(f"channel {c} has no finite pixel (all NaN or inf); nothing to normalise")
+        lo[c], hi[c] = np.percentile(values.astype(np.float64), [lower, upper])
+        if not hi[c] - lo[c] > 1e-12 * max(1.0, abs(lo[c])):
+            hi[c] = lo[c] + 1.0
+    return lo, hi
+
+
+def normalize_percentile(
+    x: Any, lower: float = 1.0, upper: float = 99.8
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Map each channel so that its ``lower`` and ``upper`` percentiles become 0 and 1.
+
+    ``x_norm = (x - lo) / (hi - lo)``, per channel, without clipping (as
+    MONAI's ``ScaleIntensityRangePercentiles`` with ``clip=False``).
+
+    Parameters
+    ----------
+    x : array, shape (C, *spatial)
+        Channels first, any real dtype (see :func:`to_channels_first`).
+    lower, upper : float
+        Percentiles in [0, 100] computed over finite values only.
+
+    Returns
+    -------
+    x_norm : ndarray of float32, shape (C, *spatial)
+        Non-finite input pixels (NaN, inf) become 0, the lower percentile,
+        so they cannot poison a model's input.
+    lo, hi : ndarray of float64, shape (C,)
+        The percentiles, for :func:`denormalize`.
+
+    Raises
+    ------
+    ValueError
+        See :func:`percentile_range`.
+    """
+    lo, hi = percentile_range(x, lower, upper)
+    x_norm = np.array(x, dtype=np.float32, copy=True)
+    apply_normalization(x_norm, lo, hi, out=x_norm)
+    return x_norm, lo, hi
+
+
+def apply_normalization(
+    x: np.ndarray, lo: np.ndarray, hi: np.ndarray, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``(x - lo) / (hi - lo)`` per channel, with non-finite values set to 0.
+
+    Parameters
+    ----------
+    x : ndarray, shape (C, *spatial)
+    lo, hi : array_like, shape (C,)
+    out : ndarray of float32, optional
+        Written in place if given (may be ``x``).
+
+    Returns
+    -------
+    ndarray of float32, shape (C, *spatial)
+    """
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32)
+    for c in range(x.shape[0]):
+        scale = np.float32(1.0 / (hi[c] - lo[c]))
+        np.subtract(x[c], np.float32(lo[c]), out=out[c], casting="unsafe")
+        out[c] *= scale
+    out[~np.isfinite(out)] = 0.0
+    return out
+
+
+def denormalize(x: Any, lo: Any, hi: Any, *, channel_axis: int = 0) -> Any:
+    """Invert :func:`normalize_percentile`: ``x * (hi - lo) + lo`` per channel.
+
+    Parameters
+    ----------
+    x : ndarray or torch.Tensor, shape (C, *spatial) or (B, C, *spatial)
+        Normalised values.
+    lo, hi : array_like, shape (C,)
+        From :func:`normalize_percentile` or :func:`percentile_range`.
+    channel_axis : int
+        Axis of ``x`` holding the channels: 0 for ``(C, ...)``, 1 for ``(B, C, ...)``.
+
+    Returns
+    -------
+    Same type as ``x`` (float32 for numpy input), in the original intensity units.
+    """
+    lo = np.asarray(lo, dtype=np.float64).ravel()
+    hi = np.asarray(hi, dtype=np.float64).ravel()
+    shape = [1] * x.ndim
+    shape[channel_axis] = -1
+    if hasattr(x, "detach"):
+        import torch
+
+        scale = torch.as_tensor(hi - lo, dtype=x.dtype, device=x.device).reshape(shape)
+        offset = torch.as_tensor(lo, dtype=x.dtype, device=x.device).reshape(shape)
+        return x * scale + offset
+    x = np.asarray(x, dtype=np.float32)
+    return x * (hi - lo).astype(np.float32).reshape(shape) + lo.astype(np.float32).reshape(shape)
