@@ -1,0 +1,140 @@
+"""``napari-mae train``: pre-train or fine-tune an MAE on a folder of images.
+
+Examples
+--------
+Fine-tune the bundled 2D model on a folder of TIFFs for one epoch::
+
+    napari-mae train ../shared/data/dsb2018_fluo_nuclei_2d/images --epochs 1 --out run1
+
+Train a 3D model from scratch on 4 GPUs::
+
+    torchrun --nproc_per_node 4 -m napari_mae.cli train volumes/ --out run3d \\
+        --model small-3d --epochs 200 --batch-size 8
+
+Continue a stopped run with ``--resume`` (same ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 16 or 4,16,16, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1.0 or 2,0.5,0.5, got {text!r}") from None
+
+
+def register(subparsers) -> None:
+    """Add the ``train`` sub-parser."""
+    p = subparsers.add_parser(
+        "train",
+        help="pre-train or fine-tune a masked autoencoder on a folder of images",
+        description=(
+            "Pre-train (from a preset) or fine-tune (from default-2d/default-3d or a checkpoint) a masked "
+            "autoencoder on the 2D images / 3D volumes in DATA_DIR (TIFF, PNG, JPEG, NIfTI, NRRD; searched "
+            "recursively). Writes last.pt, best.pt, loss_log.csv and config.json to RUN_DIR. Under torchrun "
+            "it trains with DistributedDataParallel."
+        ),
+    )
+    p.add_argument("data_dir", nargs="+", metavar="DATA_DIR", help="image folder(s) or files")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PRESET|CHECKPOINT",
+        help="preset to train from scratch (e.g. tiny-2d, small-3d), default-2d/default-3d or a checkpoint "
+        "to fine-tune (default: default-2d, or default-3d with --spatial-dims 3)",
+    )
+    p.add_argument("--spatial-dims", type=int, choices=(2, 3), default=None, help="2D or 3D model")
+    p.add_argument("--patch-size", type=_ints, default=None, help="patch size for a preset, e.g. 8 or 4,8,8")
+    p.add_argument("--img-size", type=_ints, default=None, help="crop size for a preset, e.g. 64 or 32,64,64")
+    p.add_argument(
+        "--mask-ratio", type=float, default=0.75, help="fraction of patches removed (default 0.75)"
+    )
+    p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
+    p.add_argument("--batch-size", type=int, default=8, help="crops per step and process (default 8)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--samples-per-image", type=int, default=1, help="random crops per image and epoch")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="files held out for validation (0.1)")
+    p.add_argument("--spacing", type=_floats, default=None, help="resample to this spacing first")
+    p.add_argument("--cache", choices=("memory", "disk", "none"), default="memory", help="image cache")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="write last.pt every N steps too")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as asked by ``args``; return the exit code (1 when the loss became non-finite)."""
+    import sys
+
+    from tqdm import tqdm
+
+    from napari_mae.training import TrainConfig, train
+
+    spatial_dims = args.spatial_dims
+    model = args.model or f"default-{spatial_dims or 2}d"
+    config = TrainConfig(
+        data_dir=args.data_dir if len(args.data_dir) > 1 else args.data_dir[0],
+        output_dir=args.out,
+        model=model,
+        spatial_dims=spatial_dims,
+        img_size=args.img_size,
+        patch_size=args.patch_size,
+        mask_ratio=args.mask_ratio,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        samples_per_image=args.samples_per_image,
+        val_fraction=args.val_fraction,
+        spacing=args.spacing,
+        cache=args.cache,
+        num_workers=args.num_workers,
+        checkpoint_every=args.checkpoint_every,
+        device=args.device,
+        seed=args.seed,
+        resume=args.resume,
+    )
+    bar = None
+    code = 0
+    for update in train(config):
+        if update.kind == "start":
+            print(update.message, file=sys.stderr)
+            bar = tqdm(
+                total=update.n_steps, initial=update.step, unit="step", disable=args.quiet, dynamic_ncols=True
+            )
+        elif update.kind == "step":
+            bar.update(update.step - bar.n)
+            bar.set_postfix(
+                epoch=f"{update.epoch}/{update.n_epochs}",
+                loss=f"{update.loss:.4f}",
+                lr=f"{update.lr:.2e}",
+                refresh=False,
+            )
+        else:
+            if bar is not None:
+                bar.update(update.step - bar.n)
+            if bar is not None and not args.quiet:
+                bar.write(update.message, file=sys.stderr)
+            else:
+                print(update.message, file=sys.stderr)
+            if update.kind == "failed":
+                code = 1
+    if bar is not None:
+        bar.close()
+    return code

@@ -1,0 +1,68 @@
+"""Tests of ``napari-mae train``."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import tifffile
+
+from napari_mae.cli import main
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Four small real microscopy crops (scikit-image's bundled ``cell``)."""
+    from skimage import data
+
+    cell = data.cell()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        tifffile.imwrite(folder / f"cell{i}.tif", cell[i * 120 : i * 120 + 48, i * 100 : i * 100 + 64])
+    return folder
+
+
+TINY_ARGS = ["--model", "tiny-2d", "--img-size", "16", "--patch-size", "4", "--batch-size", "2", "--quiet"]
+
+
+def test_train_command_writes_run(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(image_folder), "--out", str(out), "--epochs", "2", *TINY_ARGS]) == 0
+    err = capsys.readouterr().err
+    assert "training tiny-2d" in err and "finished 4 steps" in err
+    for name in ("last.pt", "best.pt", "loss_log.csv", "config.json"):
+        assert (out / name).is_file()
+    with (out / "loss_log.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    # --resume of a finished run is a user error (exit code 2), not a traceback
+    assert main(["train", str(image_folder), "--out", str(out), "--epochs", "2", "--resume", *TINY_ARGS]) == 2
+    assert "already finished" in capsys.readouterr().err
+    # ... and raising --epochs continues it
+    assert main(["train", str(image_folder), "--out", str(out), "--epochs", "3", "--resume", *TINY_ARGS]) == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--resume"], "cannot resume"),
+        (["--model", "default-2d", "--patch-size", "4"], "only be changed for a preset"),
+        (["--spatial-dims", "3", "--model", "tiny-2d"], "spatial_dims=3"),
+        (["--epochs", "0"], "epochs must be"),
+    ],
+)
+def test_train_command_user_errors(image_folder, tmp_path, capsys, extra, message):
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_folder(tmp_path, capsys):
+    code = main(["train", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), *TINY_ARGS])
+    assert code == 2
+    assert "image folder not found" in capsys.readouterr().err
+
+
+def test_bad_size_argument(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--patch-size", "a,b"])
