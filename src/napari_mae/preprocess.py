@@ -240,8 +240,9 @@ def percentile_range(
     Returns
     -------
     lo, hi : ndarray of float64, shape (C,)
-        In the units of ``x``. Where a channel is constant (``hi - lo`` below
-        1e-12 of its magnitude), ``hi = lo + 1`` so that normalising gives 0 and
+        In the units of ``x``. Where the two percentiles coincide (a sparse
+        image), the channel's finite minimum and maximum are used instead; where
+        the channel is constant, ``hi = lo + 1`` so that normalising gives 0 and
         denormalising gives the constant back exactly.
 
     Raises
@@ -263,7 +264,12 @@ def percentile_range(
             values = values[np.isfinite(values)]
         if values.size == 0:
             raise ValueError(f"channel {c} has no finite pixel (all NaN or inf); nothing to normalise")
-        lo[c], hi[c] = np.percentile(values.astype(np.float64), [lower, upper])
+        values = values.astype(np.float64)
+        lo[c], hi[c] = np.percentile(values, [lower, upper])
+        if not hi[c] - lo[c] > 1e-12 * max(1.0, abs(lo[c])):
+            # Sparse images (e.g. > 99.8 % background) have equal percentiles
+            # but are not constant: fall back to the full range.
+            lo[c], hi[c] = values.min(), values.max()
         if not hi[c] - lo[c] > 1e-12 * max(1.0, abs(lo[c])):
             hi[c] = lo[c] + 1.0
     return lo, hi
