@@ -69,7 +69,14 @@ class Job:
     on_error : callable
         Called on the GUI thread with a message for the user.
     on_finished : callable, optional
-        Called on the GUI thread at the end, whatever happened.
+        Called on the GUI thread with this job at the end, whatever happened.
+
+    Notes
+    -----
+    Stop releases the widget at once (:attr:`running` becomes False and no
+    result is shown), while the worker thread ends at the core's next progress
+    report, where :class:`~napari_mae._progress.Cancelled` is raised;
+    :attr:`thread_running` tells when it has.
     """
 
     #: Seconds between forwarded progress reports (the last one always goes).
@@ -84,13 +91,14 @@ class Job:
         on_error: Callable[[str], None],
         on_yielded: Callable[[Any], None] | None = None,
         on_progress: Callable[[int, int, str], None] | None = None,
-        on_finished: Callable[[], None] | None = None,
+        on_finished: Callable[[Job], None] | None = None,
     ) -> None:
         from napari.utils import progress as napari_progress
 
         self.stop_event = threading.Event()
         self.cancelled = False
         self.running = True
+        self.thread_running = True
         self._on_progress = on_progress
         self._on_error = on_error
         self._on_finished = on_finished
@@ -104,10 +112,10 @@ class Job:
             _start_thread=False,
             _connect={"errored": self._errored, "finished": self._finished},
         )
-        self.worker.returned.connect(on_returned)
+        self.worker.returned.connect(lambda result: self.running and on_returned(result))
         self.worker.warned.connect(lambda w: show_warning(str(w[0])))
         if on_yielded is not None and hasattr(self.worker, "yielded"):
-            self.worker.yielded.connect(on_yielded)
+            self.worker.yielded.connect(lambda value: self.running and on_yielded(value))
 
     def start(self) -> Job:
         """Start the worker thread."""
@@ -124,10 +132,11 @@ class Job:
             self._relay.progressed.emit(int(done), int(total), str(message))
 
     def stop(self) -> None:
-        """Ask the job to stop: the next progress report raises ``Cancelled``."""
+        """Stop: release the widget now; the next progress report raises ``Cancelled``."""
         self.cancelled = True
         self.stop_event.set()
         self.worker.quit()
+        self._end()
 
     # GUI-thread slots
     def _progressed(self, done: int, total: int, message: str) -> None:
@@ -151,10 +160,16 @@ class Job:
             self._on_error(f"{type(exc).__name__}: {exc}")
 
     def _finished(self) -> None:
+        self.thread_running = False
+        self._end()
+
+    def _end(self) -> None:
+        if not self.running:
+            return
         self.running = False
         self._pbar.close()
         if self._on_finished is not None:
-            self._on_finished()
+            self._on_finished(self)
 
 
 # --------------------------------------------------------------------------- widgets
@@ -339,7 +354,6 @@ class JobWidget(QWidget):
         """Stop the running job (it ends at its next progress report)."""
         if self.busy:
             self.job.stop()
-            self.status.setText("Stopping...")
 
     def _on_progress(self, done: int, total: int, message: str) -> None:
         if total > 0:
@@ -347,12 +361,14 @@ class JobWidget(QWidget):
             self.progress_bar.setValue(min(done, total))
             self.progress_bar.setFormat(f"{message} %v/%m" if message else "%v/%m")
 
-    def _on_finished(self) -> None:
+    def _on_finished(self, job: Job) -> None:
+        if job is not self.job:  # a stopped job's thread ending after a new job started
+            return
         self.run_button.setEnabled(True)
         self.stop_button.setEnabled(False)
         self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0 if self.job is not None and self.job.cancelled else 1)
-        if self.job is not None and self.job.cancelled:
+        self.progress_bar.setValue(0 if job.cancelled else 1)
+        if job.cancelled:
             self.progress_bar.setFormat("stopped")
             self.status.setText("Stopped.")
             show_info("Stopped.")
@@ -362,7 +378,7 @@ class JobWidget(QWidget):
 
     def _layer_removed(self, event) -> None:
         layer = event.value
-        if self.busy and any(layer is ly for ly in self._job_layers):
+        if self.busy and any(layer is ly or layer == ly for ly in self._job_layers):
             self.job.stop()
             self.notify_error(f"Layer '{layer.name}' was removed while in use; the job was stopped.")
 

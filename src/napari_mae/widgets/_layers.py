@@ -158,12 +158,18 @@ def _indexed_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...]:
 
 
 def _detect_channel_axis(shape: tuple[int, ...]) -> int | None:
-    """Guess a channel axis: a short first or last axis (2-6) beside long ones."""
+    """Guess a channel axis: a short (2-6) last axis, or first axis of a 3D array.
+
+    A short first axis of a 4D array is read as time, ``(T, Z, Y, X)``, not as
+    channels; choose the channel axis explicitly for ``(C, Z, Y, X)``.
+    """
     if len(shape) < 3:
         return None
-    spatial_min = min(n for n in shape if n > 6) if any(n > 6 for n in shape) else 0
-    for axis in (0, len(shape) - 1):
-        if 2 <= shape[axis] <= 6 and spatial_min >= 4 * shape[axis]:
+    long_axes = [n for n in shape if n > 6]
+    shortest_long = min(long_axes) if long_axes else 0
+    candidates = (len(shape) - 1, 0) if len(shape) == 3 else (len(shape) - 1,)
+    for axis in candidates:
+        if 2 <= shape[axis] <= 6 and shortest_long >= 4 * shape[axis]:
             return axis
     return None
 

@@ -185,9 +185,9 @@ class SegmentationWidget(JobWidget):
             return
         self.run()
 
-    def _on_finished(self) -> None:
-        super()._on_finished()
-        if self._rerun:
+    def _on_finished(self, job) -> None:
+        super()._on_finished(job)
+        if job is self.job and self._rerun:
             self._rerun = False
             self.debounce.start()
 

@@ -230,10 +230,12 @@ class TrainingWidget(JobWidget):
         self.stop_flag.set()
         super().stop()
 
-    def _on_finished(self) -> None:
-        super()._on_finished()
+    def _on_finished(self, job) -> None:
+        super()._on_finished(job)
+        if job is not self.job:
+            return
         self.resume_button.setEnabled(True)
-        if self.job is not None and self.job.cancelled:
+        if job.cancelled:
             self._offer_model("stopped")
 
     def on_update(self, update) -> None:

@@ -1,0 +1,107 @@
+"""Segmentation widget in a real viewer: samples, scribbles, live mode, overrides."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from widget_helpers import errors, small_nuclei_2d, wait_done
+
+
+@pytest.mark.parametrize("sample", ["nuclei_2d", "nuclei_3d", "ct_abdomen"])
+def test_segmentation_samples(viewer, add_widget, qtbot, notifications, sample):
+    viewer.open_sample("napari-mae", sample)
+    image = next(ly for ly in viewer.layers if ly._type_string == "image")
+    widget = add_widget("Segmentation")
+    widget.image.set_value(image)
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    labels = viewer.layers[f"{image.name} labels"]
+    assert labels._type_string == "labels"
+    assert labels.data.shape == image.data.shape
+    np.testing.assert_allclose(labels.scale, image.scale)
+    n = int(labels.data.max())
+    assert n > 0
+    size = "area" if image.ndim == 2 else "volume"
+    assert len(labels.features) == len(np.unique(labels.data)) - 1
+    # Sizes are physical: pixels times the voxel size.
+    np.testing.assert_allclose(
+        labels.features[size], labels.features["pixels"] * np.prod(image.scale), rtol=1e-6
+    )
+    assert widget.table.rowCount() == min(len(labels.features), 500)
+    assert "objects" in widget.status.text() and "radius" in widget.status.text()
+    # The estimates can be kept and overridden.
+    widget.use_estimates.click()
+    assert widget.radius.value() == pytest.approx(widget.info["radius"], rel=1e-2)
+
+
+def _paint_scribbles(layer, image):
+    """Background strokes on dark pixels, object strokes on bright ones."""
+    data = np.zeros(layer.data.shape, np.uint8)
+    lo, hi = np.percentile(image, [20, 99])
+    data[::7, ::7][image[::7, ::7] <= lo] = 1
+    data[::5, ::5][image[::5, ::5] >= hi] = 2
+    return data
+
+
+def test_segmentation_scribbles_and_live_mode(viewer, add_widget, qtbot, notifications):
+    image, kwargs = small_nuclei_2d(200)
+    layer = viewer.add_image(image, **kwargs)
+    widget = add_widget("Segmentation")
+    widget.image.set_value(layer)
+    scribbles = widget.add_scribbles_layer()
+    assert scribbles.data.shape == image.shape and scribbles.selected_label == 2
+    assert widget.scribbles.value() == scribbles
+    # Only one class painted: a clear message, no job.
+    scribbles.data = np.where(_paint_scribbles(scribbles, image) == 2, 2, 0).astype(np.uint8)
+    widget.run()
+    assert "background" in errors(notifications)[-1]
+    # Live mode: painting both classes triggers a (debounced) run.
+    widget.live.setChecked(True)
+    scribbles.data = _paint_scribbles(scribbles, image)
+    qtbot.waitUntil(lambda: f"{layer.name} labels" in viewer.layers and not widget.busy, timeout=30_000)
+    assert widget.info["mode"] == "scribbles"
+    assert viewer.layers[f"{layer.name} labels"].data.max() > 0
+    widget.live.setChecked(False)
+
+
+def test_segmentation_override_radius(viewer, add_widget, qtbot, notifications):
+    image, kwargs = small_nuclei_2d(160)
+    viewer.add_image(image, **kwargs)
+    widget = add_widget("Segmentation")
+    widget.radius.setValue(6.0)
+    widget.threshold.setValue(0.05)
+    widget.run()
+    wait_done(qtbot, widget)
+    assert widget.info["radius"] == pytest.approx(6.0)
+    assert widget.info["threshold"] == pytest.approx(0.05)
+
+
+def test_segmentation_layer_removed_while_running(viewer, add_widget, qtbot, notifications):
+    viewer.open_sample("napari-mae", "nuclei_3d")
+    image = viewer.layers["nuclei 3D"]
+    widget = add_widget("Segmentation")
+    widget.image.set_value(image)
+    widget.run()
+    assert widget.busy
+    viewer.layers.remove(image)
+    wait_done(qtbot, widget, timeout=10_000)
+    assert "was removed" in errors(notifications)[-1]
+    assert widget.run_button.isEnabled()
+    assert "nuclei 3D labels" not in viewer.layers
+
+
+def test_segmentation_4d_all_time_points(viewer, add_widget, qtbot, notifications):
+    image, _ = small_nuclei_2d(96)
+    stack = np.stack([np.stack([image] * 3)] * 2)  # (T, Z, Y, X)
+    layer = viewer.add_image(stack, scale=(5, 2, 1, 1))
+    widget = add_widget("Segmentation")
+    widget.image.set_value(layer)
+    widget.time_mode.setCurrentText("all time points")
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    labels = viewer.layers[f"{layer.name} labels"]
+    assert labels.data.shape == stack.shape
+    np.testing.assert_allclose(labels.scale, (5, 2, 1, 1))
+    assert set(labels.features["t"]) == {0, 1}
