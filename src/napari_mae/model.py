@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,6 +306,16 @@ class MaskedAutoencoder(MaskedAutoEncoderViT):
     """
 
     def __init__(self, config: MAEConfig) -> None:
+        # MONAI's sin-cos embedding calls torch.meshgrid without indexing= (it
+        # means "ij", the default), which warns on every model built.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"torch\.meshgrid", category=UserWarning)
+            self._build(config)
+        self.config = config
+        self.normalization: dict[str, Any] = dict(DEFAULT_NORMALIZATION)
+        self._init_mae_weights()
+
+    def _build(self, config: MAEConfig) -> None:
         super().__init__(
             in_channels=config.in_channels,
             img_size=config.img_size,
@@ -326,9 +337,6 @@ class MaskedAutoencoder(MaskedAutoEncoderViT):
             spatial_dims=config.spatial_dims,
             qkv_bias=config.qkv_bias,
         )
-        self.config = config
-        self.normalization: dict[str, Any] = dict(DEFAULT_NORMALIZATION)
-        self._init_mae_weights()
 
     # ------------------------------------------------------------------ setup
     def _init_mae_weights(self) -> None:
