@@ -70,6 +70,10 @@ DEFAULT_PERCENTILES: tuple[float, float] = (1.0, 99.8)
 
 CacheMode = Literal["memory", "disk", "none"]
 
+# Files whose MONAI reader (napari_mae.io.readers.TifffileReader) already returns
+# numpy axis order ([Z,] Y, X); the other readers return (X, Y[, Z]).
+_NUMPY_ORDER_SUFFIXES = (".tif", ".tiff")
+
 
 def find_images(
     sources: str | os.PathLike | Sequence[str | os.PathLike],
@@ -170,9 +174,10 @@ def _transform_classes():
         """Check dimensionality, match channels, record spacing, drop metadata.
 
         Input ``d[key]``: MetaTensor ``(C, *spatial)``. Output: plain float32
-        tensor ``(in_channels, *spatial)`` and ``d["spacing"]``, a tuple of
-        floats (physical units per spatial axis, from the affine; 1.0 where
-        unknown).
+        tensor ``(in_channels, [Z,] Y, X)`` (the spatial axes of NIfTI, NRRD
+        and PIL reads, which MONAI gives as ``(X, Y[, Z])``, are reversed) and
+        ``d["spacing"]``, a tuple of floats (physical units per spatial axis,
+        from the affine; 1.0 where unknown).
         """
 
         def __init__(self, keys, spatial_dims: int, in_channels: int):
@@ -197,6 +202,12 @@ def _transform_classes():
                     spacing = tuple(float(abs(s)) or 1.0 for s in list(pixdim)[:n_spatial])
                 x = torch.as_tensor(img.as_tensor() if hasattr(img, "as_tensor") else img)
                 x = x.to(torch.float32)
+                source = str(getattr(img, "meta", {}).get("filename_or_obj", d.get("path", "")))
+                if not source.lower().endswith(_NUMPY_ORDER_SUFFIXES):
+                    # MONAI's NIfTI/NRRD/PIL readers give (X, Y[, Z]); napari_mae.io.readers and
+                    # reconstruction use ([Z,] Y, X), so models see the same axis order in both.
+                    x = x.permute(0, *range(n_spatial, 0, -1))
+                    spacing = spacing[::-1]
                 c = x.shape[0]
                 if c != self.in_channels:
                     if self.in_channels == 1:
