@@ -325,6 +325,10 @@ class _Dist:
             return cls()
         created = False
         if not dist.is_initialized():
+            if want_cuda:  # NCCL needs each process on its own GPU before the group forms
+                import torch
+
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "nccl" if want_cuda else "gloo"
             dist.init_process_group(backend=backend)
             created = True

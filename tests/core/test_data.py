@@ -181,3 +181,23 @@ def test_seeded_crops_validation():
     with pytest.raises(ValueError, match="repeats"):
         SeededCrops([], [], None, repeats=0)
     assert sample_seed(0, 1, 2) != sample_seed(0, 2, 1)
+
+
+def test_nifti_axes_reversed_to_zyx(tmp_path):
+    """MONAI's NibabelReader gives (X, Y, Z); the datasets give (Z, Y, X) like io.readers."""
+    import nibabel as nib
+
+    from napari_mae.io.readers import read_image
+
+    zyx = np.stack([_real_2d()[0][:30, :40]] * 6).astype(np.float32)  # (Z=6, Y=30, X=40)
+    zyx *= np.arange(1, 7, dtype=np.float32)[:, None, None]  # make the Z axis recognisable
+    path = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(zyx.transpose(2, 1, 0), np.diag([0.5, 0.5, 2.0, 1.0])), path)
+    d = make_datasets(path, spatial_dims=3, img_size=(6, 30, 40), val_fraction=0, augment=False)
+    item = d.train.base[d.train.indices[0]]
+    assert tuple(item["image"].shape) == (1, 6, 30, 40)
+    assert item["spacing"] == pytest.approx((2.0, 0.5, 0.5))
+    ref, _, _ = read_image(path)
+    assert ref.shape == (6, 30, 40)
+    lo, hi = np.percentile(zyx, [1.0, 99.8])
+    np.testing.assert_allclose(item["image"][0].numpy(), (zyx - lo) / (hi - lo), atol=1e-5)
