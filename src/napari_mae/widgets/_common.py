@@ -142,14 +142,15 @@ class Job:
     def _progressed(self, done: int, total: int, message: str) -> None:
         if not self.running:
             return
-        if total and self._pbar.total != total:
-            self._pbar.total = total
-        if done != self._pbar.n:
-            self._pbar.update(done - self._pbar.n)
-        if message:
-            self._pbar.set_description(message)
         if self._on_progress is not None:
             self._on_progress(done, total, message)
+        # napari's progress may process events (and so end this job) re-entrantly: update it last.
+        if total and self._pbar.total != total:
+            self._pbar.total = total
+        if self.running and done != self._pbar.n:
+            self._pbar.update(done - self._pbar.n)
+        if self.running and message:
+            self._pbar.set_description(message)
 
     def _errored(self, exc: BaseException) -> None:
         if isinstance(exc, Cancelled) or self.cancelled:

@@ -138,6 +138,7 @@ class ReconstructionWidget(JobWidget):
 
             progress(0, 1, "loading model")
             model = load_model(spec, device=device)
+            model_mask = _mask_for_model(mask, tuple(model.config.patch_size), prep)
             recon, error = [], []
             try:
                 for i in range(n):
@@ -146,9 +147,9 @@ class ReconstructionWidget(JobWidget):
                         progress(i * total + done, n * total, message or "windows")
 
                     result = reconstruct(
-                        prep.frame(i),
+                        prep.frame(i, fill_nan=False),
                         model,
-                        mask=_mask_for_model(mask, model),
+                        mask=model_mask,
                         mask_ratio=mask_ratio,
                         seed=seed,
                         channel_axis=prep.channel_axis,
@@ -203,8 +204,29 @@ class ReconstructionWidget(JobWidget):
         self.notify_notes(prep.notes)
 
 
-def _mask_for_model(record: MaskRecord | None, model):
-    """The Masking widget's mask in the form ``reconstruct`` takes (None: a new one)."""
+def _mask_for_model(record: MaskRecord | None, patch_size: tuple[int, ...], prep):
+    """The Masking widget's mask on the model's patch grid (None: ``reconstruct`` draws one).
+
+    A mask made with another patch size is resampled: a model patch is removed
+    when most of its pixels were.
+    """
     if record is None:
         return None
-    return record.mask
+    if tuple(record.patch_size) == tuple(patch_size):
+        return record.mask
+    from napari_mae.masking import mask_to_pixels, patch_grid_shape
+
+    if len(patch_size) != len(record.spatial_shape):
+        raise UserInputError(
+            f"The model takes {len(patch_size)}D patches; the mask is {len(record.spatial_shape)}D."
+        )
+    pixels = mask_to_pixels(record.mask, record.spatial_shape, record.patch_size).astype(np.float32)
+    grid = patch_grid_shape(record.spatial_shape, patch_size)
+    padded = np.zeros([g * p for g, p in zip(grid, patch_size, strict=True)], np.float32)
+    padded[tuple(slice(0, n) for n in record.spatial_shape)] = pixels
+    blocks = padded.reshape([v for g, p in zip(grid, patch_size, strict=True) for v in (g, p)])
+    fraction = blocks.mean(axis=tuple(range(1, 2 * len(grid), 2)))
+    prep.notes.append(
+        f"Mask of {tuple(record.patch_size)} px patches resampled to the model's {tuple(patch_size)} px patches."
+    )
+    return fraction > 0.5

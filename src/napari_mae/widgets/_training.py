@@ -12,7 +12,6 @@ cached CUDA memory is released.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 from qtpy.QtCore import Qt
@@ -37,8 +36,10 @@ from ._model_picker import CHECKPOINT_TEXT, device_combo
 from ._reconstruction import release_gpu_memory
 from ._registry import registry
 
-#: Starting points: a fresh model of a preset, or the bundled default weights.
-SCRATCH = "from scratch"
+#: Presets trained from scratch, per number of spatial dimensions (napari_mae.model.PRESETS).
+PRESETS = {2: ("tiny-2d", "small-2d"), 3: ("tiny-3d", "small-3d")}
+SCRATCH_SUFFIX = " (from scratch)"
+FINETUNE_SUFFIX = " (fine-tune)"
 
 
 def _path_row(placeholder: str, directory: bool = True) -> tuple[QWidget, QLineEdit]:
@@ -89,15 +90,17 @@ class TrainingWidget(JobWidget):
         self.dims.addItems(["2D", "3D"])
         self.dims.currentTextChanged.connect(self._dims_changed)
         self.start_from = QComboBox()
-        self.start_from.addItems([f"{SCRATCH} (tiny)", "default-2d", "default-3d", CHECKPOINT_TEXT])
         self.start_from.setToolTip(
             "Preset to train from scratch, bundled weights or a checkpoint to fine-tune"
         )
         ckpt_row, self.checkpoint = _path_row("checkpoint to fine-tune", directory=False)
         self._ckpt_row = ckpt_row
-        self.start_from.currentTextChanged.connect(lambda t: ckpt_row.setVisible(t == CHECKPOINT_TEXT))
+        self.start_from.currentTextChanged.connect(self._start_from_changed)
         ckpt_row.setVisible(False)
-        self.patch_size = PatchSizeEdit(16)
+        self.patch_size = PatchSizeEdit(8)
+        self.patch_size.setToolTip(
+            "Patch size of a preset trained from scratch (a trained model keeps its own)"
+        )
         self.mask_ratio = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
         self.mask_ratio.setRange(0.0, 0.95)
         self.mask_ratio.setDecimals(2)
@@ -112,7 +115,7 @@ class TrainingWidget(JobWidget):
         self.lr.setDecimals(6)
         self.lr.setRange(1e-6, 1.0)
         self.lr.setSingleStep(1e-4)
-        self.lr.setValue(1.5e-4)
+        self.lr.setValue(1e-3)
         self.device = device_combo()
         out_row, self.output = _path_row("output folder for checkpoints")
         for label, widget in [
@@ -150,9 +153,21 @@ class TrainingWidget(JobWidget):
         self._dims_changed(self.dims.currentText())
 
     def _dims_changed(self, text: str) -> None:
-        self.patch_size.set_dims(3 if text == "3D" else 2)
-        if self.start_from.currentText().startswith("default-"):
-            self.start_from.setCurrentText(f"default-{text[0]}d")
+        ndim = 3 if text == "3D" else 2
+        self.patch_size.set_dims(ndim)
+        self.patch_size.set_value((4, 8, 8) if ndim == 3 else (8, 8))
+        self.start_from.blockSignals(True)
+        self.start_from.clear()
+        self.start_from.addItems(
+            [p + SCRATCH_SUFFIX for p in PRESETS[ndim]]
+            + [f"default-{ndim}d{FINETUNE_SUFFIX}", CHECKPOINT_TEXT]
+        )
+        self.start_from.blockSignals(False)
+        self._start_from_changed(self.start_from.currentText())
+
+    def _start_from_changed(self, text: str) -> None:
+        self._ckpt_row.setVisible(text == CHECKPOINT_TEXT)
+        self.patch_size.setEnabled(text.endswith(SCRATCH_SUFFIX))
 
     # ----------------------------------------------------------------- config
     def build_config(self, resume: bool = False):
@@ -170,26 +185,29 @@ class TrainingWidget(JobWidget):
             raise ValueError(f"Choose a folder of training images (got '{folder}').")
         output = self.output.text().strip() or str(Path(folder) / "napari-mae-training")
         start = self.start_from.currentText()
-        init = None
+        patch_size = None
         if start == CHECKPOINT_TEXT:
-            init = self.checkpoint.text().strip()
-            if not init:
+            model = self.checkpoint.text().strip()
+            if not model:
                 raise ValueError("Choose a checkpoint to fine-tune.")
-        elif start.startswith("default-"):
-            init = start
-        patterns = tuple(p.strip() for p in self.pattern.text().split(",") if p.strip()) or ("*",)
+        elif start.endswith(SCRATCH_SUFFIX):
+            model = start.removesuffix(SCRATCH_SUFFIX)
+            patch_size = self.patch_size.value()
+        else:
+            model = start.removesuffix(FINETUNE_SUFFIX)
+        patterns = tuple(p.strip() for p in self.pattern.text().split(",") if p.strip()) or None
         return TrainConfig(
             data_dir=folder,
-            patterns=patterns,
+            output_dir=output,
+            model=model,
             spatial_dims=3 if self.dims.currentText() == "3D" else 2,
-            init=init,
-            patch_size=self.patch_size.value(),
+            patch_size=patch_size,
+            patterns=patterns,
             mask_ratio=float(self.mask_ratio.value()),
             epochs=self.epochs.value(),
             batch_size=self.batch_size.value(),
             lr=float(self.lr.value()),
             device=self.device.currentText(),
-            output_dir=output,
             resume=resume,
         )
 
@@ -198,6 +216,9 @@ class TrainingWidget(JobWidget):
         """Start (or resume) training in a worker thread."""
         try:
             config = self.build_config(resume=bool(resume))
+            config.validate()
+            if resume and not (Path(config.output_dir) / "last.pt").is_file():
+                raise ValueError(f"Nothing to resume: no last.pt in {config.output_dir}.")
         except (ValueError, TypeError, FileNotFoundError) as exc:
             self.notify_error(str(exc))
             return
@@ -206,80 +227,81 @@ class TrainingWidget(JobWidget):
         if not resume:
             self.plot.clear()
         self.epoch_bar.setRange(0, config.epochs)
-        self._t_start = time.monotonic()
-        self._n_start = None
+        self.epoch_bar.setValue(0)
+        self.eta.setText("")
+        self.checkpoint_path = None
+        self.output_dir = Path(config.output_dir)
 
         def work(progress):
             from napari_mae.training import train
 
             try:
-                for update in train(config, stop=stop_flag.is_set):
-                    yield update
-                    progress(0, 0, "")  # raises Cancelled after Stop: the loop ends promptly
+                yield from train(config, stop=stop_flag)
             finally:
                 release_gpu_memory()
 
-        self.start_job(work, description="Training", on_returned=self._trained, on_yielded=self.on_update)
+        if self.start_job(work, description="Training", on_returned=self._trained, on_yielded=self.on_update):
+            self.resume_button.setEnabled(False)
 
     def resume(self) -> None:
         """Continue training from the last checkpoint in the output folder."""
         self.run(resume=True)
 
     def stop(self) -> None:
-        """Ask training to stop after the current step."""
-        self.stop_flag.set()
-        super().stop()
+        """Ask training to stop before its next step; it writes ``last.pt`` for Resume."""
+        if self.busy:
+            self.stop_flag.set()
+            self.status.setText("Stopping after this step...")
 
     def _on_finished(self, job) -> None:
         super()._on_finished(job)
         if job is not self.job:
             return
         self.resume_button.setEnabled(True)
-        if job.cancelled:
-            self._offer_model("stopped")
 
     def on_update(self, update) -> None:
-        """Show one training update (GUI thread)."""
+        """Show one :class:`~napari_mae.training.TrainUpdate` (GUI thread)."""
         self.last_update = update
-        epoch = getattr(update, "epoch", None)
-        n_epochs = getattr(update, "n_epochs", None) or self.epoch_bar.maximum()
-        step, n_steps = getattr(update, "step", None), getattr(update, "n_steps", None)
-        if n_steps and step is not None:
-            self.progress_bar.setRange(0, int(n_steps))
-            self.progress_bar.setValue(int(step))
+        kind = update.kind
+        if update.n_steps:
+            self.progress_bar.setRange(0, int(update.n_steps))
+            self.progress_bar.setValue(int(update.step))
             self.progress_bar.setFormat("step %v/%m")
-        if epoch is not None:
-            self.epoch_bar.setRange(0, int(n_epochs))
-            self.epoch_bar.setValue(int(epoch))
-        x = (epoch or 0) + ((step or 0) / n_steps if n_steps else 0.0)
-        loss = getattr(update, "loss", None)
-        if loss is not None:
-            self.plot.add("train", x, loss)
-        val = getattr(update, "val_loss", None)
-        if val is not None:
-            self.plot.add("val", epoch + 1 if epoch is not None else x, val)
-        ckpt = getattr(update, "checkpoint", None)
-        if ckpt:
-            self.checkpoint_path = Path(ckpt)
-        # ETA from progress in epochs since this run started.
-        if self._n_start is None:
-            self._n_start, self._t_start = x, time.monotonic()
-        elif x > self._n_start and n_epochs:
-            rate = (time.monotonic() - self._t_start) / (x - self._n_start)
-            self.eta.setText(f"epoch {x:.2f}/{n_epochs}, ETA {_fmt_seconds(rate * (n_epochs - x))}")
+        self.epoch_bar.setRange(0, int(update.n_epochs))
+        self.epoch_bar.setValue(
+            int(update.epoch if kind in ("epoch", "finished") else max(update.epoch - 1, 0))
+        )
+        steps_per_epoch = update.n_steps / max(update.n_epochs, 1)
+        x = update.step / steps_per_epoch if steps_per_epoch else 0.0
+        if kind == "step" and update.loss is not None:
+            self.plot.add("train", x, update.loss)
+        if kind == "epoch" and update.val_loss is not None:
+            self.plot.add("val", update.epoch, update.val_loss)
+        if update.checkpoint:
+            self.checkpoint_path = Path(update.checkpoint)
+        if kind in ("step", "epoch"):
+            self.eta.setText(
+                f"epoch {update.epoch}/{update.n_epochs}, {update.images_per_s:.1f} crops/s, "
+                f"ETA {_fmt_seconds(update.eta_s)}"
+            )
+        if kind in ("start", "stopped", "failed", "finished") and update.message:
+            self.status.setText(update.message)
+        if kind == "failed":
+            self.notify_error(update.message)
+        if kind in ("finished", "stopped"):
+            self.eta.setText(f"{kind} at epoch {update.epoch}/{update.n_epochs}, step {update.step}")
 
     def _trained(self, _result=None) -> None:
-        self._offer_model("done")
-
-    def _offer_model(self, how: str) -> None:
-        path = self.checkpoint_path
-        if path is None or not Path(path).exists():
-            if how == "done":
-                self.notify_error("Training ended without writing a checkpoint.")
+        kind = getattr(self.last_update, "kind", "finished")
+        best = self.output_dir / "best.pt"
+        path = best if kind == "finished" and best.is_file() else self.checkpoint_path
+        if path is None or not Path(path).is_file():
+            last = self.output_dir / "last.pt"
+            path = last if last.is_file() else None
+        if path is None:
+            self.notify_error("Training ended without writing a checkpoint.")
             return
-        self.model_name = registry.add_model(
-            f"trained: {Path(path).parent.name}/{Path(path).name}", str(path)
-        )
+        self.model_name = registry.add_model(f"trained: {self.output_dir.name}/{Path(path).name}", str(path))
         self.notify_info(
-            f"Training {how}; model '{self.model_name}' is offered in Reconstruction and Segmentation."
+            f"Training {kind}; model '{self.model_name}' is offered in the Reconstruction and Segmentation widgets."
         )

@@ -1,0 +1,112 @@
+"""Reconstruction widget in a real viewer, with tiny untrained models (fast on CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from widget_helpers import errors, small_nuclei_2d, wait_done
+
+from napari_mae.widgets._model_picker import CHECKPOINT_TEXT
+from napari_mae.widgets._registry import registry
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """Checkpoints of untrained tiny-2d and tiny-3d models."""
+    import torch
+
+    from napari_mae.io.checkpoint import save_checkpoint
+    from napari_mae.model import build_model
+
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    paths = {}
+    for preset in ("tiny-2d", "tiny-3d"):
+        paths[preset] = folder / f"{preset}.pt"
+        save_checkpoint(paths[preset], build_model(preset))
+    return paths
+
+
+def _use_checkpoint(widget, path):
+    widget.model.combo.setCurrentText(CHECKPOINT_TEXT)
+    widget.model.path.setText(str(path))
+    widget.device.setCurrentText("cpu")
+
+
+def test_reconstruction_after_masking_2d(viewer, add_widget, qtbot, notifications, tiny_checkpoints):
+    image, kwargs = small_nuclei_2d(128)
+    layer = viewer.add_image(image, **kwargs)
+    masking = add_widget("Masking")
+    masking.patch_size.set_value((16, 16))  # not the model's 8 x 8: resampled
+    masking.run()
+    wait_done(qtbot, masking)
+    widget = add_widget("Reconstruction")
+    widget.image.set_value(layer)
+    assert widget.mask.currentText() == f"{layer.name} mask"  # the Masking widget's mask is offered
+    _use_checkpoint(widget, tiny_checkpoints["tiny-2d"])
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    recon = viewer.layers[f"{layer.name} reconstruction"]
+    error = viewer.layers[f"{layer.name} error"]
+    assert recon.data.shape == error.data.shape == image.shape
+    np.testing.assert_allclose(recon.scale, layer.scale)
+    # Visible pixels are kept; the error is zero there and positive somewhere.
+    visible = viewer.layers[f"{layer.name} mask"].data == 0
+    np.testing.assert_allclose(recon.data[visible], image[visible], atol=1e-3)
+    assert error.data[visible].max() == 0 and error.data.max() > 0
+    assert widget.progress_bar.format().startswith("done")
+
+
+def test_reconstruction_3d_anisotropic_new_mask(viewer, add_widget, qtbot, notifications, tiny_checkpoints):
+    viewer.open_sample("napari-mae", "nuclei_3d")
+    layer = viewer.layers["nuclei 3D"]
+    layer.data = layer.data[:32, :64, :64]
+    widget = add_widget("Reconstruction")
+    widget.image.set_value(layer)
+    _use_checkpoint(widget, tiny_checkpoints["tiny-3d"])
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    recon = viewer.layers["nuclei 3D reconstruction"]
+    assert recon.data.shape == (32, 64, 64)
+    np.testing.assert_allclose(recon.scale, layer.scale)
+
+
+def test_reconstruction_rgb_with_registry_model(viewer, add_widget, qtbot, notifications):
+    from napari_mae.model import build_model
+
+    rgb = (np.random.default_rng(0).random((64, 72, 3)) * 255).astype(np.uint8)
+    layer = viewer.add_image(rgb, rgb=True, name="rgb")
+    widget = add_widget("Reconstruction")
+    name = registry.add_model("trained: tiny", build_model("tiny-2d"))
+    assert widget.model.combo.currentText() == name  # a newly trained model is offered and chosen
+    widget.image.set_value(layer)
+    widget.device.setCurrentText("cpu")
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    recon = viewer.layers["rgb reconstruction"]
+    assert recon.rgb and recon.data.shape == rgb.shape
+    assert viewer.layers["rgb error"].data.shape == rgb.shape[:2]
+
+
+def test_reconstruction_errors_are_notified(
+    viewer, add_widget, qtbot, notifications, tiny_checkpoints, tmp_path
+):
+    image, _ = small_nuclei_2d(64)
+    viewer.add_image(image, name="img")
+    widget = add_widget("Reconstruction")
+    widget.device.setCurrentText("cpu")
+    # A missing checkpoint: the error reaches the user, the widget is usable again.
+    _use_checkpoint(widget, tmp_path / "missing.pt")
+    widget.run()
+    wait_done(qtbot, widget)
+    assert "missing.pt" in errors(notifications)[-1]
+    assert widget.run_button.isEnabled()
+    # A 3D model on a 2D image: the core's message is shown.
+    _use_checkpoint(widget, tiny_checkpoints["tiny-3d"])
+    widget.run()
+    wait_done(qtbot, widget)
+    assert len(errors(notifications)) == 2
+    assert widget.run_button.isEnabled() and not widget.busy
