@@ -11,16 +11,18 @@ Usage (from the repository root)::
 parameters) on the 67 2D fluorescence nuclei images of
 ``../shared/data/dsb2018_fluo_nuclei_2d`` (which include ``sample_data/nuclei_2d``),
 holding out ``10ba6cbee4873b32`` (the figure's image) - 4 random crops per image
-and epoch, batch 16, 50 epochs, 5 % of the files for validation.
+and epoch, batch 16, 30 epochs (480 steps), 5 % of the files for validation.
 
 ``default-3d``: preset ``tiny-3d`` (16 x 64 x 64 crops, 4 x 8 x 8 patches, 2.2 M
 parameters) on the four 3D volumes of ``../shared/data`` (Arabidopsis nuclei,
 PlantSeg ovule cells, TotalSegmentator CT and MR; ``sample_data/nuclei_3d`` and
 ``ct_abdomen`` are copies of two of them) - 32 random crops per volume and epoch,
-batch 8, 60 epochs, no validation split (too few volumes), so the figure's 3D
+batch 8, 40 epochs (640 steps), no validation split (too few volumes), so the figure's 3D
 rows show training volumes.
 
-Both run on the CPU with :func:`napari_mae.training.train` (seed 0) and are
+Both run on the CPU with :func:`napari_mae.training.train` (seed 0), each
+bounded by ``--max-minutes`` (default 15): a run that reaches the limit is
+stopped and its last checkpoint is used (the summary then says so). They are
 written with :func:`napari_mae.io.checkpoint.save_checkpoint` (weights only, no
 optimiser state) to ``src/napari_mae/models/default-{2d,3d}.pt`` (about 8.5 MB
 each). Measured on 2 CPU cores shared with other jobs: see the timings printed
@@ -52,7 +54,7 @@ SPECS = {
         "exclude": ("*label*", "10ba6cbee4873b32*"),
         "samples_per_image": 4,
         "batch_size": 16,
-        "epochs": 50,
+        "epochs": 30,
         "val_fraction": 0.05,
     },
     "3d": {
@@ -65,13 +67,13 @@ SPECS = {
         "exclude": ("*label*",),
         "samples_per_image": 32,
         "batch_size": 8,
-        "epochs": 60,
+        "epochs": 40,
         "val_fraction": 0.0,
     },
 }
 
 
-def train_default(which: str, *, quick: bool = False) -> dict:
+def train_default(which: str, *, quick: bool = False, max_minutes: float = 15.0) -> dict:
     """Train one default model and save it into the package; return a summary."""
     from napari_mae.io.checkpoint import save_checkpoint
     from napari_mae.model import load_model
@@ -99,16 +101,21 @@ def train_default(which: str, *, quick: bool = False) -> dict:
         device="cpu",
     )
     t0 = time.perf_counter()
-    first = last = None
-    for update in train(config):
+    first = last = last_epoch = None
+
+    def out_of_time() -> bool:
+        return time.perf_counter() - t0 > 60.0 * max_minutes
+
+    for update in train(config, stop=out_of_time):
         if update.kind == "start":
             print(f"[default-{which}] {update.message}", flush=True)
         elif update.kind == "step":
             first = update.loss if first is None else first
         elif update.kind in ("epoch", "finished", "stopped", "failed"):
             last = update
+            last_epoch = update if update.kind == "epoch" else last_epoch
             print(f"[default-{which}] {update.message}  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    if last is None or last.kind != "finished":
+    if last is None or last.kind not in ("finished", "stopped"):
         raise RuntimeError(f"default-{which}: training did not finish: {last.message if last else ''}")
     seconds = time.perf_counter() - t0
     model = load_model(str(out / "last.pt"))
@@ -116,12 +123,16 @@ def train_default(which: str, *, quick: bool = False) -> dict:
     summary = {
         "preset": spec["model"],
         "steps": int(last.step),
+        "planned_steps": int(last.n_steps),
+        "stopped_by_time_limit": last.kind == "stopped",
         "epochs": int(config.epochs),
         "batch_size": int(config.batch_size),
         "train_seconds": round(seconds, 1),
         "first_loss": float(first),
-        "final_train_loss": float(last.loss),
-        "final_val_loss": None if last.val_loss is None else float(last.val_loss),
+        "final_epoch_train_loss": None if last_epoch is None else float(last_epoch.loss),
+        "final_val_loss": None
+        if last_epoch is None or last_epoch.val_loss is None
+        else float(last_epoch.val_loss),
         "files": files,
         "script": "scripts/train_default_models.py",
     }
@@ -192,10 +203,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one short epoch, nothing saved")
     parser.add_argument("--figure-only", action="store_true")
     parser.add_argument("--no-figure", action="store_true")
+    parser.add_argument("--max-minutes", type=float, default=15.0, help="time limit per model (15)")
     args = parser.parse_args(argv)
     if not args.figure_only:
         for which in args.which:
-            train_default(which, quick=args.quick)
+            train_default(which, quick=args.quick, max_minutes=args.max_minutes)
     if not args.no_figure and not args.quick:
         make_figure()
     return 0

@@ -637,6 +637,13 @@ def _train(cfg: TrainConfig, out: Path, dist: _Dist, stop) -> Iterator[TrainUpda
                 UserWarning,
                 stacklevel=3,
             )
+        if int(state.get("world_size", 1)) != dist.world_size and dist.main:
+            warnings.warn(
+                f"resuming on {dist.world_size} processes a run started on {state['world_size']}: the "
+                "sample order differs, the run is no longer an exact continuation",
+                UserWarning,
+                stacklevel=3,
+            )
         _set_rng_state(state["rng"])
         if step >= total_steps:
             raise ValueError(
