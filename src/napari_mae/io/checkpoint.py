@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -155,13 +156,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        # torch.save has written zip archives since PyTorch 1.6; anything else
+        # (text, truncated downloads, legacy pickles) is not ours.
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (not a torch.save zip archive)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line), "")
         raise CheckpointError(
             f"refused to load {path}: it contains Python objects or code that a napari-mae checkpoint "
-            "never holds (torch.load with weights_only=True rejected it). Only open files you trust; "
-            f"details: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            "never holds (torch.load with weights_only=True rejected it; nothing in it was run). "
+            f"Only open files you trust. {detail}".rstrip()
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(
