@@ -229,3 +229,26 @@ def test_rng_state_round_trip():
     training._set_rng_state(state)
     b = (torch.rand(3), np.random.rand(3))
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_3d_run_on_a_volume(tmp_path):
+    """A 3D model trains on 3D crops of a real volume (a stack of real 2D crops)."""
+    from skimage import data
+
+    folder = tmp_path / "vols"
+    folder.mkdir()
+    cell = data.cell()
+    tifffile.imwrite(folder / "vol.tif", np.stack([cell[i * 10 : i * 10 + 40, :40] for i in range(10)]))
+    tiny3d = MAEConfig(
+        img_size=(8, 16, 16),
+        patch_size=(4, 8, 8),
+        embed_dim=24,
+        depth=1,
+        num_heads=2,
+        decoder_embed_dim=12,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
+    updates = list(train(_config(folder, tmp_path / "run", model=tiny3d, epochs=1, samples_per_image=4)))
+    assert updates[-1].kind == "finished" and updates[-1].step == 2
+    assert "3D, crops (8, 16, 16)" in updates[0].message
