@@ -478,10 +478,13 @@ def reconstruct(
             raw_kept = raw[(slice(None), rows)]
             truth = raw_kept.astype(np.float32)
             pixels = pixel_mask[slab.keep_start : keep_stop]
-            replace = pixels[None] | ~np.isfinite(truth)
+            not_finite = ~np.isfinite(truth)
+            replace = pixels[None] | not_finite
             dst = (slice(None), slice(slab.keep_start, keep_stop))
             recon_cf[dst] = np.where(replace, pred, truth)
-            np.abs(recon_cf[dst] - truth, out=error_cf[dst])
+            error = error_cf[dst]
+            np.abs(recon_cf[dst] - truth, out=error)
+            error[not_finite] = np.nan  # no error can be measured against NaN or inf
             _write_masked(masked_cf[dst], raw_kept, pixels, fills)
             del raw, x, tensor, out, pred, truth, raw_kept
     finally:
