@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from qtpy.QtCore import QTimer
-from widget_helpers import errors
+from widget_helpers import crop_folder, errors, setup_training
 
 MAX_GAP_S = 1.0
 MAX_STOP_S = 2.0
@@ -70,4 +70,29 @@ def test_segmentation_responsive_and_stops(viewer, add_widget, qtbot, notificati
     assert gap < MAX_GAP_S, f"GUI thread blocked for {gap:.2f} s"
     assert widget.progress_bar.format() == "stopped"
     assert "nuclei 3D labels" not in viewer.layers
+    assert not errors(notifications)
+
+
+def test_training_responsive_and_stops(viewer, add_widget, qtbot, notifications, sample_data_dir, tmp_path):
+    widget = add_widget("Training")
+    setup_training(widget, crop_folder(sample_data_dir, tmp_path / "images"), tmp_path / "run", epochs=200)
+    steps = []
+    widget.job_started = None
+    beat = Heartbeat().start()
+    widget.run()
+    qtbot.waitUntil(
+        lambda: widget.last_update is not None and widget.last_update.kind == "step", timeout=60_000
+    )
+    first = widget.last_update.step
+    # Train for a while with the heartbeat running (model building, data loading and steps).
+    qtbot.waitUntil(lambda: widget.last_update.step >= first + 6, timeout=60_000)
+    steps.append(widget.last_update.step)
+    ui_s, thread_s = _stop_and_time(qtbot, widget)
+    gap = beat.stop()
+    print(
+        f"training: idle {ui_s:.2f} s, thread ended {thread_s:.2f} s after Stop; longest GUI gap {gap:.2f} s"
+    )
+    assert ui_s < MAX_STOP_S and thread_s < MAX_STOP_S, f"Stop took {thread_s:.2f} s"
+    assert gap < MAX_GAP_S, f"GUI thread blocked for {gap:.2f} s"
+    assert widget.last_update.kind == "stopped"
     assert not errors(notifications)

@@ -105,3 +105,29 @@ def test_segmentation_4d_all_time_points(viewer, add_widget, qtbot, notification
     assert labels.data.shape == stack.shape
     np.testing.assert_allclose(labels.scale, (5, 2, 1, 1))
     assert set(labels.features["t"]) == {0, 1}
+
+
+def test_segmentation_awkward_inputs(viewer, add_widget, qtbot, notifications):
+    """Multichannel, dask, singleton-axis and NaN images in one viewer."""
+    import dask.array as da
+
+    image, _ = small_nuclei_2d(128)
+    with_nan = image.astype(np.float32)
+    with_nan[:8, :8] = np.nan
+    inputs = {
+        "two channels": (np.stack([image, image[::-1]]), {"scale": (1, 0.5, 0.5)}, (128, 128), (0.5, 0.5)),
+        "dask": (da.from_array(image, chunks=64), {}, (128, 128), (1, 1)),
+        "singleton": (image[None], {"scale": (3, 2, 2)}, (128, 128), (2, 2)),
+        "nan": (with_nan, {}, (128, 128), (1, 1)),
+    }
+    widget = add_widget("Segmentation")
+    for name, (data, kwargs, shape, scale) in inputs.items():
+        viewer.add_image(data, name=name, **kwargs)
+        widget.image.set_value(name)
+        widget.run()
+        wait_done(qtbot, widget)
+        assert not errors(notifications), (name, notifications)
+        labels = viewer.layers[f"{name} labels"]
+        assert labels.data.shape == shape and labels.data.max() > 0, name
+        np.testing.assert_allclose(labels.scale, scale)
+    assert viewer.layers["nan labels"].data[:8, :8].max() == 0  # NaN pixels are never labelled

@@ -21,3 +21,25 @@ def small_nuclei_2d(size: int = 160) -> tuple[np.ndarray, dict]:
 
     data, kwargs, _ = nuclei_2d()[0]
     return np.asarray(data)[:size, :size], {k: v for k, v in kwargs.items() if k != "contrast_limits"}
+
+
+def crop_folder(sample_data_dir, folder, n: int = 4, size: int = 128):
+    """Write ``size``-pixel crops of ``n`` bundled 2D nuclei images to ``folder``."""
+    import tifffile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted((sample_data_dir / "nuclei_2d" / "images").glob("*.tif"))[:n]:
+        tifffile.imwrite(folder / path.name, tifffile.imread(path)[:size, :size])
+    return folder
+
+
+def setup_training(widget, folder, out, epochs: int = 2) -> None:
+    """Fill the Training widget for a tiny CPU run."""
+    widget.folder.setText(str(folder))
+    widget.output.setText(str(out))
+    widget.pattern.setText("*.tif")
+    widget.dims.setCurrentText("2D")
+    widget.start_from.setCurrentText("tiny-2d (from scratch)")
+    widget.epochs.setValue(epochs)
+    widget.batch_size.setValue(4)
+    widget.device.setCurrentText("cpu")

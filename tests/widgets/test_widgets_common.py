@@ -1,0 +1,44 @@
+"""What every widget shares: manifest, lazy torch, empty viewer, layer pickers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from widget_helpers import errors
+
+WIDGETS = ["Masking", "Reconstruction", "Segmentation", "Training"]
+
+
+def test_widgets_import_without_torch():
+    code = (
+        "import sys, napari_mae.widgets as w; "
+        "assert all(m not in sys.modules for m in ('torch', 'monai', 'matplotlib')), "
+        "[m for m in ('torch', 'monai', 'matplotlib') if m in sys.modules]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", WIDGETS)
+def test_empty_viewer_is_notified(viewer, add_widget, notifications, name):
+    widget = add_widget(name)
+    assert any(w is widget for w in viewer.window.dock_widgets.values())
+    widget.run()
+    assert errors(notifications), notifications
+    assert widget.run_button.isEnabled() and not widget.busy
+
+
+def test_layer_pickers_follow_the_viewer(viewer, add_widget):
+    widget = add_widget("Segmentation")
+    assert widget.image.value() is None
+    layer = viewer.add_image(np.zeros((32, 32)), name="first")
+    assert widget.image.currentText() == "first"
+    layer.name = "renamed"
+    assert widget.image.currentText() == "renamed"
+    viewer.add_labels(np.zeros((32, 32), np.uint8), name="strokes")
+    assert widget.scribbles.findText("strokes") >= 0
+    assert widget.scribbles.currentText().startswith("none")  # never picked silently
+    viewer.layers.remove("renamed")
+    assert widget.image.value() is None
