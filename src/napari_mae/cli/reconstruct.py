@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     removed = removed[np.isfinite(removed)]
     print(
         f"reconstructed {args.image} {image.shape} with {spec} on {result.device}: "
-        f"{100.0 * result.mask.mean():.1f} % of pixels removed, mean |error| there "
+        f"{int(result.patch_mask.sum())} of {result.patch_mask.size} patches removed, mean |error| there "
         f"{float(removed.mean()) if removed.size else 0.0:.4g}; wrote {out}",
         file=sys.stderr,
     )
