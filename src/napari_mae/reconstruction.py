@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,6 @@ from napari_mae.preprocess import (
     _subsample,
     apply_normalization,
     as_channels_first,
-    denormalize,
     percentile_range,
     resolve_channel_axis,
 )
@@ -47,22 +47,27 @@ from napari_mae.preprocess import (
 __all__ = ["ReconstructionResult", "reconstruct", "window_layout"]
 
 #: Target size of one slab of the normalised input (float32), in bytes.
-SLAB_BYTES = 16 * 2**20
+SLAB_BYTES = 32 * 2**20
 
 
-@dataclass
+@dataclass(eq=False)
 class ReconstructionResult:
     """What :func:`reconstruct` returns.
+
+    Only ``reconstruction`` is computed during :func:`reconstruct`; ``mask``,
+    ``masked`` and ``error`` are computed from it, the patch mask and the input
+    on first access (then cached), slab by slab, so a caller that needs only
+    the reconstruction never holds four image-sized arrays.
 
     Attributes
     ----------
     reconstruction : ndarray of float32, shape ``image.shape``
         Visible pixels are the input's, removed patches the model's prediction,
         in the input's intensity units (non-finite input pixels are predicted too).
-    masked : ndarray, shape and dtype of ``image``
-        The input with removed patches filled (``fill``), as the model saw it.
     mask : ndarray of bool, shape ``spatial_shape``
         Pixel mask, True = removed.
+    masked : ndarray, shape and dtype of ``image``
+        The input with removed patches filled (``fill``), as the model saw it.
     error : ndarray of float32, shape ``image.shape``
         ``|reconstruction - image|`` per pixel and channel, intensity units: 0 on
         visible pixels, NaN where the input is not finite.
@@ -76,14 +81,52 @@ class ReconstructionResult:
     """
 
     reconstruction: np.ndarray
-    masked: np.ndarray
-    mask: np.ndarray
-    error: np.ndarray
     patch_mask: np.ndarray
     patch_size: tuple[int, ...]
     lo: np.ndarray
     hi: np.ndarray
     device: str
+    image: Any = field(repr=False)
+    channel_axis: int | None = field(repr=False)
+    fills: list = field(repr=False)
+    rows_per_slab: int = field(repr=False)
+
+    def _cf(self, array: Any) -> Any:
+        return array[None] if self.channel_axis is None else np.moveaxis(array, self.channel_axis, 0)
+
+    def _row_blocks(self) -> Iterator[tuple[int, int]]:
+        n = self._cf(self.reconstruction).shape[1]
+        step = max(1, self.rows_per_slab)
+        for start in range(0, n, step):
+            yield start, min(start + step, n)
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        spatial = self._cf(self.reconstruction).shape[1:]
+        return mask_to_pixels(self.patch_mask, spatial, self.patch_size)
+
+    @cached_property
+    def masked(self) -> np.ndarray:
+        view = self._cf(self.image)
+        out, out_cf = _output_views(self.reconstruction.shape, view.dtype, self.channel_axis)
+        for start, stop in self._row_blocks():
+            rows = (slice(None), slice(start, stop))
+            _write_masked(out_cf[rows], np.asarray(view[rows]), self.mask[start:stop], self.fills)
+        return out
+
+    @cached_property
+    def error(self) -> np.ndarray:
+        view = self._cf(self.image)
+        recon = self._cf(self.reconstruction)
+        out, out_cf = _output_views(self.reconstruction.shape, np.float32, self.channel_axis)
+        for start, stop in self._row_blocks():
+            rows = (slice(None), slice(start, stop))
+            truth = np.asarray(view[rows]).astype(np.float32)
+            dst = out_cf[rows]
+            np.subtract(recon[rows], truth, out=dst)
+            np.abs(dst, out=dst)
+            dst[~np.isfinite(truth)] = np.nan  # no error can be measured against NaN or inf
+        return out
 
 
 @dataclass(frozen=True)
@@ -134,11 +177,13 @@ def window_layout(
 
 def _slabs(padded0: int, size0: int, roi0: int, patch0: int, interval0: int, rows: int) -> Iterator[_Slab]:
     """Overlapping slabs along the first axis, aligned to the patch grid."""
-    if padded0 <= rows:
+    halo = -(-max(roi0 - interval0, patch0) // patch0) * patch0
+    # At least four windows long: thinner slabs would repeat most windows in
+    # their halos (a 3D slab of one window's depth keeps only half of it).
+    length = max(rows // patch0 * patch0, 4 * roi0, 2 * halo + patch0)
+    if padded0 <= length:
         yield _Slab(0, padded0, 0, padded0)
         return
-    halo = -(-max(roi0 - interval0, patch0) // patch0) * patch0
-    length = max(rows // patch0 * patch0, roi0, 2 * halo + patch0)
     keep_start = 0
     while keep_start < size0:
         start = max(0, keep_start - halo)
@@ -342,9 +387,10 @@ def reconstruct(
     Notes
     -----
     A single-channel model reconstructs a multi-channel image channel by
-    channel, with the same mask. Memory: the outputs (``reconstruction`` and
-    ``error`` float32, ``masked`` in the input's dtype, ``mask`` bool) plus
-    about six slab-sized float32 buffers (:data:`SLAB_BYTES` each).
+    channel, with the same mask. Memory: the float32 reconstruction plus about
+    three slab-sized float32 buffers (:data:`SLAB_BYTES` each) while it runs;
+    ``mask`` (bool), ``masked`` (input dtype) and ``error`` (float32) are
+    allocated when first accessed.
     """
     import torch
     from monai.inferers import sliding_window_inference
@@ -404,9 +450,6 @@ def reconstruct(
     interval, monai_overlap = window_layout(roi, patch, overlap)
 
     recon_out, recon_cf = _output_views(shape, np.float32, axis)
-    error_out, error_cf = _output_views(shape, np.float32, axis)
-    masked_out, masked_cf = _output_views(shape, view.dtype, axis)
-    pixel_mask = mask_to_pixels(patch_mask, spatial, patch)
 
     row_bytes = 4 * n_channels * math.prod(padded[1:])
     slabs = list(
@@ -466,41 +509,51 @@ def reconstruct(
                     device=torch.device("cpu"),
                     with_coord=True,
                 )
+            del tensor, x
             out = out[:, 0] if per_channel else out[0]  # (C, rows, ...)
             keep_stop = min(slab.keep_stop, spatial[0])
             rows = slice(slab.keep_start - slab.start, keep_stop - slab.start)
             crop = (slice(None), rows) + tuple(slice(0, s) for s in spatial[1:])
-            pred = out[crop].numpy()
+            pred = out[crop].numpy()  # (C, kept rows, ...) float32, normalised; a view
             for c in range(n_channels):
-                if constant[c]:
-                    pred[c] = 0.0  # a constant channel's only sensible prediction is itself
-            pred = denormalize(pred, lo, hi)  # (C, kept rows, ...) float32, intensity units
-            raw_kept = raw[(slice(None), rows)]
-            truth = raw_kept.astype(np.float32)
-            pixels = pixel_mask[slab.keep_start : keep_stop]
-            not_finite = ~np.isfinite(truth)
-            replace = pixels[None] | not_finite
-            dst = (slice(None), slice(slab.keep_start, keep_stop))
-            recon_cf[dst] = np.where(replace, pred, truth)
-            error = error_cf[dst]
-            np.abs(recon_cf[dst] - truth, out=error)
-            error[not_finite] = np.nan  # no error can be measured against NaN or inf
-            _write_masked(masked_cf[dst], raw_kept, pixels, fills)
-            del raw, x, tensor, out, pred, truth, raw_kept
+                # A constant channel's only sensible prediction is the constant.
+                scale = 0.0 if constant[c] else hi[c] - lo[c]
+                pred[c] *= np.float32(scale)
+                pred[c] += np.float32(lo[c])  # now in intensity units
+            truth = raw[(slice(None), rows)].astype(np.float32)
+            replace = _pixel_rows(patch_mask, spatial, patch, slab.keep_start, keep_stop)[None]
+            replace = replace | ~np.isfinite(truth)
+            dst = recon_cf[:, slab.keep_start : keep_stop]
+            np.copyto(dst, truth)
+            np.copyto(dst, pred, where=replace)
+            del raw, out, pred, truth, replace
     finally:
         model.train(was_training)
 
     return ReconstructionResult(
         reconstruction=recon_out,
-        masked=masked_out,
-        mask=pixel_mask,
-        error=error_out,
         patch_mask=patch_mask,
         patch_size=patch,
         lo=lo,
         hi=hi,
         device=str(dev),
+        image=image,
+        channel_axis=axis,
+        fills=fills,
+        rows_per_slab=max(1, SLAB_BYTES // row_bytes),
     )
+
+
+def _pixel_rows(
+    patch_mask: np.ndarray, spatial: tuple[int, ...], patch: tuple[int, ...], start: int, stop: int
+) -> np.ndarray:
+    """Rows ``[start, stop)`` of the pixel mask, without expanding the whole mask."""
+    g0, g1 = start // patch[0], -(-stop // patch[0])
+    out = patch_mask[g0:g1]
+    for axis, p in enumerate(patch):
+        out = np.repeat(out, p, axis=axis)
+    first = start - g0 * patch[0]
+    return out[(slice(first, first + stop - start),) + tuple(slice(0, s) for s in spatial[1:])]
 
 
 def _finite_sample(channel: Any) -> np.ndarray:

@@ -67,7 +67,7 @@ def _image(shape, dtype=np.float32, seed=0):
         (MICRO_2D, (100, 75), 0.5, None),  # several overlapping windows
         (MICRO_2D, (130, 41), 0.25, 41 * 4 * 40),  # several slabs along Y
         (MICRO_3D, (9, 37, 53), 0.25, None),
-        (MICRO_3D, (23, 40, 33), 0.5, 48 * 40 * 4 * 6),  # slabs along Z
+        (MICRO_3D, (45, 40, 33), 0.5, 48 * 40 * 4 * 6),  # slabs along Z
     ],
 )
 def test_every_window_reads_its_part_of_the_global_mask(monkeypatch, config, shape, overlap, slab_bytes):

@@ -162,13 +162,15 @@ def run(args: argparse.Namespace) -> int:
         _write_tiff(saves["error"], result.error, axes, spacing, unit)
     if saves["mask"] is not None:
         _write_tiff(saves["mask"], result.mask.astype(np.uint8), axes.replace("C", ""), spacing, unit)
-    error = result.error[None] if channel_axis is None else np.moveaxis(result.error, channel_axis, 0)
-    removed = error[:, result.mask]
-    removed = removed[np.isfinite(removed)]
+    summary = ""
+    if saves["error"] is not None:  # the error map is only computed when asked for
+        error = result.error[None] if channel_axis is None else np.moveaxis(result.error, channel_axis, 0)
+        removed = error[:, result.mask]
+        removed = removed[np.isfinite(removed)]
+        summary = f", mean |error| there {float(removed.mean()) if removed.size else 0.0:.4g}"
     print(
         f"reconstructed {args.image} {image.shape} with {spec} on {result.device}: "
-        f"{int(result.patch_mask.sum())} of {result.patch_mask.size} patches removed, mean |error| there "
-        f"{float(removed.mean()) if removed.size else 0.0:.4g}; wrote {out}",
+        f"{int(result.patch_mask.sum())} of {result.patch_mask.size} patches removed{summary}; wrote {out}",
         file=sys.stderr,
     )
     return 0
