@@ -183,7 +183,7 @@ def run_demo(
     """
     import tifffile
 
-    from napari_mae.masking import apply_mask, make_mask, mask_to_pixels
+    from napari_mae.masking import make_mask
     from napari_mae.model import load_model
     from napari_mae.reconstruction import reconstruct
     from napari_mae.scribbles import simulate_scribbles
@@ -209,11 +209,10 @@ def run_demo(
         )
 
         mask = make_mask(image.shape, patch_size, mask_ratio=mask_ratio, seed=seed)
-        masked = apply_mask(image, mask, patch_size, fill="zero")
         t0 = time.perf_counter()
-        rec = reconstruct(image, model, mask=mask, seed=seed)
+        rec = reconstruct(image, model, mask=mask, fill="zero")
         rec_seconds = time.perf_counter() - t0
-        pixel_mask = mask_to_pixels(mask, image.shape, patch_size)
+        pixel_mask, masked = rec.mask, rec.masked
         mean_fill = np.full(image.shape, float(np.mean(image[~pixel_mask])) if (~pixel_mask).any() else 0.0)
         entry: dict[str, Any] = {
             "shape": list(image.shape),
