@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.feature import hessian_matrix_eigvals
 
 __all__ = [
     "default_sigmas",
@@ -140,8 +141,6 @@ def _filter_bank_block(x: np.ndarray, sigmas: Sequence[float], spacing: np.ndarr
                 hess.append(
                     ndi.gaussian_filter(img, s, order=tuple(order)) * (sigma**2 / (spacing[i] * spacing[j]))
                 )
-            from skimage.feature import hessian_matrix_eigvals
-
             eig = hessian_matrix_eigvals(hess)  # (ndim, *spatial), descending
             feats.append(eig.sum(axis=0))  # trace = scale-normalised Laplacian of Gaussian
             feats.extend(eig)
@@ -220,8 +219,8 @@ def model_features(
     model's ``config.img_size`` (reflect-padded at the borders, non-overlapping), and
     passed through ``model.encoder_features(windows, depths)``. Each depth's token grid
     is upsampled (linear) back to the pixel grid of the input; all depths and scales are
-    concatenated and reduced by PCA (:class:`sklearn.decomposition.PCA`, fitted on a
-    subsample of pixels) to ``n_components`` channels.
+    reduced by PCA (:class:`sklearn.decomposition.PCA`, fitted per depth and scale on
+    the tokens, before upsampling) to about ``n_components`` channels in all.
 
     Parameters
     ----------
@@ -239,7 +238,9 @@ def model_features(
 
     Returns
     -------
-    ndarray of float32, shape ``x.shape[1:] + (n_components,)``
+    ndarray of float32, shape ``x.shape[1:] + (n,)``
+        ``n = (n_components // (len(scales) * len(depths))) * len(scales) * len(depths)``
+        (fewer when a token grid has fewer tokens), whitened PCA scores.
 
     Raises
     ------
@@ -263,8 +264,10 @@ def model_features(
         # Channel mismatch: average channels and repeat (a fair reduction for a nuclear/grey model).
         x = np.repeat(x.mean(axis=0, keepdims=True), in_ch, axis=0)
     if depths is None:
-        n_layers = int(getattr(cfg, "num_layers", getattr(cfg, "depth", 12)))
-        depths = sorted({max(1, n_layers // 3), max(1, 2 * n_layers // 3), n_layers})
+        # 0-based block indices: the middle and the last block (early blocks are nearly
+        # the patch embedding, which the filter bank already covers).
+        n_layers = int(getattr(cfg, "depth", 4))
+        depths = sorted({max(0, n_layers // 2 - 1), n_layers - 1})
     depths = list(depths)
     mode = "bilinear" if ndim == 2 else "trilinear"
     shape = x.shape[1:]
@@ -298,23 +301,24 @@ def model_features(
                 for o, f in zip(outs, feats):
                     dst = tuple(slice(i * k, (i + 1) * k) for i, k in zip(idx, f.shape[2:]))
                     o[(slice(None), slice(None)) + dst] = f.float().cpu()
+        n_parts = len(scales) * len(outs)
+        k_part = max(1, n_components // n_parts)
         for o in outs:
-            # Token grid covers the padded image: crop the unpadded part, then upsample to pixels.
+            # Token grid covers the padded image: crop the unpadded part.
             frac = [n / p for n, p in zip(zs, t.shape[2:])]
             crop = tuple(slice(0, max(1, int(round(k * fr)))) for k, fr in zip(o.shape[2:], frac))
             o = o[(slice(None), slice(None)) + crop]
-            up = F.interpolate(o, size=list(shape), mode=mode, align_corners=False)[0]
-            parts.append(up.numpy().reshape(up.shape[0], -1))
+            # PCA on the tokens (few), *then* upsample the few components to pixels: the
+            # same subspace as PCA after upsampling at a fraction of the memory and time.
+            tok = o[0].reshape(o.shape[1], -1).T.numpy()  # (n_tokens, D)
+            k = int(min(k_part, tok.shape[0], tok.shape[1]))
+            pca = PCA(n_components=k, random_state=0).fit(tok)
+            red = pca.transform(tok) / (np.sqrt(pca.explained_variance_[:k]) + 1e-6)
+            red = torch.from_numpy(red.T.reshape((k,) + tuple(o.shape[2:])).astype(np.float32))[None]
+            up = F.interpolate(red, size=list(shape), mode=mode, align_corners=False)[0]
+            parts.append(np.moveaxis(up.numpy(), 0, -1))
     report(progress, total, total, "model features")
-    stacked = np.concatenate(parts, axis=0).T  # (n_pixels, n_raw)
-    rng = np.random.default_rng(0)
-    n_fit = min(stacked.shape[0], 50_000)
-    fit_idx = rng.choice(stacked.shape[0], n_fit, replace=False)
-    k = int(min(n_components, stacked.shape[1], n_fit))
-    pca = PCA(n_components=k, random_state=0).fit(stacked[fit_idx])
-    red = pca.transform(stacked).astype(np.float32)
-    red /= np.sqrt(pca.explained_variance_[:k]).astype(np.float32) + 1e-6
-    return red.reshape(shape + (k,))
+    return np.concatenate(parts, axis=-1).astype(np.float32, copy=False)
 
 
 def multiscale_features(

@@ -50,6 +50,20 @@ __all__ = [
 
 _BLOCK_VOXELS = 2**23  # segment in tiles above ~8 M voxels (2896^2 or 203^3)
 
+# Lengths as fractions of the estimated object radius, tuned on the dev data (see
+# benchmarks/bench_segmentation.py); none depends on a particular image.
+PARAMS = {
+    "smooth": 0.12,  # Gaussian pre-smoothing sigma / r
+    "background": 1.5,  # half side of the grey-opening box / r
+    "gamma": 1.0,  # threshold on top-hat ** gamma (< 1 lifts dim objects)
+    "threshold_scale": 0.7,  # multiplies the Otsu threshold
+    "h": 0.1,  # h-maxima depth of distance-transform seeds / r
+    "dist_smooth": 0.1,  # smoothing of the distance transform / r
+    "min_size": 0.25,  # smallest object kept / expected object volume
+    "rescue": 0.0,  # second, lower threshold (x the first) for dim objects missed by the first
+    "intensity": 0.5,  # weight of the normalised intensity in the watershed landscape (x r)
+}
+
 
 # --------------------------------------------------------------------------- input
 
@@ -103,13 +117,17 @@ def detect_polarity(image: np.ndarray) -> bool:
 # --------------------------------------------------------------------------- size
 
 
-def _max_edt_per_component(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    """Maximum of the (spacing-aware) distance transform inside each connected component."""
+def _component_radii(mask: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per connected component: maximum of the spacing-aware distance transform, and the
+    radius of the disk (2D) or ball (3D) of the same area/volume, both physical."""
     lab, n = ndi.label(mask)
     if n == 0:
-        return np.zeros(0)
+        return np.zeros(0), np.zeros(0)
     dist = ndi.distance_transform_edt(mask, sampling=spacing)
-    return np.asarray(ndi.maximum(dist, lab, index=np.arange(1, n + 1)))
+    mx = np.asarray(ndi.maximum(dist, lab, index=np.arange(1, n + 1)))
+    vol = np.bincount(lab.ravel())[1:] * float(np.prod(spacing))
+    r_eq = np.sqrt(vol / np.pi) if mask.ndim == 2 else np.cbrt(3.0 * vol / (4.0 * np.pi))
+    return mx, r_eq
 
 
 def estimate_object_radius(
@@ -125,8 +143,8 @@ def estimate_object_radius(
     physical ``spacing``); the radius is the median best scale at the strongest local
     maxima of the response (Lindeberg 1998, the blob detector of
     :func:`skimage.feature.blob_log`), times 0.87, the bias of that detector on disks.
-    It is cross-checked against the median per-component maximum of the distance
-    transform of a first-pass foreground: textured large nuclei make the LoG pick
+    It is cross-checked against the median per-component radius of a first-pass
+    foreground (equivalent-sphere radius, capped at twice the distance-transform maximum): textured large nuclei make the LoG pick
     texture spots, and merged foreground inflates the distance estimate, so where the two
     disagree by more than a factor 1.5 the LoG estimate wins unless it is smaller than a
     third of the foreground estimate with foreground covering little of the image.
@@ -176,15 +194,23 @@ def estimate_object_radius(
     peaks = (best == ndi.maximum_filter(best, size=size)) & (best > 0.5 * np.percentile(best, 99.9))
     r_log = 0.0
     if peaks.any():
-        r_log = float(np.median(radii[best_arg[peaks]])) * 0.87
+        k_med = int(np.median(best_arg[peaks]))
+        # A median at the end of the scale range means no blob scale was found (noise
+        # at the finest scale, or densely packed objects): leave it to the foreground.
+        if 0 < k_med < len(radii) - 1:
+            r_log = float(radii[k_med]) * 0.87
     if foreground is None:
         sm = ndi.gaussian_filter(img, 1.0)
         fg = sm > threshold_otsu(sm) if np.ptp(sm) > 0 else np.zeros(img.shape, bool)
     else:
         fg = foreground[(slice(None, None, step),) * ndim] if step > 1 else foreground
-    m = _max_edt_per_component(fg, spi)
-    m = m[m >= 1.5 * spi.min()]
-    r_fg = float(np.median(m)) if m.size else 0.0
+    m, r_eq = _component_radii(fg, spi)
+    ok = m >= 1.5 * spi.min()
+    # Per component, the equivalent-sphere radius, capped at twice the distance-transform
+    # maximum: irregular (elongated, lobed) objects get their volume's radius, whereas a
+    # clump of touching objects, whose distance maximum stays one object's radius, does not
+    # count as one big object.
+    r_fg = float(np.median(np.minimum(r_eq, 2 * m)[ok])) if ok.any() else 0.0
     r = r_log
     if r_log > 0 and r_fg > 0:
         ratio = r_fg / r_log
@@ -217,12 +243,12 @@ def _background(img: np.ndarray, r: float, spacing: np.ndarray) -> np.ndarray:
     scale to 40-pixel nuclei); the box rather than the disk changes the estimate little
     for a background that varies slowly.
     """
-    size = _box_size(r, 2.5, spacing, img.shape)
+    size = _box_size(r, PARAMS["background"], spacing, img.shape)
     return ndi.grey_opening(img, size=size)
 
 
 def _smooth(img: np.ndarray, r: float, spacing: np.ndarray) -> np.ndarray:
-    sig = np.maximum(0.12 * r / spacing, 0.5)
+    sig = np.maximum(PARAMS["smooth"] * r / spacing, 0.5)
     return ndi.gaussian_filter(img, sig)
 
 
@@ -235,13 +261,16 @@ def _instances(
     spacing: np.ndarray,
     *,
     boundary: np.ndarray | None = None,
-    h_factor: float = 0.1,
-    min_frac: float = 0.1,
+    intensity: np.ndarray | None = None,
+    h_factor: float | None = None,
+    min_frac: float | None = None,
 ) -> np.ndarray:
     """Seeded watershed of the spacing-aware distance transform inside ``fg``."""
     from skimage.morphology import h_maxima, remove_small_objects
     from skimage.segmentation import watershed
 
+    h_factor = PARAMS["h"] if h_factor is None else h_factor
+    min_frac = PARAMS["min_size"] if min_frac is None else min_frac
     ndim = fg.ndim
     vol_px = (4.0 / 3.0 * math.pi if ndim == 3 else math.pi) * r**ndim / float(np.prod(spacing))
     min_size = max(2, int(min_frac * vol_px))
@@ -250,8 +279,13 @@ def _instances(
     if not fg.any():
         return np.zeros(fg.shape, np.uint32)
     dist = ndi.distance_transform_edt(fg, sampling=spacing)
-    dist = ndi.gaussian_filter(dist, np.maximum(0.1 * r / spacing, 0.5))
+    dist = ndi.gaussian_filter(dist, np.maximum(PARAMS["dist_smooth"] * r / spacing, 0.5))
     land = dist
+    if intensity is not None and PARAMS["intensity"] > 0:
+        # Nuclei are brighter in the middle than where two touch: add the intensity,
+        # scaled to its 99th percentile inside the foreground, as r * weight.
+        ref = np.percentile(intensity[fg], 99) if fg.any() else 1.0
+        land = dist + PARAMS["intensity"] * r * np.clip(intensity / max(ref, 1e-6), 0, 1.5)
     if boundary is not None:
         land = dist * (1.0 - boundary)
     h = max(h_factor * r, 0.5 * spacing.min())
@@ -449,8 +483,10 @@ def _auto_foreground(img: np.ndarray, r: float, sp: np.ndarray, threshold: float
 
     sm = _smooth(img, r, sp)
     top = sm - _background(sm, r, sp)
+    if PARAMS["gamma"] != 1.0:
+        top = np.maximum(top, 0) ** PARAMS["gamma"]
     if threshold is None:
-        threshold = float(threshold_otsu(top)) if np.ptp(top) > 0 else float("inf")
+        threshold = float(threshold_otsu(top)) * PARAMS["threshold_scale"] if np.ptp(top) > 0 else float("inf")
     return top, float(threshold)
 
 
@@ -464,7 +500,17 @@ def _segment_block(img, sp, r, threshold, scrib, model, progress):
         thr = 0.5 if threshold is None else float(threshold)
         fg = prob_obj > thr
     report(progress, 3, 4, "separating objects")
-    labels = _instances(fg, r, sp, boundary=boundary)
+    labels = _instances(fg, r, sp, boundary=boundary, intensity=top)
+    if scrib is None and PARAMS["rescue"] > 0:
+        # Dim objects beside bright ones fall below a global threshold; a second pass at
+        # a lower threshold, restricted to what the first pass left empty and kept away
+        # from its objects, adds them without fattening the bright ones.
+        free = labels == 0
+        free &= ~ndi.binary_dilation(labels > 0, iterations=1)
+        low = (top > PARAMS["rescue"] * thr) & free
+        extra = _instances(low, r, sp, intensity=top, min_frac=max(PARAMS["min_size"], 0.3))
+        if extra.max():
+            labels = np.where(extra > 0, extra + labels.max(), labels).astype(np.uint32)
     labels = _fill_holes_per_label(labels)
     return labels, thr
 
