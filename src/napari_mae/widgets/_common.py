@@ -224,8 +224,8 @@ class LayerCombo(QComboBox):
         if self._none_text is not None:
             self.addItem(self._none_text)
         self.addItems(names)
-        if inserted is not None and inserted.name in names and self._none_text is None:
-            current = inserted.name
+        if inserted is not None and inserted.name in names and self._none_text is None and current not in names:
+            current = inserted.name  # follow a new layer only when nothing valid was chosen
         idx = self.findText(current)
         self.setCurrentIndex(idx if idx >= 0 else 0)
         self.blockSignals(False)

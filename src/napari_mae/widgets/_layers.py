@@ -50,7 +50,7 @@ class PreparedImage:
     time_scale, time_translate : float or None
         Scale and offset of the time axis when all time points are processed.
     units : str
-        Name of the spatial unit (``"pixel"`` when the layer has none).
+        Name of the spatial unit (``"px"`` when the layer has none).
     notes : list of str
         What was done to fit the input (singleton axes dropped, ...).
     """
@@ -63,7 +63,7 @@ class PreparedImage:
     translate: tuple[float, ...]
     time_scale: float | None = None
     time_translate: float | None = None
-    units: str = "pixel"
+    units: str = "px"
     notes: list[str] = field(default_factory=list)
     rgb: bool = False
     channel_pos: int | None = None
@@ -176,8 +176,8 @@ def _detect_channel_axis(shape: tuple[int, ...]) -> int | None:
 
 def _unit_name(layer) -> str:
     units = getattr(layer, "units", None)
-    if not units:
-        return "pixel"
+    if not units or str(units[-1]) == "pixel":
+        return "px"
     name = str(units[-1])
     return {"micrometer": "µm", "millimeter": "mm", "nanometer": "nm"}.get(name, name)
 

@@ -41,10 +41,10 @@ class PatchSizeEdit(QWidget):
         self.physical.setToolTip("Patch size in the layer's physical units (pixels x scale)")
         lay.addWidget(self.physical)
         self._spacing: tuple[float, ...] = (1.0, 1.0)
-        self._units = "pixel"
+        self._units = "px"
         self.set_dims(2)
 
-    def set_dims(self, ndim: int, spacing=None, units: str = "pixel") -> None:
+    def set_dims(self, ndim: int, spacing=None, units: str = "px") -> None:
         """Show 2 or 3 axes; ``spacing`` gives the physical size label."""
         self.spins[0].setVisible(ndim == 3)
         self._spacing = tuple(spacing) if spacing is not None else (1.0,) * ndim

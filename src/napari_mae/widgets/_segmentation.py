@@ -124,7 +124,7 @@ class SegmentationWidget(JobWidget):
         form.addRow(self.use_estimates, self.live)
         self.form_layout.addLayout(form)
         self.table = QTableWidget(0, 3)
-        self.table.setMinimumHeight(120)
+        self.table.setMinimumHeight(220)
         self.results_layout.addWidget(self.table)
         self.info: dict = {}
         self.features: dict = {}
@@ -271,7 +271,7 @@ class SegmentationWidget(JobWidget):
         n_objects = sum(int(i.get("n_objects", 0)) for i in infos)
         size_key = "area" if prep.spatial_dims == 2 else "volume"
         sizes = features[size_key]
-        unit = prep.units if prep.units != "pixel" else "px"
+        unit = prep.units
         power = "²" if prep.spatial_dims == 2 else "³"
         text = (
             f"{n_objects} objects ({info.get('mode', '')}); radius {_fmt(info.get('radius'))} {unit}, "
