@@ -222,7 +222,7 @@ def _subsample(channel: Any, max_samples: int) -> np.ndarray:
 
 
 def percentile_range(
-    x: Any, lower: float = 1.0, upper: float = 99.8, *, max_samples: int = 1 << 22
+    x: Any, lower: float = 1.0, upper: float = 99.8, *, max_samples: int = 1 << 20
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel lower and upper percentiles of the finite values of ``x``.
 
@@ -264,12 +264,13 @@ def percentile_range(
             values = values[np.isfinite(values)]
         if values.size == 0:
             raise ValueError(f"channel {c} has no finite pixel (all NaN or inf); nothing to normalise")
-        values = values.astype(np.float64)
+        if values.dtype.kind != "f":
+            values = values.astype(np.float64)  # exact for integers; floats are used as they are
         lo[c], hi[c] = np.percentile(values, [lower, upper])
         if not hi[c] - lo[c] > 1e-12 * max(1.0, abs(lo[c])):
             # Sparse images (e.g. > 99.8 % background) have equal percentiles
             # but are not constant: fall back to the full range.
-            lo[c], hi[c] = values.min(), values.max()
+            lo[c], hi[c] = float(values.min()), float(values.max())
         if not hi[c] - lo[c] > 1e-12 * max(1.0, abs(lo[c])):
             hi[c] = lo[c] + 1.0
     return lo, hi

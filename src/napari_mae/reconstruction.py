@@ -47,7 +47,7 @@ from napari_mae.preprocess import (
 __all__ = ["ReconstructionResult", "reconstruct", "window_layout"]
 
 #: Target size of one slab of the normalised input (float32), in bytes.
-SLAB_BYTES = 32 * 2**20
+SLAB_BYTES = 16 * 2**20
 
 
 @dataclass(eq=False)
@@ -211,7 +211,10 @@ def _autocast(device: Any, enabled: bool) -> contextlib.AbstractContextManager:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         dtype = torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    try:
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    except RuntimeError:  # older torch without autocast on this device: run float32
+        return contextlib.nullcontext()
 
 
 def _neighbour_patch_stats(model: Any, windows: Any, removed: Any) -> tuple[Any, Any]:
@@ -283,7 +286,7 @@ def _fill_values(view: Any, fill: str | float, seed: Any) -> Any:
     out = []
     rng = np.random.default_rng(seed)
     for c in range(view.shape[0]):
-        values = _subsample(view[c], 1 << 22).astype(np.float64)
+        values = _subsample(view[c], 1 << 20).astype(np.float64)
         values = values[np.isfinite(values)]
         if values.size == 0:
             out.append(0.0)
@@ -410,7 +413,11 @@ def reconstruct(
     cfg = model.config
     source = f"model {cfg.name!r}"
 
-    shape = tuple(int(s) for s in np.shape(image))
+    if hasattr(image, "detach"):  # a torch tensor, possibly on a GPU
+        image = image.detach().cpu().numpy()
+    elif not isinstance(image, np.ndarray) and not type(image).__module__.startswith("dask."):
+        image = np.asarray(image)
+    shape = tuple(int(s) for s in image.shape)
     try:
         view = as_channels_first(image, channel_axis=channel_axis, spatial_dims=cfg.spatial_dims)
     except ValueError:
