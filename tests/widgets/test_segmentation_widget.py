@@ -131,3 +131,27 @@ def test_segmentation_awkward_inputs(viewer, add_widget, qtbot, notifications):
         assert labels.data.shape == shape and labels.data.max() > 0, name
         np.testing.assert_allclose(labels.scale, scale)
     assert viewer.layers["nan labels"].data[:8, :8].max() == 0  # NaN pixels are never labelled
+
+
+def test_segmentation_with_mae_features(viewer, add_widget, qtbot, notifications):
+    """Scribbles plus the encoder features of a model offered by the Training widget."""
+    import torch
+
+    from napari_mae.model import build_model
+    from napari_mae.widgets._registry import registry
+
+    torch.manual_seed(0)
+    image, kwargs = small_nuclei_2d(128)
+    layer = viewer.add_image(image, **kwargs)
+    widget = add_widget("Segmentation")
+    name = registry.add_model("trained: tiny", build_model("tiny-2d"))
+    widget.image.set_value(layer)
+    scribbles = widget.add_scribbles_layer()
+    scribbles.data = _paint_scribbles(scribbles, image)
+    widget.use_model.setChecked(True)
+    assert widget.model.combo.currentText() == name
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    assert widget.info["mode"] == "scribbles"
+    assert viewer.layers[f"{layer.name} labels"].data.max() > 0

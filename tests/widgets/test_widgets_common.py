@@ -42,3 +42,18 @@ def test_layer_pickers_follow_the_viewer(viewer, add_widget):
     assert widget.scribbles.currentText().startswith("none")  # never picked silently
     viewer.layers.remove("renamed")
     assert widget.image.value() is None
+
+
+def test_gpu_memory_released(monkeypatch):
+    """``release_gpu_memory`` empties the CUDA cache when torch has CUDA (run after training/reconstruction)."""
+    import types
+
+    from napari_mae.widgets._reconstruction import release_gpu_memory
+
+    calls = []
+    cuda = types.SimpleNamespace(is_available=lambda: True, empty_cache=lambda: calls.append("empty"))
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    release_gpu_memory()
+    assert calls == ["empty"]
+    monkeypatch.delitem(sys.modules, "torch")
+    release_gpu_memory()  # no torch imported: nothing to do
