@@ -61,8 +61,12 @@ def test_masking_inputs(viewer, add_widget, qtbot, notifications, name, data, kw
     if "time" in settings:
         widget.time_mode.setCurrentText(settings["time"])
     widget.patch_size.set_value((4, 8, 8))
+    if name == "4d-current":
+        viewer.dims.set_current_step(0, 2)  # the time point shown is the one masked
     _mask(qtbot, widget)
     assert not errors(notifications), notifications
+    if name == "4d-current":
+        assert any("time point 2" in text for _, text in notifications)
     out = viewer.layers[f"{name} masked"]
     assert out.data.shape == shape
     np.testing.assert_allclose(out.scale, scale)

@@ -57,3 +57,13 @@ def test_gpu_memory_released(monkeypatch):
     assert calls == ["empty"]
     monkeypatch.delitem(sys.modules, "torch")
     release_gpu_memory()  # no torch imported: nothing to do
+
+
+def test_masking_follows_the_first_image(viewer, add_widget):
+    """Adding a 3D image to an empty viewer shows its Z patch size and physical units."""
+    widget = add_widget("Masking")
+    assert widget.patch_size.ndim == 2
+    viewer.add_image(np.zeros((10, 64, 64)), scale=(2.0, 0.5, 0.5), units="um")
+    assert widget.patch_size.ndim == 3
+    assert widget.patch_size.value() == (5, 16, 16)  # Z kept within the 10 slices
+    assert widget.patch_size.physical.text() == "= 10 x 8 x 8 µm"

@@ -213,7 +213,7 @@ class LayerCombo(QComboBox):
 
     def refresh(self, event=None) -> None:
         """Re-list the layers, keeping the current choice if it still exists."""
-        current = self.currentText()
+        previous = current = self.currentText()
         names = [ly.name for ly in self.layers()]
         inserted = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
         for ly in self.layers():  # follow renames
@@ -229,7 +229,7 @@ class LayerCombo(QComboBox):
         idx = self.findText(current)
         self.setCurrentIndex(idx if idx >= 0 else 0)
         self.blockSignals(False)
-        if self.currentText() != current:
+        if self.currentText() != previous:
             self.currentIndexChanged.emit(self.currentIndex())
 
     def value(self):
