@@ -16,6 +16,15 @@ MICRO = MAEConfig(img_size=(32, 32), patch_size=(8, 8), embed_dim=32, depth=1, n
                   decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, name="micro")  # fmt: skip
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These models are tiny: extra threads only add contention on shared CI runners."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class _Touch:
     """Unpickling this calls Path.touch: a stand-in for code execution."""
 

@@ -17,6 +17,15 @@ SAMPLE_2D = "nuclei_2d/images/10ba6cbee4873b32.tif"
 SAMPLE_3D = "nuclei_3d/image.tif"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These models are tiny: extra threads only add contention on shared CI runners."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _trained_checkpoint(path, preset, image):
     """A checkpoint of ``preset`` after a few optimiser steps on crops of ``image``."""
     torch.manual_seed(0)
