@@ -121,30 +121,36 @@ def default_sigmas(spacing: Sequence[float] | None = None, ndim: int = 2) -> lis
 
 
 def _filter_bank_block(x: np.ndarray, sigmas: Sequence[float], spacing: np.ndarray) -> np.ndarray:
-    """Filter bank on one ``(C, *spatial)`` block -> ``(*spatial, n)`` float32."""
+    """Filter bank on one ``(C, *spatial)`` block -> ``(*spatial, n)`` float32.
+
+    One Gaussian per channel and scale; derivatives by central differences of the
+    smoothed image (``np.gradient``), as :func:`skimage.feature.hessian_matrix` does with
+    ``use_gaussian_derivatives=False`` - six times cheaper than one Gaussian-derivative
+    filter per derivative, and the same to within the smoothing.
+    """
     ndim = x.ndim - 1
-    feats = []
+    n_feat = x.shape[0] * len(sigmas) * (3 + ndim)
+    out = np.empty(x.shape[1:] + (n_feat,), np.float32)
+    k = 0
     for c in range(x.shape[0]):
         img = x[c]
         for sigma in sigmas:
-            s = _pixel_sigmas(sigma, spacing)
-            smooth = ndi.gaussian_filter(img, s, mode="reflect")
-            feats.append(smooth)
-            grads = [ndi.gaussian_filter(img, s, order=tuple(int(a == d) for a in range(ndim))) for d in range(ndim)]
+            smooth = ndi.gaussian_filter(img, _pixel_sigmas(sigma, spacing), mode="reflect")
+            out[..., k] = smooth
             # Scale-normalised derivatives (x sigma per order, Lindeberg 1998) in physical units.
-            feats.append(np.sqrt(sum((g / spacing[d]) ** 2 for d, g in enumerate(grads))) * sigma)
+            grads = np.gradient(smooth, *spacing)
+            if ndim == 1:  # pragma: no cover - np.gradient returns an array, not a list
+                grads = [grads]
+            out[..., k + 1] = np.sqrt(sum(g * g for g in grads)) * sigma
             hess = []
             for i, j in itertools.combinations_with_replacement(range(ndim), 2):
-                order = [0] * ndim
-                order[i] += 1
-                order[j] += 1
-                hess.append(
-                    ndi.gaussian_filter(img, s, order=tuple(order)) * (sigma**2 / (spacing[i] * spacing[j]))
-                )
+                hess.append(np.gradient(grads[i], spacing[j], axis=j) * sigma**2)
             eig = hessian_matrix_eigvals(hess)  # (ndim, *spatial), descending
-            feats.append(eig.sum(axis=0))  # trace = scale-normalised Laplacian of Gaussian
-            feats.extend(eig)
-    return np.stack(feats, axis=-1).astype(np.float32, copy=False)
+            out[..., k + 2] = eig.sum(axis=0)  # trace = scale-normalised Laplacian of Gaussian
+            for e in range(ndim):
+                out[..., k + 3 + e] = eig[e]
+            k += 3 + ndim
+    return out
 
 
 def _blocks(shape: Sequence[int], block: Sequence[int], margin: Sequence[int]):
