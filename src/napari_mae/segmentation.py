@@ -352,9 +352,12 @@ def _check_scribbles(scribbles, shape) -> np.ndarray | None:
     s = np.asarray(scribbles)
     if s.shape != tuple(shape):
         raise ValueError(f"scribbles must have the image's spatial shape {tuple(shape)}, got {s.shape}")
-    if not np.issubdtype(s.dtype, np.integer) and s.dtype != bool:
-        if not np.all(np.mod(s[np.isfinite(s)], 1) == 0):
-            raise ValueError("scribbles must be integer labels (0 unlabelled, 1 background, 2.. objects)")
+    if (
+        not np.issubdtype(s.dtype, np.integer)
+        and s.dtype != bool
+        and not (np.all(np.isfinite(s)) and np.all(np.mod(s, 1) == 0))
+    ):
+        raise ValueError("scribbles must be integer labels (0 unlabelled, 1 background, 2.. objects)")
     s = s.astype(np.int64)
     if (s < 0).any():
         raise ValueError("scribbles must be non-negative (0 unlabelled, 1 background, 2.. objects)")
