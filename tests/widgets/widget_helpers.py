@@ -33,7 +33,7 @@ def crop_folder(sample_data_dir, folder, n: int = 4, size: int = 128):
     return folder
 
 
-def setup_training(widget, folder, out, epochs: int = 2) -> None:
+def setup_training(widget, folder, out, epochs: int = 2, crops_per_image: int = 1) -> None:
     """Fill the Training widget for a tiny CPU run."""
     widget.folder.setText(str(folder))
     widget.output.setText(str(out))
@@ -41,5 +41,6 @@ def setup_training(widget, folder, out, epochs: int = 2) -> None:
     widget.dims.setCurrentText("2D")
     widget.start_from.setCurrentText("tiny-2d (from scratch)")
     widget.epochs.setValue(epochs)
+    widget.crops_per_image.setValue(crops_per_image)
     widget.batch_size.setValue(4)
     widget.device.setCurrentText("cpu")

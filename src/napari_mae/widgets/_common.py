@@ -173,6 +173,28 @@ class Job:
             self._on_finished(self)
 
 
+@contextlib.contextmanager
+def torch_threads_leaving_a_core():
+    """In a worker thread: let torch use all cores but one, so the GUI thread keeps one.
+
+    torch's OpenMP threads spin between operations; on a 2-core machine they
+    would otherwise starve the Qt event loop. The thread count is restored on
+    exit. Imports torch, so call it only inside worker functions.
+    """
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    if cores > 1 and before >= cores:
+        torch.set_num_threads(cores - 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- widgets
 
 
@@ -224,7 +246,12 @@ class LayerCombo(QComboBox):
         if self._none_text is not None:
             self.addItem(self._none_text)
         self.addItems(names)
-        if inserted is not None and inserted.name in names and self._none_text is None and current not in names:
+        if (
+            inserted is not None
+            and inserted.name in names
+            and self._none_text is None
+            and current not in names
+        ):
             current = inserted.name  # follow a new layer only when nothing valid was chosen
         idx = self.findText(current)
         self.setCurrentIndex(idx if idx >= 0 else 0)

@@ -16,7 +16,14 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFormLayout, QSpinBox
 from superqt import QLabeledDoubleSlider
 
-from ._common import JobWidget, LayerCombo, channel_axis_combo, parse_channel_axis, time_mode_combo
+from ._common import (
+    JobWidget,
+    LayerCombo,
+    channel_axis_combo,
+    parse_channel_axis,
+    time_mode_combo,
+    torch_threads_leaving_a_core,
+)
 from ._layers import UserInputError, add_or_update, prepare_image
 from ._model_picker import ModelPicker, device_combo
 from ._registry import MaskRecord
@@ -141,24 +148,25 @@ class ReconstructionWidget(JobWidget):
             model_mask = _mask_for_model(mask, tuple(model.config.patch_size), prep)
             recon, error = [], []
             try:
-                for i in range(n):
+                with torch_threads_leaving_a_core():
+                    for i in range(n):
 
-                    def frame_progress(done, total, message, i=i):
-                        progress(i * total + done, n * total, message or "windows")
+                        def frame_progress(done, total, message, i=i):
+                            progress(i * total + done, n * total, message or "windows")
 
-                    result = reconstruct(
-                        prep.frame(i, fill_nan=False),
-                        model,
-                        mask=model_mask,
-                        mask_ratio=mask_ratio,
-                        seed=seed,
-                        channel_axis=prep.channel_axis,
-                        device=device,
-                        batch_size=batch_size,
-                        progress=frame_progress,
-                    )
-                    recon.append(np.asarray(result.reconstruction, dtype=np.float32))
-                    error.append(np.asarray(result.error, dtype=np.float32))
+                        result = reconstruct(
+                            prep.frame(i, fill_nan=False),
+                            model,
+                            mask=model_mask,
+                            mask_ratio=mask_ratio,
+                            seed=seed,
+                            channel_axis=prep.channel_axis,
+                            device=device,
+                            batch_size=batch_size,
+                            progress=frame_progress,
+                        )
+                        recon.append(np.asarray(result.reconstruction, dtype=np.float32))
+                        error.append(np.asarray(result.error, dtype=np.float32))
             finally:
                 del model
                 release_gpu_memory()

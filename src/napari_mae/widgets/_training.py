@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
-from ._common import JobWidget
+from ._common import JobWidget, torch_threads_leaving_a_core
 from ._masking import PatchSizeEdit
 from ._model_picker import CHECKPOINT_TEXT, device_combo
 from ._reconstruction import release_gpu_memory
@@ -108,6 +108,12 @@ class TrainingWidget(JobWidget):
         self.epochs = QSpinBox()
         self.epochs.setRange(1, 100000)
         self.epochs.setValue(20)
+        self.crops_per_image = QSpinBox()
+        self.crops_per_image.setRange(1, 1000)
+        self.crops_per_image.setValue(4)
+        self.crops_per_image.setToolTip(
+            "Random crops taken from each image per epoch (more for small folders)"
+        )
         self.batch_size = QSpinBox()
         self.batch_size.setRange(1, 4096)
         self.batch_size.setValue(8)
@@ -127,6 +133,7 @@ class TrainingWidget(JobWidget):
             ("patch size", self.patch_size),
             ("mask ratio", self.mask_ratio),
             ("epochs", self.epochs),
+            ("crops per image", self.crops_per_image),
             ("batch size", self.batch_size),
             ("learning rate", self.lr),
             ("device", self.device),
@@ -205,6 +212,7 @@ class TrainingWidget(JobWidget):
             patterns=patterns,
             mask_ratio=float(self.mask_ratio.value()),
             epochs=self.epochs.value(),
+            samples_per_image=self.crops_per_image.value(),
             batch_size=self.batch_size.value(),
             lr=float(self.lr.value()),
             device=self.device.currentText(),
@@ -236,7 +244,8 @@ class TrainingWidget(JobWidget):
             from napari_mae.training import train
 
             try:
-                yield from train(config, stop=stop_flag)
+                with torch_threads_leaving_a_core():
+                    yield from train(config, stop=stop_flag)
             finally:
                 release_gpu_memory()
 
