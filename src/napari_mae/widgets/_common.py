@@ -112,7 +112,8 @@ class Job:
             _start_thread=False,
             _connect={"errored": self._errored, "finished": self._finished},
         )
-        self.worker.returned.connect(lambda result: self.running and on_returned(result))
+        self._on_returned = on_returned
+        self.worker.returned.connect(self._returned)
         self.worker.warned.connect(lambda w: show_warning(str(w[0])))
         if on_yielded is not None and hasattr(self.worker, "yielded"):
             self.worker.yielded.connect(lambda value: self.running and on_yielded(value))
@@ -139,6 +140,14 @@ class Job:
         self._end()
 
     # GUI-thread slots
+    def _returned(self, result) -> None:
+        if not self.running:
+            return
+        try:
+            self._on_returned(result)
+        except Exception as exc:  # shown to the user; the widget stays usable
+            self._on_error(f"Could not show the result: {type(exc).__name__}: {exc}")
+
     def _progressed(self, done: int, total: int, message: str) -> None:
         if not self.running:
             return

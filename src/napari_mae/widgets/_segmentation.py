@@ -275,6 +275,8 @@ class SegmentationWidget(JobWidget):
         add_or_update(self.viewer, "labels", data, f"{prep.name} labels", features=features_df, **kwargs)
         info = infos[0]
         self.info = info
+        self.radius.setSpecialValueText(f"auto (last: {_fmt(info.get('radius'))})")
+        self.threshold.setSpecialValueText(f"auto (last: {_fmt(info.get('threshold'))})")
         self.features = features
         self.use_estimates.setEnabled(True)
         n_objects = sum(int(i.get("n_objects", 0)) for i in infos)
