@@ -60,7 +60,6 @@ PARAMS = {
     "h": 0.1,  # h-maxima depth of distance-transform seeds / r
     "dist_smooth": 0.1,  # smoothing of the distance transform / r
     "min_size": 0.25,  # smallest object kept / expected object volume
-    "rescue": 0.0,  # second, lower threshold (x the first) for dim objects missed by the first
     "intensity": 0.5,  # weight of the normalised intensity in the watershed landscape (x r)
 }
 
@@ -466,7 +465,10 @@ def segment_instances(
     report(progress, 0, 4, "preparing")
     img = _to_single_channel(x, rgb)
     del x
-    if bright_objects is None:
+    if bright_objects is None and scrib is not None:
+        # The strokes say which is which: objects brighter than the background strokes?
+        bright_objects = bool(np.median(img[scrib >= 2]) >= np.median(img[scrib == 1]))
+    elif bright_objects is None:
         bright_objects = detect_polarity(img[valid] if invalid.any() else img)
     if not bright_objects:
         img = 1.0 - img
@@ -486,7 +488,10 @@ def segment_instances(
     if img.size > _BLOCK_VOXELS:
         labels, thr = _segment_tiled(img, sp, r, threshold, scrib, model, progress)
     else:
-        labels, thr = _segment_block(img, sp, r, threshold, scrib, model, progress)
+        refine = object_radius is None
+        labels, thr, r_used = _segment_block(img, sp, r, threshold, scrib, model, progress, refine)
+        if r_used != r:
+            info.update(radius_auto=r, radius=r_used, radius_px=tuple(r_used / s for s in sp))
     if invalid.any():
         labels[invalid] = 0
         labels = _relabel(labels)
@@ -513,29 +518,27 @@ def _auto_foreground(img: np.ndarray, r: float, sp: np.ndarray, threshold: float
     return top, float(threshold)
 
 
-def _segment_block(img, sp, r, threshold, scrib, model, progress):
+def _segment_block(img, sp, r, threshold, scrib, model, progress, refine_radius=False):
+    """Segment one block; return (labels, threshold used, radius used)."""
     top, thr = _auto_foreground(img, r, sp, threshold if scrib is None else None)
     fg = top > thr
     report(progress, 2, 4, "foreground")
     boundary = None
     if scrib is not None:
-        prob_obj, boundary = _scribble_probabilities(img, top > thr, scrib, sp, r, model, progress)
+        prob_obj, boundary = _scribble_probabilities(img, fg, scrib, sp, r, model, progress)
         thr = 0.5 if threshold is None else float(threshold)
         fg = prob_obj > thr
+        if refine_radius and fg.any():
+            # The scribble-taught foreground says more about object size than the
+            # automatic first pass (which may have found, e.g., the whole body in a CT).
+            m, r_eq = _component_radii(fg, sp)
+            ok = m >= 1.5 * sp.min()
+            if ok.any():
+                r = float(np.median(np.minimum(r_eq, 2 * m)[ok]))
     report(progress, 3, 4, "separating objects")
-    labels = _instances(fg, r, sp, boundary=boundary, intensity=top)
-    if scrib is None and PARAMS["rescue"] > 0:
-        # Dim objects beside bright ones fall below a global threshold; a second pass at
-        # a lower threshold, restricted to what the first pass left empty and kept away
-        # from its objects, adds them without fattening the bright ones.
-        free = labels == 0
-        free &= ~ndi.binary_dilation(labels > 0, iterations=1)
-        low = (top > PARAMS["rescue"] * thr) & free
-        extra = _instances(low, r, sp, intensity=top, min_frac=max(PARAMS["min_size"], 0.3))
-        if extra.max():
-            labels = np.where(extra > 0, extra + labels.max(), labels).astype(np.uint32)
+    labels = _instances(fg, r, sp, boundary=boundary, intensity=top if scrib is None else None)
     labels = _fill_holes_per_label(labels)
-    return labels, thr
+    return labels, thr, r
 
 
 def _scribble_probabilities(img, auto_fg, scrib, sp, r, model, progress):
@@ -563,8 +566,16 @@ def _scribble_probabilities(img, auto_fg, scrib, sp, r, model, progress):
     # Pseudo-labels from the automatic segmentation.
     auto = _instances(auto_fg, r, sp)
     bad = np.unique(auto[scrib == 1])
-    if bad.size:
-        auto[np.isin(auto, bad[bad > 0])] = 0
+    bad = bad[bad > 0]
+    if auto.max():
+        # Automatic objects whose mean intensity is nearer the background strokes' than
+        # the object strokes' are not what the user means by "object" (in a CT, the
+        # automatic first pass finds the body, the user means bone): no pseudo-label.
+        med_obj = float(np.median(img[scrib >= 2]))
+        med_bg = float(np.median(img[scrib == 1]))
+        means = np.asarray(ndi.mean(img, auto, np.arange(1, auto.max() + 1)))
+        unlike = np.flatnonzero(np.abs(means - med_obj) > np.abs(means - med_bg)) + 1
+        bad = np.union1d(bad, unlike)
     ring_w = max(1, int(round(0.2 * r / sp.min())))
     from skimage.segmentation import find_boundaries
 
@@ -574,6 +585,9 @@ def _scribble_probabilities(img, auto_fg, scrib, sp, r, model, progress):
     target[auto == 0] = 0
     target[auto > 0] = 2
     target[edges] = 1
+    if bad.size:
+        # Automatic objects that a background stroke crosses are wrong: no pseudo-label.
+        target[np.isin(auto, bad)] = -1
     near = ndi.binary_dilation(scrib > 0, iterations=max(1, int(round(0.5 * r / sp.min()))))
     target[near] = -1
     rng = np.random.default_rng(0)
@@ -603,7 +617,6 @@ def _scribble_probabilities(img, auto_fg, scrib, sp, r, model, progress):
     proba = proba.reshape(img.shape + (3,))
     p_obj = proba[..., 1] + proba[..., 2]
     p_bnd = proba[..., 1]
-    del ndim
     return p_obj, p_bnd
 
 
@@ -652,7 +665,7 @@ def _segment_tiled(img, sp, r, threshold, scrib, model, progress):
         s_t = None if scrib is None else scrib[outer]
         if s_t is not None and not ((s_t == 1).any() and (s_t >= 2).any()):
             s_t = None  # a tile without both kinds of strokes falls back to the automatic rule
-        lab, thr_used = _segment_block(img[outer], sp, r, threshold, s_t, model, None)
+        lab, thr_used, _ = _segment_block(img[outer], sp, r, threshold, s_t, model, None)
         if lab.max() == 0:
             continue
         com = ndi.center_of_mass(np.ones(lab.shape), lab, np.arange(1, lab.max() + 1))
