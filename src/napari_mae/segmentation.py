@@ -171,10 +171,19 @@ def estimate_object_radius(
     r_min = 1.0 * sp.min()
     r_max = max(3 * r_min, extent.min() / 6.0)
     radii = np.geomspace(max(r_min, 2.0 * sp.min()), r_max, 14)
-    # Coarse copy for speed on big inputs: the radius is a global statistic.
-    step = max(1, int(round((image.size / 2e6) ** (1.0 / ndim))))
-    img = image[(slice(None, None, step),) * ndim] if step > 1 else image
-    spi = sp * step
+    # Big inputs: a full-resolution crop of about 2 M pixels (striding would lose small
+    # objects); of five candidates (centre and the quadrants' centres), the one with the
+    # most intensity variance, i.e. the most objects.
+    spi = sp
+    img = image
+    if image.size > 2e6:
+        side = [min(n, int(round((2e6) ** (1.0 / ndim)))) for n in image.shape]
+        cands = []
+        for fr in ([0.5] * ndim, [0.25] * ndim, [0.75] * ndim, [0.25, 0.75] + [0.5] * (ndim - 2),
+                   [0.75, 0.25] + [0.5] * (ndim - 2)):  # fmt: skip
+            st = [int(min(max(f * n - w / 2, 0), n - w)) for f, n, w in zip(fr, image.shape, side)]
+            cands.append(tuple(slice(a, a + w) for a, w in zip(st, side)))
+        img = image[max(cands, key=lambda c: float(np.var(image[c][(slice(None, None, 4),) * ndim])))]
     best = None
     best_arg = None
     # LoG of every scale by FFT: one forward transform, then one inverse per scale whose
@@ -220,7 +229,9 @@ def estimate_object_radius(
         sm = ndi.gaussian_filter(img, 1.0)
         fg = sm > threshold_otsu(sm) if np.ptp(sm) > 0 else np.zeros(img.shape, bool)
     else:
-        fg = foreground[(slice(None, None, step),) * ndim] if step > 1 else foreground
+        fg = foreground if foreground.shape == img.shape else None
+        if fg is None:
+            raise ValueError("foreground must have the image's shape")
     m, r_eq = _component_radii(fg, spi)
     ok = m >= 1.5 * spi.min()
     # Per component, the equivalent-sphere radius, capped at twice the distance-transform
@@ -380,6 +391,7 @@ def segment_instances(
     object_radius: float | None = None,
     threshold: float | None = None,
     bright_objects: bool | None = None,
+    tile_shape: Sequence[int] | None = None,
     progress: ProgressCallback | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Segment every object of a 2D image or 3D volume as its own label.
@@ -410,6 +422,9 @@ def segment_instances(
         (Otsu) when None.
     bright_objects : bool or None
         Polarity; detected when None (dark-on-bright images are inverted).
+    tile_shape : sequence of int or None
+        Core tile shape in pixels for tiled processing; None tiles automatically above
+        about 8 M pixels (tiles of 1448^2 / 101^3 plus an overlap of 6 object radii).
     progress : callable or None
         ``progress(done, total, message)``; raise :class:`napari_mae._progress.Cancelled`
         from it to stop.
@@ -485,8 +500,10 @@ def segment_instances(
     r = est["radius"]
     info.update(est)
 
-    if img.size > _BLOCK_VOXELS:
-        labels, thr = _segment_tiled(img, sp, r, threshold, scrib, model, progress)
+    if tile_shape is not None and len(tile_shape) != ndim:
+        raise ValueError(f"tile_shape must have {ndim} values, got {tuple(tile_shape)}")
+    if img.size > _BLOCK_VOXELS or tile_shape is not None:
+        labels, thr, info["tiles"] = _segment_tiled(img, sp, r, threshold, scrib, model, progress, tile_shape)
     else:
         refine = object_radius is None
         labels, thr, r_used = _segment_block(img, sp, r, threshold, scrib, model, progress, refine)
@@ -552,7 +569,6 @@ def _scribble_probabilities(img, auto_fg, scrib, sp, r, model, progress):
     """
     from sklearn.ensemble import RandomForestClassifier
 
-    ndim = img.ndim
     sigmas = [r * f for f in (0.125, 0.25, 0.5, 1.0, 2.0)]
     sigmas = [max(s, 0.5 * sp.min()) for s in sigmas]
     feats = filter_bank(img[None], sigmas, sp, progress=progress)
@@ -635,7 +651,7 @@ def _tile_slices(shape, core, margin):
         yield tuple(outer), inner_core
 
 
-def _segment_tiled(img, sp, r, threshold, scrib, model, progress):
+def _segment_tiled(img, sp, r, threshold, scrib, model, progress, tile_shape=None):
     """Tile-wise segmentation with global parameters, stitched by object centres.
 
     The threshold is estimated once on the whole (background-subtracted) image, so every
@@ -643,13 +659,13 @@ def _segment_tiled(img, sp, r, threshold, scrib, model, progress):
     from the tile whose core holds its centroid, and written only where the output is
     still empty, so an object cut by a core border is taken whole from one tile.
     """
-    from skimage.filters import threshold_otsu
-
     ndim = img.ndim
     r_px = r / sp
     margin = [int(math.ceil(6 * rp)) + 2 for rp in r_px]
-    side = int(round(_BLOCK_VOXELS ** (1.0 / ndim) / 2))
-    core = [max(min(n, side), 1) for n in img.shape]
+    if tile_shape is None:
+        side = int(round(_BLOCK_VOXELS ** (1.0 / ndim) / 2))
+        tile_shape = [side] * ndim
+    core = [max(min(n, int(t)), 1) for n, t in zip(img.shape, tile_shape)]
     if threshold is None and scrib is None:
         # Global Otsu on a strided copy of the background-subtracted image.
         step = max(1, int(round((img.size / 4e6) ** (1.0 / ndim))))
@@ -668,15 +684,16 @@ def _segment_tiled(img, sp, r, threshold, scrib, model, progress):
         lab, thr_used, _ = _segment_block(img[outer], sp, r, threshold, s_t, model, None)
         if lab.max() == 0:
             continue
-        com = ndi.center_of_mass(np.ones(lab.shape), lab, np.arange(1, lab.max() + 1))
-        region = out[outer]
-        for i, c in enumerate(com, start=1):
-            if not all(lo <= ci < hi for ci, (lo, hi) in zip(c, inner)):
+        n = int(lab.max())
+        com = ndi.center_of_mass(np.ones(lab.shape), lab, np.arange(1, n + 1))
+        boxes = ndi.find_objects(lab)
+        region = out[outer]  # a view: writes go to ``out``
+        for i, (c, box) in enumerate(zip(com, boxes), start=1):
+            if box is None or not all(lo <= ci < hi for ci, (lo, hi) in zip(c, inner)):
                 continue
-            obj = (lab == i) & (region == 0)
+            obj = (lab[box] == i) & (region[box] == 0)
             if obj.any():
-                region[obj] = next_id
+                region[box][obj] = next_id
                 next_id += 1
     report(progress, len(tiles), len(tiles), "segmenting tiles")
-    del threshold_otsu
-    return out, thr_used
+    return _relabel(out), thr_used, len(tiles)
