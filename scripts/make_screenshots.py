@@ -79,10 +79,10 @@ def masking(app, out: Path, state: dict) -> None:
     widget.patch_size.set_value((32, 32))
     widget.run()
     _wait(app, widget)
-    # Input and masked input side by side.
+    # Masked input above the input (the canvas is taller than wide).
     viewer.layers["nuclei 2D mask"].visible = False
     viewer.grid.enabled = True
-    viewer.grid.shape = (1, 2)
+    viewer.grid.shape = (2, 1)
     _save(app, viewer, out / "widget_masking.png")
     viewer.close()
 
@@ -113,7 +113,7 @@ def reconstruction(app, out: Path, state: dict) -> None:
     viewer = _viewer("napari-mae: Reconstruction")
     image = _open_nuclei_2d(viewer)
     _, masking_widget = viewer.window.add_plugin_dock_widget("napari-mae", "Masking")
-    masking_widget.patch_size.set_value((16, 16))
+    masking_widget.patch_size.set_value((8, 8))  # the model's patch size
     masking_widget.run()
     _wait(app, masking_widget)
     _, widget = viewer.window.add_plugin_dock_widget("napari-mae", "Reconstruction")
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--only", default=",".join(SCENES), help="comma-separated scenes")
-    parser.add_argument("--epochs", type=int, default=40, help="epochs of the Training scene")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of the Training scene")
     args = parser.parse_args(argv)
     from napari.qt import get_qapp
     from qtpy.QtWidgets import QApplication
