@@ -110,3 +110,31 @@ def test_reconstruction_errors_are_notified(
     wait_done(qtbot, widget)
     assert len(errors(notifications)) == 2
     assert widget.run_button.isEnabled() and not widget.busy
+
+
+def test_reconstruction_channels_and_time(viewer, add_widget, qtbot, notifications, tiny_checkpoints):
+    """Channels-first data keeps its layout; all time points of a 4D stack are reconstructed."""
+    image, _ = small_nuclei_2d(64)
+    two = viewer.add_image(np.stack([image, image[::-1]]), name="two channels", scale=(1, 0.5, 0.5))
+    movie = viewer.add_image(np.stack([np.stack([image] * 8)] * 2), name="movie", scale=(5, 2, 1, 1))
+    widget = add_widget("Reconstruction")
+    widget.image.set_value(two)
+    widget.channel.setCurrentText("0")
+    _use_checkpoint(widget, tiny_checkpoints["tiny-2d"])
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    out = viewer.layers["two channels reconstruction"]
+    assert out.data.shape == (2, 64, 64)
+    np.testing.assert_allclose(out.scale, (1, 0.5, 0.5))
+    widget.image.set_value(movie)
+    widget.channel.setCurrentText("none")
+    widget.time_mode.setCurrentText("all time points")
+    _use_checkpoint(widget, tiny_checkpoints["tiny-3d"])
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    out = viewer.layers["movie reconstruction"]
+    assert out.data.shape == (2, 8, 64, 64)
+    np.testing.assert_allclose(out.scale, (5, 2, 1, 1))
+    assert viewer.layers["movie error"].data.shape == (2, 8, 64, 64)
