@@ -88,6 +88,7 @@ def test_segmentation_layer_removed_while_running(viewer, add_widget, qtbot, not
     wait_done(qtbot, widget, timeout=10_000)
     assert "was removed" in errors(notifications)[-1]
     assert widget.run_button.isEnabled()
+    qtbot.waitUntil(lambda: not widget.job.thread_running, timeout=20_000)  # the worker ends too
     assert "nuclei 3D labels" not in viewer.layers
 
 
@@ -155,3 +156,16 @@ def test_segmentation_with_mae_features(viewer, add_widget, qtbot, notifications
     assert not errors(notifications), notifications
     assert widget.info["mode"] == "scribbles"
     assert viewer.layers[f"{layer.name} labels"].data.max() > 0
+
+
+def test_closing_the_widget_stops_its_job(viewer, add_widget, qtbot, notifications):
+    viewer.open_sample("napari-mae", "nuclei_3d")
+    widget = add_widget("Segmentation")
+    widget.image.set_value("nuclei 3D")
+    widget.run()
+    job = widget.job
+    assert job.running
+    widget.close()
+    assert job.cancelled and not job.running
+    qtbot.waitUntil(lambda: not job.thread_running, timeout=20_000)
+    assert "nuclei 3D labels" not in viewer.layers

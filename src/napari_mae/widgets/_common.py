@@ -392,6 +392,11 @@ class JobWidget(QWidget):
         if self.busy:
             self.job.stop()
 
+    def closeEvent(self, event) -> None:
+        """Stop a running job when the dock widget is closed."""
+        self.stop()
+        super().closeEvent(event)
+
     def _on_progress(self, done: int, total: int, message: str) -> None:
         if total > 0:
             self.progress_bar.setRange(0, total)
