@@ -362,3 +362,12 @@ def add_or_update(viewer, kind: str, data, name: str, **kwargs):
         viewer.layers.remove(existing)
     add = viewer.add_image if kind == "image" else viewer.add_labels
     return add(data, name=name, **kwargs)
+
+
+def as_rgb_dtype(data: np.ndarray, dtype) -> np.ndarray:
+    """Cast an RGB result back to the input's dtype (clipped to 0-255 for uint8)."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(data), info.min, info.max).astype(dtype)
+    return np.asarray(data, dtype=dtype)

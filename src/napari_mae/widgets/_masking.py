@@ -16,7 +16,7 @@ from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QSpinBox
 from superqt import QLabeledDoubleSlider
 
 from ._common import JobWidget, LayerCombo, channel_axis_combo, parse_channel_axis, time_mode_combo
-from ._layers import UserInputError, add_or_update, prepare_image
+from ._layers import UserInputError, add_or_update, as_rgb_dtype, prepare_image
 from ._registry import MASK_KEY, MaskRecord, registry
 
 
@@ -191,7 +191,7 @@ class MaskingWidget(JobWidget):
         data = prep.to_layer_layout(masked)
         kwargs = prep.output_kwargs(with_channels=True)
         if prep.rgb:
-            data = np.clip(data, 0, 255 if layer.dtype == np.uint8 else None).astype(layer.dtype)
+            data = as_rgb_dtype(data, layer.dtype)
         else:
             kwargs["contrast_limits"] = layer.contrast_limits
             kwargs["colormap"] = layer.colormap.name

@@ -24,7 +24,7 @@ from ._common import (
     time_mode_combo,
     torch_threads_leaving_a_core,
 )
-from ._layers import UserInputError, add_or_update, prepare_image
+from ._layers import UserInputError, add_or_update, as_rgb_dtype, prepare_image
 from ._model_picker import ModelPicker, device_combo
 from ._registry import MaskRecord
 
@@ -182,7 +182,7 @@ class ReconstructionWidget(JobWidget):
         """Add the reconstruction and error layers (GUI thread)."""
         kwargs = prep.output_kwargs(with_channels=True)
         if prep.rgb:
-            data = np.clip(prep.to_layer_layout(recon), 0, 255).astype(np.uint8)
+            data = as_rgb_dtype(prep.to_layer_layout(recon), layer.dtype)
         else:
             data = prep.to_layer_layout(recon)
             kwargs["contrast_limits"] = layer.contrast_limits
