@@ -1,0 +1,103 @@
+"""``napari-mae segment`` and ``napari-mae evaluate`` end to end on small files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.draw import disk
+
+from napari_mae.cli import main
+
+
+@pytest.fixture
+def nuclei(tmp_path):
+    gt = np.zeros((96, 96), np.uint16)
+    for k, c in enumerate([(20, 20), (20, 70), (70, 30), (60, 75), (45, 48)], start=1):
+        gt[disk(c, 7, shape=gt.shape)] = k
+    rng = np.random.default_rng(0)
+    img = (20 + 150 * (gt > 0) + rng.normal(0, 5, gt.shape)).clip(0, 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    (tmp_path / "gt").mkdir()
+    tifffile.imwrite(tmp_path / "gt" / "img.tif", gt)
+    return tmp_path, gt
+
+
+def test_segment_then_evaluate(nuclei, capsys):
+    tmp, gt = nuclei
+    (tmp / "pred").mkdir()
+    assert main(["segment", str(tmp / "img.tif"), "--out", str(tmp / "pred" / "img.tif"), "--quiet"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["n_objects"] == 5 and info["mode"] == "automatic"
+    labels = tifffile.imread(tmp / "pred" / "img.tif")
+    assert labels.dtype == np.uint32 and labels.shape == gt.shape
+    out_json = tmp / "scores.json"
+    assert (
+        main(["evaluate", "--pred", str(tmp / "pred"), "--gt", str(tmp / "gt"), "--json", str(out_json)]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "accuracy 1.000" in text
+    assert json.loads(out_json.read_text())["summary"]["0.5"]["tp"] == 5
+
+
+def test_segment_with_scribbles_and_spacing(nuclei, capsys):
+    tmp, gt = nuclei
+    scrib = np.zeros(gt.shape, np.uint8)
+    scrib[20, 18:23] = 2
+    scrib[70, 28:33] = 2
+    scrib[2, 2:40] = 1
+    tifffile.imwrite(tmp / "scrib.tif", scrib)
+    out = tmp / "lab.tif"
+    rc = main(
+        [
+            "segment",
+            str(tmp / "img.tif"),
+            "--scribbles",
+            str(tmp / "scrib.tif"),
+            "--spacing",
+            "0.5",
+            "0.5",
+            "--out",
+            str(out),
+            "--quiet",
+        ]  # fmt: skip
+    )
+    assert rc == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["mode"] == "scribbles" and info["spacing"] == [0.5, 0.5]
+    assert tifffile.imread(out).max() == 5
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--spacing", "1", "1", "1"], "--spacing"),
+        (["--out", "x.png"], "TIFF"),
+    ],
+)
+def test_segment_user_errors(nuclei, capsys, extra, message):
+    tmp, _ = nuclei
+    args = ["segment", str(tmp / "img.tif"), "--out", str(tmp / "o.tif"), "--quiet", *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_one_class_scribbles_is_a_clear_error(nuclei, capsys):
+    tmp, gt = nuclei
+    scrib = np.zeros(gt.shape, np.uint8)
+    scrib[2, 2:40] = 1
+    tifffile.imwrite(tmp / "scrib.tif", scrib)
+    rc = main(
+        ["segment", str(tmp / "img.tif"), "--scribbles", str(tmp / "scrib.tif"), "--out", str(tmp / "o.tif")]
+    )
+    assert rc == 2
+    assert "object" in capsys.readouterr().err
+
+
+def test_evaluate_without_common_files(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert main(["evaluate", "--pred", str(tmp_path / "a"), "--gt", str(tmp_path / "b")]) == 2
+    assert "no file names in common" in capsys.readouterr().err

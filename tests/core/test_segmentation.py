@@ -1,0 +1,237 @@
+"""Adaptive instance segmentation: 2D, 3D anisotropic, scribbles, tiling and bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.draw import disk, ellipsoid
+
+from napari_mae._progress import Cancelled
+from napari_mae.metrics import match_instances
+from napari_mae.segmentation import detect_polarity, estimate_object_radius, segment_instances
+
+
+def _disks(shape=(128, 128), radius=6, n=12, seed=0, touching=False):
+    """Bright disks (with texture and a background ramp) and their instance labels."""
+    rng = np.random.default_rng(seed)
+    gt = np.zeros(shape, np.int32)
+    k = 0
+    tries = 0
+    while k < n and tries < 1000:
+        tries += 1
+        c = rng.uniform(radius + 1, np.array(shape) - radius - 1)
+        rr, cc = disk(tuple(c), radius * rng.uniform(0.8, 1.2), shape=shape)
+        if gt[rr, cc].any() and not touching:
+            continue
+        k += 1
+        gt[rr, cc] = k
+    img = 0.1 + 0.05 * np.linspace(0, 1, shape[1])[None, :] + 0.6 * (gt > 0)
+    img = img + rng.normal(0, 0.03, shape)
+    return img.astype(np.float32), gt
+
+
+def _scribbles(gt, n=3):
+    s = np.zeros(gt.shape, np.uint8)
+    for i in range(1, n + 1):
+        idx = np.argwhere(gt == i)
+        c = idx.mean(0).round().astype(int)
+        s[c[0], c[1] - 1 : c[1] + 2] = 2
+    s[1, 1:20] = 1
+    s[-2, -20:-1] = 1
+    return s
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def test_2d_automatic_synthetic():
+    img, gt = _disks()
+    labels, info = segment_instances(img)
+    assert labels.dtype == np.uint32 and labels.shape == img.shape
+    assert info["n_objects"] == labels.max() == len(np.unique(labels)) - 1  # consecutive
+    assert match_instances(gt, labels)["accuracy"] >= 0.9
+    assert 4 <= info["radius"] <= 9  # true radius 6
+    for key in ("radius", "radius_px", "threshold", "n_objects", "bright_objects", "message"):
+        assert key in info
+
+
+def test_3d_anisotropic_radius_in_physical_units():
+    # Balls of radius 3 um sampled at 1.5 um in Z and 0.5 um in Y, X.
+    shape = (24, 64, 64)
+    gt = np.zeros(shape, np.int32)
+    ball = ellipsoid(2, 6, 6)[1:-1, 1:-1, 1:-1]  # semi-axes in voxels: 3 um / spacing
+    for k, (z, y, x) in enumerate([(6, 12, 12), (6, 40, 44), (16, 20, 44), (16, 48, 14)], start=1):
+        sl = tuple(slice(c - s // 2, c - s // 2 + s) for c, s in zip((z, y, x), ball.shape))
+        gt[sl][ball] = k
+    rng = np.random.default_rng(1)
+    img = (0.1 + 0.7 * (gt > 0) + rng.normal(0, 0.02, shape)).astype(np.float32)
+    labels, info = segment_instances(img, spacing=(1.5, 0.5, 0.5))
+    assert match_instances(gt, labels)["accuracy"] >= 0.75
+    assert 1.5 <= info["radius"] <= 4.5  # um
+    assert info["radius_px"][0] < info["radius_px"][1]  # fewer pixels along Z
+
+
+def test_scribble_mode_synthetic():
+    img, gt = _disks(seed=2)
+    labels, info = segment_instances(img, scribbles=_scribbles(gt))
+    assert info["mode"] == "scribbles"
+    assert match_instances(gt, labels)["accuracy"] >= 0.8
+
+
+def test_dark_objects_on_bright_background():
+    img, gt = _disks(seed=3)
+    labels, info = segment_instances(1.0 - img)
+    assert info["bright_objects"] is False
+    assert match_instances(gt, labels)["accuracy"] >= 0.9
+    assert detect_polarity(img) is True
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32, np.float64])
+def test_dtypes_same_result(dtype):
+    img, _ = _disks(seed=4)
+    u8 = np.clip(img * 255, 0, 255).astype(np.uint8)
+    ref, _ = segment_instances(u8)
+    scale = {np.uint8: 1, np.uint16: 250, np.int32: 1000, np.float32: 1 / 255, np.float64: 3.5}[dtype]
+    labels, _ = segment_instances((u8.astype(np.float64) * scale).astype(dtype))
+    assert match_instances(ref, labels, iou_threshold=0.95)["accuracy"] == 1.0
+
+
+def test_rgb_and_channel_axis():
+    img, gt = _disks(seed=5)
+    rgb = np.stack([img, img * 0.8, img * 0.5], axis=-1)
+    labels, _ = segment_instances(rgb)  # (Y, X, 3) recognised as RGB
+    assert labels.shape == img.shape
+    assert match_instances(gt, labels)["accuracy"] >= 0.9
+    multi = np.stack([img, 0.5 * img, np.full_like(img, 0.2)], axis=0)  # (C, Y, X)
+    labels, _ = segment_instances(multi, channel_axis=0)
+    assert match_instances(gt, labels)["accuracy"] >= 0.9
+
+
+def test_nan_ignored():
+    img, gt = _disks(seed=6)
+    img[10:20, 10:20] = np.nan
+    labels, _ = segment_instances(img)
+    assert (labels[10:20, 10:20] == 0).all()
+    assert match_instances(gt, labels)["accuracy"] >= 0.8
+
+
+@pytest.mark.parametrize(
+    "image",
+    [np.zeros((40, 40)), np.full((40, 40), 7, np.uint16), np.full((8, 20, 20), np.nan, np.float32)],
+)
+def test_constant_or_empty_gives_empty_labels(image):
+    labels, info = segment_instances(image)
+    assert labels.shape == image.shape and labels.max() == 0
+    assert info["n_objects"] == 0 and "constant" in info["message"]
+
+
+def test_thin_and_huge_objects_do_not_crash():
+    img = np.zeros((100, 100), np.float32)
+    img[50, 10:90] = 1.0  # 1-pixel-thin line
+    labels, info = segment_instances(img)
+    assert np.isfinite(info["radius"]) and info["radius"] > 0
+    big = np.zeros((100, 100), np.float32)
+    big[5:95, 5:95] = 1.0  # one object filling the image
+    labels, info = segment_instances(big)
+    assert info["n_objects"] >= 1
+
+
+def test_user_overrides_are_used():
+    img, _ = _disks(seed=7)
+    _, info = segment_instances(img, object_radius=5.0, threshold=0.2)
+    assert info["radius"] == 5.0 and info["threshold"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"scribbles": np.zeros((10, 10), np.uint8)}, "shape"),
+        ({"scribbles": np.pad(np.ones((2, 2), np.uint8), ((0, 126), (0, 126)))}, "background"),
+        ({"scribbles": np.pad(np.full((2, 2), 2, np.uint8), ((0, 126), (0, 126)))}, "background"),
+        ({"scribbles": np.full((128, 128), -1)}, "non-negative"),
+        ({"spacing": (1.0, 1.0, 1.0)}, "spacing"),
+        ({"spacing": (0.0, 1.0)}, "spacing"),
+        ({"object_radius": -2.0}, "object_radius"),
+        ({"tile_shape": (10,)}, "tile_shape"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    img, _ = _disks()
+    with pytest.raises(ValueError, match=match):
+        segment_instances(img, **kwargs)
+
+
+def test_progress_and_cancel():
+    img, _ = _disks()
+    calls = []
+    segment_instances(img, progress=lambda d, t, m: calls.append((d, t, m)))
+    assert calls and calls[-1][0] == calls[-1][1]
+
+    def stop(done, total, message):
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        segment_instances(img, progress=stop)
+
+
+def test_estimate_radius_of_disks():
+    img, _ = _disks(radius=10, shape=(200, 200), n=15, seed=8)
+    est = estimate_object_radius(img)
+    assert 7 <= est["radius"] <= 13
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def _read(path):
+    import tifffile
+
+    return tifffile.imread(path)
+
+
+def test_dsb_images_automatic_and_scribbles(shared_data):
+    folder = shared_data / "dsb2018_fluo_nuclei_2d"
+    names = sorted(p.name for p in (folder / "images").glob("*.tif"))[::17][:4]
+    tp = fp = fn = 0
+    for name in names:
+        img, gt = _read(folder / "images" / name), _read(folder / "labels" / name)
+        labels, info = segment_instances(img)
+        m = match_instances(gt, labels)
+        tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
+    assert tp / (tp + fp + fn) >= 0.6
+    # Scribbles inside three nuclei and on the background.
+    img, gt = _read(folder / "images" / names[0]), _read(folder / "labels" / names[0])
+    scrib = np.zeros(gt.shape, np.uint8)
+    for i in np.unique(gt)[1:4]:
+        y, x = np.argwhere(gt == i).mean(0).round().astype(int)
+        scrib[y, x - 1 : x + 2] = 2
+    bg = np.argwhere(gt == 0)
+    for y, x in bg[:: max(1, len(bg) // 5)][:5]:
+        scrib[y, x] = 1
+    labels, info = segment_instances(img, scribbles=scrib)
+    assert match_instances(gt, labels)["accuracy"] >= 0.5
+
+
+def test_3d_nuclei_volume_with_spacing(shared_data):
+    folder = shared_data / "arabidopsis_nuclei_3d"
+    img = _read(folder / "images" / "1135_mini.tif")
+    gt = _read(folder / "labels" / "1135_mini.tif")
+    labels, info = segment_instances(img, spacing=(0.2837, 0.1268, 0.1268))
+    assert match_instances(gt, labels)["accuracy"] >= 0.45
+    assert 0.5 <= info["radius"] <= 3.0  # um
+
+
+@pytest.mark.slow
+def test_tiled_stitching_matches_whole_image(shared_data):
+    """A real image tiled 2 x 2 (1040 x 1392) segmented in 16 tiles: objects cut by tile
+    borders get one label, and the result equals the untiled one."""
+    folder = shared_data / "dsb2018_fluo_nuclei_2d" / "images"
+    name = sorted(p.name for p in folder.glob("1c8b905c*.tif"))[0]
+    img = np.tile(_read(folder / name), (2, 2))
+    whole, info = segment_instances(img)
+    tiled, tinfo = segment_instances(
+        img, tile_shape=(300, 400), object_radius=info["radius"], threshold=info["threshold"]
+    )
+    assert tinfo["tiles"] == 16
+    m = match_instances(whole, tiled, iou_threshold=0.9)
+    assert m["accuracy"] >= 0.98
