@@ -138,3 +138,29 @@ def test_reconstruction_channels_and_time(viewer, add_widget, qtbot, notificatio
     assert out.data.shape == (2, 8, 64, 64)
     np.testing.assert_allclose(out.scale, (5, 2, 1, 1))
     assert viewer.layers["movie error"].data.shape == (2, 8, 64, 64)
+
+
+def test_reconstruction_awkward_inputs(viewer, add_widget, qtbot, notifications, tiny_checkpoints):
+    """NaN, singleton-axis, dask and multiscale images in one viewer."""
+    import dask.array as da
+
+    image, _ = small_nuclei_2d(64)
+    with_nan = image.astype(np.float32)
+    with_nan[:4, :4] = np.nan
+    inputs = {
+        "nan": (with_nan, {}),
+        "singleton": (image[None], {"scale": (3, 2, 2)}),
+        "dask": (da.from_array(image, chunks=32), {}),
+        "pyramid": ([image, image[::2, ::2]], {"multiscale": True}),
+    }
+    widget = add_widget("Reconstruction")
+    _use_checkpoint(widget, tiny_checkpoints["tiny-2d"])
+    for name, (data, kwargs) in inputs.items():
+        viewer.add_image(data, name=name, **kwargs)
+        widget.image.set_value(name)
+        widget.run()
+        wait_done(qtbot, widget)
+        assert not errors(notifications), (name, notifications)
+        assert viewer.layers[f"{name} reconstruction"].data.shape == (64, 64), name
+    assert np.isnan(viewer.layers["nan error"].data[:4, :4]).all()  # unknown where the input is
+    np.testing.assert_allclose(viewer.layers["singleton reconstruction"].scale, (2, 2))
