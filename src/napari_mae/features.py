@@ -217,6 +217,7 @@ def model_features(
     depths: Sequence[int] | None = None,
     scales: Sequence[float] = (1.0, 0.5),
     n_components: int = 24,
+    batch_size: int = 32,
     progress=None,
 ) -> np.ndarray:
     """MAE encoder features at several depths and input scales, on the pixel grid.
@@ -241,6 +242,8 @@ def model_features(
         Input zoom factors (1 = native).
     n_components : int
         PCA channels returned.
+    batch_size : int
+        Windows per forward pass.
 
     Returns
     -------
@@ -293,20 +296,31 @@ def model_features(
             pad += [0, (-n) % w]
         t = F.pad(t, pad, mode="reflect" if max(pad) < min(zs) else "replicate")
         grid = [n // w for n, w in zip(t.shape[2:], img_size)]
+        idxs = list(itertools.product(*[range(g) for g in grid]))
         outs = None
         with torch.no_grad():
-            for idx in itertools.product(*[range(g) for g in grid]):
-                sl = tuple(slice(i * w, (i + 1) * w) for i, w in zip(idx, img_size))
-                win = t[(slice(None), slice(None)) + sl].to(device)
-                feats = model.encoder_features(win, depths)
+            for b0 in range(0, len(idxs), batch_size):
+                chunk = idxs[b0 : b0 + batch_size]
+                wins = torch.cat(
+                    [
+                        t[
+                            (slice(None), slice(None))
+                            + tuple(slice(i * w, (i + 1) * w) for i, w in zip(idx, img_size))
+                        ]
+                        for idx in chunk
+                    ]  # fmt: skip
+                ).to(device)  # (B, C, *img_size)
+                feats = model.encoder_features(wins, depths)  # each (B, D, *tokens)
                 if outs is None:
                     tok = feats[0].shape[2:]
                     outs = [
                         torch.zeros((1, f.shape[1]) + tuple(g * k for g, k in zip(grid, tok))) for f in feats
                     ]
                 for o, f in zip(outs, feats):
-                    dst = tuple(slice(i * k, (i + 1) * k) for i, k in zip(idx, f.shape[2:]))
-                    o[(slice(None), slice(None)) + dst] = f.float().cpu()
+                    f = f.float().cpu()
+                    for bi, idx in enumerate(chunk):
+                        dst = tuple(slice(i * k, (i + 1) * k) for i, k in zip(idx, f.shape[2:]))
+                        o[(slice(None), slice(None)) + dst] = f[bi : bi + 1]
         n_parts = len(scales) * len(outs)
         k_part = max(1, n_components // n_parts)
         for o in outs:

@@ -577,7 +577,12 @@ def _scribble_probabilities(img, auto_fg, scrib, sp, r, model, progress):
         from napari_mae.model import load_model
 
         m = load_model(model) if not hasattr(model, "encoder_features") else model
-        feats = np.concatenate([feats, model_features(img[None], m, progress=progress)], axis=-1)
+        # Show the model objects at a size where one radius spans about one patch (its
+        # training scale for nuclei), and at half that; never upsampled.
+        patch = float(np.min(np.atleast_1d(m.config.patch_size)))
+        zoom = float(np.clip(patch / float(np.min(r / sp)), 0.25, 1.0))
+        mf = model_features(img[None], m, scales=(zoom, zoom / 2), progress=progress)
+        feats = np.concatenate([feats, mf], axis=-1)
 
     # Pseudo-labels from the automatic segmentation.
     auto = _instances(auto_fg, r, sp)
@@ -608,8 +613,8 @@ def _scribble_probabilities(img, auto_fg, scrib, sp, r, model, progress):
     target[near] = -1
     rng = np.random.default_rng(0)
     pseudo = np.flatnonzero(target.ravel() >= 0)
-    if pseudo.size > 20_000:
-        pseudo = rng.choice(pseudo, 20_000, replace=False)
+    if pseudo.size > 8_000:  # enough for a 3-class forest; fitting cost grows with it
+        pseudo = rng.choice(pseudo, 8_000, replace=False)
     s_idx = np.flatnonzero(scrib.ravel() > 0)
     s_lab = np.where(scrib.ravel()[s_idx] == 1, 0, 2)
     if s_idx.size > 20_000:
