@@ -142,6 +142,14 @@ class SegmentationWidget(JobWidget):
         self._watched = None
         self._rerun = False
         self.scribbles.currentIndexChanged.connect(self._watch_scribbles)
+        self.image.currentIndexChanged.connect(self._image_changed)
+        self._image_changed()
+
+    def _image_changed(self, *_) -> None:
+        layer = self.image.value()
+        if layer is not None:
+            spatial = layer.ndim - int(layer.ndim == 4)  # a 4D layer is (T, Z, Y, X)
+            self.model.set_default_for_dims(3 if spatial >= 3 and min(layer.data.shape[-3:]) > 6 else 2)
 
     # ----------------------------------------------------------------- scribbles
     def add_scribbles_layer(self) -> Labels | None:
