@@ -7,7 +7,8 @@ For each sample (2D fluorescence nuclei, 3D nuclei, abdominal CT) :func:`run_dem
    ``default-3d``) and scores them against the original (normalised RMSE over removed
    pixels, with the mean-fill baseline beside it),
 3. segments it: microscopy automatically and with scribbles simulated from the sample's
-   labels; the CT with scribbles on bone (vertebrae and ribs) and background,
+   labels (:func:`napari_mae.scribbles.simulate_scribbles`, the benchmark's simulation);
+   the CT with scribbles on bone (vertebrae and ribs) and soft tissue,
 4. scores each segmentation against the sample's ground truth (precision, recall, F1 and
    accuracy = TP / (TP + FP + FN) at IoU 0.5),
 5. fine-tunes ``default-2d`` for a short run on the 2D sample folder and records the loss.
@@ -29,34 +30,11 @@ import numpy as np
 from napari_mae._sample_data import sample_data_dir, sample_paths
 from napari_mae.io.readers import read_image
 
-#: TotalSegmentator ``total`` class ids treated as bone instances in the CT demo:
-#: sacrum and vertebrae (25-50) and ribs (92-115); ``class_map.json`` names them.
-CT_BONE_IDS = tuple(range(25, 51)) + tuple(range(92, 116))
-
 SAMPLES = {
     "nuclei_2d": {"model": "default-2d", "kind": "microscopy"},
     "nuclei_3d": {"model": "default-3d", "kind": "microscopy"},
     "ct_abdomen": {"model": "default-3d", "kind": "ct"},
 }
-
-
-def ct_bone_instances(labels: np.ndarray) -> np.ndarray:
-    """Keep only vertebra/sacrum and rib ids of a TotalSegmentator class map.
-
-    Parameters
-    ----------
-    labels : ndarray of int, shape (Z, Y, X)
-        TotalSegmentator ``total`` class ids.
-
-    Returns
-    -------
-    ndarray of uint32, same shape
-        Each bone its own consecutive id; everything else 0.
-    """
-    out = np.zeros(labels.shape, np.uint32)
-    for new_id, old_id in enumerate((i for i in CT_BONE_IDS if np.any(labels == i)), start=1):
-        out[labels == old_id] = new_id
-    return out
 
 
 def masked_nrmse(original: np.ndarray, estimate: np.ndarray, pixel_mask: np.ndarray) -> float:
@@ -79,7 +57,14 @@ def _middle(a: np.ndarray) -> np.ndarray:
     return a[a.shape[0] // 2] if a.ndim == 3 else a
 
 
-def save_figure(path: Path, title: str, panels: dict[str, np.ndarray], labels: np.ndarray) -> None:
+def save_figure(
+    path: Path,
+    title: str,
+    panels: dict[str, np.ndarray],
+    labels: np.ndarray,
+    *,
+    segmentation_title: str = "segmentation",
+) -> None:
     """Write original | masked | reconstruction | segmentation outline as one PNG.
 
     3D arrays are shown at their middle Z plane. ``panels`` maps titles to ``([Z,] Y, X)``
@@ -105,7 +90,7 @@ def save_figure(path: Path, title: str, panels: dict[str, np.ndarray], labels: n
     overlay = np.zeros((*edge.shape, 4), np.float32)
     overlay[edge] = (1.0, 0.85, 0.0, 1.0)
     ax.imshow(overlay, interpolation="nearest")
-    ax.set_title(f"segmentation ({int(len(np.unique(labels)) - 1)} objects)", fontsize=10)
+    ax.set_title(f"{segmentation_title} ({int(len(np.unique(labels)) - 1)} objects)", fontsize=10)
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle(title, fontsize=11)
@@ -186,7 +171,7 @@ def run_demo(
     from napari_mae.masking import make_mask
     from napari_mae.model import load_model
     from napari_mae.reconstruction import reconstruct
-    from napari_mae.scribbles import simulate_scribbles
+    from napari_mae.scribbles import ct_bone_labels, simulate_scribbles
 
     unknown = set(samples) - set(SAMPLES)
     if unknown:
@@ -233,11 +218,17 @@ def run_demo(
             f"(mean fill {entry['reconstruction']['nrmse_masked_mean_fill']:.3f}), {rec_seconds:.1f} s"
         )
 
-        gt_eval = ct_bone_instances(gt) if spec["kind"] == "ct" else gt
-        modes = ["scribbles"] if spec["kind"] == "ct" else ["auto", "scribbles"]
+        if spec["kind"] == "ct":
+            # A few strokes on 8 bones and 8 in the body's soft tissue (HU > -500), as in
+            # benchmarks/bench_segmentation.py, scored against the vertebrae and ribs.
+            gt_eval = ct_bone_labels(gt, image_path.parent / "class_map.json")
+            scribble_kw = {"n_objects": 8, "n_background": 8, "background_where": image > -500}
+            modes = ["scribbles"]
+        else:
+            gt_eval, scribble_kw, modes = gt, {}, ["auto", "scribbles"]
         shown = None
         for mode in modes:
-            scribbles = simulate_scribbles(gt_eval, seed=seed) if mode == "scribbles" else None
+            scribbles = simulate_scribbles(gt_eval, seed=seed, **scribble_kw) if mode == "scribbles" else None
             labels, info, scores = _segment_and_score(image, gt_eval, spacing, scribbles, None)
             tifffile.imwrite(out / f"{name}_labels_{mode}.tif", labels, compression="zlib")
             entry["segmentation"][mode] = {"scores": scores, "info": info}
@@ -247,12 +238,14 @@ def run_demo(
                 f"[{name}] segmentation ({mode}): {scores['n_pred']} objects for {scores['n_gt']}, "
                 f"F1@0.5 {scores['f1']:.3f}, accuracy@0.5 {scores['accuracy']:.3f}, {scores['seconds']:.1f} s"
             )
-            shown = labels
+            if shown is None:
+                shown = (mode, labels)
         save_figure(
             out / f"{name}.png",
             f"{name}: {spec['model']}, mask_ratio {mask_ratio}",
             {"original": image, "masked": masked, "reconstruction": rec.reconstruction},
-            shown,
+            shown[1],
+            segmentation_title=f"segmentation, {shown[0]}",
         )
         results["samples"][name] = entry
 
