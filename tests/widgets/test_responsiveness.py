@@ -99,3 +99,31 @@ def test_training_responsive_and_stops(viewer, add_widget, qtbot, notifications,
     assert gap < MAX_GAP_S, f"GUI thread blocked for {gap:.2f} s"
     assert widget.last_update.kind == "stopped"
     assert not errors(notifications)
+
+
+def test_segmenting_while_training(viewer, add_widget, qtbot, notifications, sample_data_dir, tmp_path):
+    """Jobs of different widgets run side by side (Qt's pool has one thread per core)."""
+    from widget_helpers import small_nuclei_2d, wait_done
+
+    training = add_widget("Training")
+    setup_training(
+        training,
+        crop_folder(sample_data_dir, tmp_path / "images"),
+        tmp_path / "run",
+        epochs=20,
+        crops_per_image=16,
+    )
+    training.run()
+    image, kwargs = small_nuclei_2d(128)
+    viewer.add_image(image, **kwargs)
+    masking = add_widget("Masking")
+    masking.run()
+    segmentation = add_widget("Segmentation")
+    segmentation.run()
+    wait_done(qtbot, masking)
+    wait_done(qtbot, segmentation)
+    assert training.busy  # still training while the others finished
+    training.stop()
+    wait_done(qtbot, training)
+    assert not errors(notifications), notifications
+    assert "nuclei 2D labels" in viewer.layers and "nuclei 2D masked" in viewer.layers

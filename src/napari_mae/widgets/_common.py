@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import QObject, Qt, QThreadPool, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QHBoxLayout,
@@ -119,7 +119,12 @@ class Job:
             self.worker.yielded.connect(lambda value: self.running and on_yielded(value))
 
     def start(self) -> Job:
-        """Start the worker thread."""
+        """Start the worker thread (now, even if other jobs fill Qt's thread pool)."""
+        pool = QThreadPool.globalInstance()
+        if pool.activeThreadCount() >= pool.maxThreadCount():
+            # The pool holds one thread per core: on 2 cores a long training run
+            # and a stopped job still finishing would queue any new job behind them.
+            pool.setMaxThreadCount(pool.activeThreadCount() + 1)
         self.worker.start()
         return self
 
