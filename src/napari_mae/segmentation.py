@@ -56,7 +56,11 @@ PARAMS = {
     "smooth": 0.12,  # Gaussian pre-smoothing sigma / r
     "background": 1.5,  # half side of the grey-opening box / r
     "gamma": 1.0,  # threshold on top-hat ** gamma (< 1 lifts dim objects)
-    "threshold_scale": 0.7,  # multiplies the Otsu threshold
+    "threshold_scale": 0.7,  # multiplies the Otsu threshold (2D)
+    # 3D: the axial point-spread function is 2-3x longer than the lateral one, so blur
+    # spreads each object over its neighbours; cut higher (measured: 0.55 -> 0.66 on the
+    # 3D dev volume, while 2D drops 0.64 -> 0.61 at this value).
+    "threshold_scale_3d": 0.85,
     "h": 0.1,  # h-maxima depth of distance-transform seeds / r
     "dist_smooth": 0.1,  # smoothing of the distance transform / r
     "min_size": 0.25,  # smallest object kept / expected object volume
@@ -529,9 +533,8 @@ def _auto_foreground(img: np.ndarray, r: float, sp: np.ndarray, threshold: float
     if PARAMS["gamma"] != 1.0:
         top = np.maximum(top, 0) ** PARAMS["gamma"]
     if threshold is None:
-        threshold = (
-            float(threshold_otsu(top)) * PARAMS["threshold_scale"] if np.ptp(top) > 0 else float("inf")
-        )
+        scale = PARAMS["threshold_scale_3d"] if img.ndim == 3 else PARAMS["threshold_scale"]
+        threshold = float(threshold_otsu(top)) * scale if np.ptp(top) > 0 else float("inf")
     return top, float(threshold)
 
 
