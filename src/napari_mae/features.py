@@ -120,6 +120,31 @@ def default_sigmas(spacing: Sequence[float] | None = None, ndim: int = 2) -> lis
     return [base * 2.0**k for k in range(5)]
 
 
+def _eigvals_sym3(h: list[np.ndarray]) -> np.ndarray:
+    """Eigenvalues of symmetric 3x3 matrices in closed form, descending.
+
+    ``h`` = (H00, H01, H02, H11, H12, H22), as for
+    :func:`skimage.feature.hessian_matrix_eigvals`, which calls LAPACK once per voxel
+    (``numpy.linalg.eigvalsh``) and took 1.5 s per scale on a 100^3 volume; the
+    trigonometric solution (O. K. Smith, "Eigenvalues of a symmetric 3 x 3 matrix",
+    Commun. ACM 4(4):168, 1961) is a few vectorised operations.
+    """
+    a00, a01, a02, a11, a12, a22 = (np.asarray(x, np.float64) for x in h)
+    q = (a00 + a11 + a22) / 3.0
+    p1 = a01**2 + a02**2 + a12**2
+    p2 = (a00 - q) ** 2 + (a11 - q) ** 2 + (a22 - q) ** 2 + 2.0 * p1
+    p = np.sqrt(p2 / 6.0)
+    safe = np.where(p > 1e-30, p, 1.0)
+    b00, b11, b22 = (a00 - q) / safe, (a11 - q) / safe, (a22 - q) / safe
+    b01, b02, b12 = a01 / safe, a02 / safe, a12 / safe
+    det = b00 * (b11 * b22 - b12**2) - b01 * (b01 * b22 - b12 * b02) + b02 * (b01 * b12 - b11 * b02)
+    phi = np.arccos(np.clip(det / 2.0, -1.0, 1.0)) / 3.0
+    e1 = q + 2.0 * p * np.cos(phi)
+    e3 = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
+    e2 = 3.0 * q - e1 - e3
+    return np.stack([e1, e2, e3]).astype(np.float32)
+
+
 def _filter_bank_block(x: np.ndarray, sigmas: Sequence[float], spacing: np.ndarray) -> np.ndarray:
     """Filter bank on one ``(C, *spatial)`` block -> ``(*spatial, n)`` float32.
 
@@ -145,7 +170,9 @@ def _filter_bank_block(x: np.ndarray, sigmas: Sequence[float], spacing: np.ndarr
             hess = []
             for i, j in itertools.combinations_with_replacement(range(ndim), 2):
                 hess.append(np.gradient(grads[i], spacing[j], axis=j) * sigma**2)
-            eig = hessian_matrix_eigvals(hess)  # (ndim, *spatial), descending
+            eig = (
+                _eigvals_sym3(hess) if ndim == 3 else hessian_matrix_eigvals(hess)
+            )  # (ndim, *spatial), descending
             out[..., k + 2] = eig.sum(axis=0)  # trace = scale-normalised Laplacian of Gaussian
             for e in range(ndim):
                 out[..., k + 3 + e] = eig[e]
