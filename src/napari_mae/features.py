@@ -359,7 +359,11 @@ def model_features(
             # same subspace as PCA after upsampling at a fraction of the memory and time.
             tok = o[0].reshape(o.shape[1], -1).T.numpy()  # (n_tokens, D)
             k = int(min(k_part, tok.shape[0], tok.shape[1]))
-            pca = PCA(n_components=k, random_state=0).fit(tok)
+            # Eigen-decomposition of the D x D covariance: tokens >> D, the fastest exact solver.
+            try:
+                pca = PCA(n_components=k, svd_solver="covariance_eigh").fit(tok)
+            except ValueError:  # scikit-learn < 1.5 has no covariance_eigh
+                pca = PCA(n_components=k, svd_solver="full").fit(tok)
             red = pca.transform(tok) / (np.sqrt(pca.explained_variance_[:k]) + 1e-6)
             red = torch.from_numpy(red.T.reshape((k,) + tuple(o.shape[2:])).astype(np.float32))[None]
             up = F.interpolate(red, size=list(shape), mode=mode, align_corners=False)[0]
