@@ -22,7 +22,8 @@ Rows, all in this process on the same images:
 * ``scribbles+model``: the same with MAE encoder features (``default-2d``/``default-3d``
   if bundled, else an untrained ``tiny-2d``/``tiny-3d`` preset; the row says which).
 
-Simulated scribbles (:func:`simulate_scribbles`): deterministic (seeded per image), one
+Simulated scribbles (:func:`napari_mae.scribbles.simulate_scribbles`, shared with the
+demo so that both score the same scribbles): deterministic (seeded per image), one
 short straight stroke inside each of about 5 objects and about 5 strokes in the
 background, at most 2 % of the pixels. Scores: dataset-level accuracy@0.5 =
 TP / (TP + FP + FN) and F1@0.5 (summed over images), and seconds per megapixel.
@@ -42,111 +43,15 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_mae.metrics import match_instances, summarize_matches
+from napari_mae.scribbles import ct_bone_labels, simulate_scribbles
 from napari_mae.segmentation import segment_instances
 
 ROOT = Path(__file__).resolve().parents[1]
-SPACING_3D = (0.2837, 0.1268, 0.1268)
 
 
 def data_dir() -> Path:
     env = os.environ.get("NAPARI_MAE_SHARED_DATA")
     return Path(env) if env else ROOT.parent / "shared" / "data"
-
-
-# --------------------------------------------------------------------------- scribbles
-
-
-def simulate_scribbles(
-    gt: np.ndarray,
-    *,
-    n_objects: int = 5,
-    n_background: int = 5,
-    seed: int = 0,
-    max_fraction: float = 0.02,
-    background_where: np.ndarray | None = None,
-) -> np.ndarray:
-    """Short strokes inside about ``n_objects`` objects (label 2) and in the background (1).
-
-    Each object stroke is a straight line through the object's innermost pixel along a
-    random direction, clipped to the object shrunk by one pixel (3D: in that pixel's Z
-    plane). Background strokes are lines of about two object diameters at random
-    background places at least 2 pixels from any object, clipped to the background. The
-    total is capped at ``max_fraction`` of the pixels (strokes are dropped from the end).
-    ``background_where`` (bool, ``gt.shape``) restricts where background strokes start
-    (CT: inside the body, as a user would scribble soft tissue rather than air).
-
-    Parameters
-    ----------
-    gt : ndarray of int, shape ``([Z,] Y, X)``
-        Instance ground truth.
-
-    Returns
-    -------
-    ndarray of uint8, shape ``gt.shape``
-    """
-    from skimage.draw import line
-
-    rng = np.random.default_rng(seed)
-    out = np.zeros(gt.shape, np.uint8)
-    ids = np.unique(gt)
-    ids = ids[ids > 0]
-    if ids.size == 0:
-        return out
-    sizes = ndi.sum(np.ones(gt.shape), gt, ids)
-    big = ids[sizes >= np.median(sizes) * 0.5]
-    chosen = rng.choice(big, size=min(n_objects, big.size), replace=False)
-    diam = (
-        2 * np.sqrt(np.median(sizes) / np.pi)
-        if gt.ndim == 2
-        else 2 * np.cbrt(np.median(sizes) * 3 / 4 / np.pi)
-    )
-    strokes = []
-    slices = ndi.find_objects(gt)
-    for obj in chosen:
-        sl = slices[obj - 1]
-        sub = ndi.binary_erosion(gt[sl] == obj)
-        if ndi.distance_transform_edt(sub).max() < 2:  # thin object (a rib): no erosion
-            sub = gt[sl] == obj
-        dist = ndi.distance_transform_edt(sub)
-        c = np.unravel_index(np.argmax(dist), sub.shape)
-        plane = sub[c[0]] if gt.ndim == 3 else sub
-        cy, cx = c[-2:]
-        theta = rng.uniform(0, np.pi)
-        half = max(1.0, dist.max() * 1.5)
-        y0, x0 = cy - half * np.sin(theta), cx - half * np.cos(theta)
-        y1, x1 = cy + half * np.sin(theta), cx + half * np.cos(theta)
-        rr, cc = line(int(round(y0)), int(round(x0)), int(round(y1)), int(round(x1)))
-        keep = (rr >= 0) & (rr < plane.shape[0]) & (cc >= 0) & (cc < plane.shape[1])
-        rr, cc = rr[keep], cc[keep]
-        keep = plane[rr, cc]
-        rr, cc = rr[keep] + sl[-2].start, cc[keep] + sl[-1].start
-        idx = (np.full(rr.shape, c[0] + sl[0].start), rr, cc) if gt.ndim == 3 else (rr, cc)
-        strokes.append((idx, 2))
-    bg_ok = ~ndi.binary_dilation(gt > 0, iterations=2)
-    cand = np.flatnonzero(bg_ok if background_where is None else bg_ok & background_where)
-    for _ in range(n_background if cand.size else 0):
-        p = np.unravel_index(rng.choice(cand), gt.shape)
-        theta = rng.uniform(0, np.pi)
-        half = diam
-        cy, cx = p[-2:]
-        rr, cc = line(
-            int(round(cy - half * np.sin(theta))),
-            int(round(cx - half * np.cos(theta))),
-            int(round(cy + half * np.sin(theta))),
-            int(round(cx + half * np.cos(theta))),
-        )
-        keep = (rr >= 0) & (rr < gt.shape[-2]) & (cc >= 0) & (cc < gt.shape[-1])
-        rr, cc = rr[keep], cc[keep]
-        idx = (np.full(rr.shape, p[0]), rr, cc) if gt.ndim == 3 else (rr, cc)
-        keep = bg_ok[idx]
-        idx = tuple(i[keep] for i in idx)
-        strokes.append((idx, 1))
-    budget = int(max_fraction * gt.size)
-    for idx, value in strokes:
-        if np.count_nonzero(out) + idx[0].size > budget:
-            continue
-        out[idx] = value
-    return out
 
 
 # --------------------------------------------------------------------------- baselines
@@ -201,6 +106,7 @@ def _model_spec(ndim: int):
 def run_set(items, modes, spacing=None, ndim=2, log=print):
     """Score every mode on ``items`` = list of (name, image, gt); return {mode: summary}."""
     results = {m: [] for m in modes}
+    names = [name for name, _, _ in items]
     seconds = dict.fromkeys(modes, 0.0)
     pixels = 0
     model = model_name = None
@@ -229,6 +135,7 @@ def run_set(items, modes, spacing=None, ndim=2, log=print):
     for mode in modes:
         s = summarize_matches(results[mode])
         s["s_per_mpix"] = seconds[mode] / (pixels / 1e6)
+        s["per_image"] = dict(zip(names, results[mode]))  # comparable with the demo's metrics.json
         out[mode] = s
     if model_name:
         out["scribbles+model"]["model"] = model_name
@@ -246,10 +153,13 @@ def load_dsb(root: Path, every: int):
 
 
 def load_3d(root: Path):
-    import tifffile
+    """The 3D nuclei volume, its labels and the voxel spacing read from the file (um)."""
+    from napari_mae.io.readers import read_image
 
     f = root / "arabidopsis_nuclei_3d" / "images" / "1135_mini.tif"
-    return [(f.stem, tifffile.imread(f), tifffile.imread(root / "arabidopsis_nuclei_3d" / "labels" / f.name))]
+    image, spacing, _ = read_image(f)
+    labels, _, _ = read_image(root / "arabidopsis_nuclei_3d" / "labels" / f.name)
+    return [(f.stem, image, labels)], spacing
 
 
 def run_ct(root: Path, log=print) -> dict:
@@ -262,9 +172,7 @@ def run_ct(root: Path, log=print) -> dict:
     folder = root / "totalsegmentator_ct_mr_3d"
     image, spacing, _ = read_image(folder / "images" / "example_ct_sm.nii.gz")
     ref, _, _ = read_image(folder / "labels" / "example_ct_sm.nii.gz")
-    names = json.loads((folder / "class_map.json").read_text())["total"]
-    bone_ids = [int(k) for k, v in names.items() if v.startswith(("vertebrae_", "rib_"))]
-    gt = np.where(np.isin(ref, bone_ids), ref, 0).astype(np.int32)
+    gt = ct_bone_labels(ref, folder / "class_map.json")
     scrib = simulate_scribbles(gt, seed=0, n_objects=8, n_background=8, background_where=image > -500)
     t0 = time.perf_counter()
     pred, info = segment_instances(image, scribbles=scrib, spacing=spacing)
@@ -302,7 +210,8 @@ def main(argv=None) -> int:
     if not args.no_2d:
         sets.append(("DSB 2D", load_dsb(root, args.every), None, 2))
     if not args.no_3d:
-        sets.append(("nuclei 3D", load_3d(root), SPACING_3D, 3))
+        items_3d, spacing_3d = load_3d(root)
+        sets.append(("nuclei 3D", items_3d, spacing_3d, 3))
     for set_name, items, spacing, ndim in sets:
         res = run_set(items, args.modes, spacing=spacing, ndim=ndim)
         all_results[set_name] = res
