@@ -16,13 +16,7 @@ MICRO = MAEConfig(img_size=(32, 32), patch_size=(8, 8), embed_dim=32, depth=1, n
                   decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, name="micro")  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These models are tiny: extra threads only add contention on shared CI runners."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Touch:

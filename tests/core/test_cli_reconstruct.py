@@ -17,13 +17,7 @@ SAMPLE_2D = "nuclei_2d/images/10ba6cbee4873b32.tif"
 SAMPLE_3D = "nuclei_3d/image.tif"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These models are tiny: extra threads only add contention on shared CI runners."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _trained_checkpoint(path, preset, image):

@@ -19,13 +19,7 @@ MICRO_3D = MAEConfig(img_size=(8, 32, 32), patch_size=(2, 8, 8), embed_dim=36, d
                      decoder_embed_dim=18, decoder_depth=1, decoder_num_heads=2)  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These models are tiny: extra threads only add contention on shared CI runners."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ MICRO_3D = MAEConfig(img_size=(8, 32, 32), patch_size=(2, 8, 8), embed_dim=36, d
 SENTINEL = -5.0  # what the oracle predicts for removed patches, in normalised units
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These models are tiny: extra threads only add contention on shared CI runners."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Oracle(MaskedAutoencoder):
