@@ -145,21 +145,31 @@ def _eigvals_sym3(h: list[np.ndarray]) -> np.ndarray:
     return np.stack([e1, e2, e3]).astype(np.float32)
 
 
-def _filter_bank_block(x: np.ndarray, sigmas: Sequence[float], spacing: np.ndarray) -> np.ndarray:
+def _filter_bank_block(
+    x: np.ndarray, sigmas: Sequence[float], spacing: np.ndarray, progress=None
+) -> np.ndarray:
     """Filter bank on one ``(C, *spatial)`` block -> ``(*spatial, n)`` float32.
 
     One Gaussian per channel and scale; derivatives by central differences of the
     smoothed image (``np.gradient``), as :func:`skimage.feature.hessian_matrix` does with
     ``use_gaussian_derivatives=False`` - six times cheaper than one Gaussian-derivative
     filter per derivative, and the same to within the smoothing.
+
+    ``progress(done, total, message)`` is called three times per channel and scale (a
+    scale of a 100^3 volume takes about a second), so a caller can stop between.
     """
+    from napari_mae._progress import report
+
     ndim = x.ndim - 1
+    steps = 3 * x.shape[0] * len(sigmas)
+    step = 0
     n_feat = x.shape[0] * len(sigmas) * (3 + ndim)
     out = np.empty(x.shape[1:] + (n_feat,), np.float32)
     k = 0
     for c in range(x.shape[0]):
         img = x[c]
         for sigma in sigmas:
+            report(progress, step, steps, "features")
             smooth = ndi.gaussian_filter(img, _pixel_sigmas(sigma, spacing), mode="reflect")
             out[..., k] = smooth
             # Scale-normalised derivatives (x sigma per order, Lindeberg 1998) in physical units.
@@ -167,16 +177,26 @@ def _filter_bank_block(x: np.ndarray, sigmas: Sequence[float], spacing: np.ndarr
             if ndim == 1:  # pragma: no cover - np.gradient returns an array, not a list
                 grads = [grads]
             out[..., k + 1] = np.sqrt(sum(g * g for g in grads)) * sigma
+            report(progress, step + 1, steps, "features")
             hess = []
             for i, j in itertools.combinations_with_replacement(range(ndim), 2):
                 hess.append(np.gradient(grads[i], spacing[j], axis=j) * sigma**2)
-            eig = (
-                _eigvals_sym3(hess) if ndim == 3 else hessian_matrix_eigvals(hess)
-            )  # (ndim, *spatial), descending
+            report(progress, step + 2, steps, "features")
+            if ndim == 3:
+                # Per voxel, so computed in slabs along Z with a report after each.
+                eig = np.empty((3,) + img.shape, np.float32)  # (ndim, *spatial), descending
+                bounds = np.linspace(0, img.shape[0], 4).astype(int)
+                for z0, z1 in itertools.pairwise(bounds):
+                    eig[:, z0:z1] = _eigvals_sym3([hh[z0:z1] for hh in hess])
+                    report(progress, step + 2, steps, "features")
+            else:
+                eig = hessian_matrix_eigvals(hess)  # (ndim, *spatial), descending
             out[..., k + 2] = eig.sum(axis=0)  # trace = scale-normalised Laplacian of Gaussian
             for e in range(ndim):
                 out[..., k + 3 + e] = eig[e]
             k += 3 + ndim
+            step += 3
+    report(progress, steps, steps, "features")
     return out
 
 
@@ -210,6 +230,9 @@ def filter_bank(
         Scales in physical units of ``spacing`` (pixels if ``spacing`` is None).
     spacing : sequence of float or None
         Pixel size per spatial axis.
+    progress : callable or None
+        ``progress(done, total, message)``, several calls per scale and tile; raise
+        :class:`napari_mae._progress.Cancelled` from it to stop.
 
     Returns
     -------
@@ -224,16 +247,18 @@ def filter_bank(
     n_feat = x.shape[0] * len(sigmas) * (3 + ndim)
     shape = x.shape[1:]
     if int(np.prod(shape)) <= _TILE_VOXELS:
-        return _filter_bank_block(x, sigmas, spacing)
+        return _filter_bank_block(x, sigmas, spacing, progress)
     out = np.empty(shape + (n_feat,), np.float32)
     margin = [int(math.ceil(4 * max(sigmas) / s)) + 1 for s in spacing]
     side = int(round(_TILE_VOXELS ** (1.0 / ndim)))
     block = [min(n, side) for n in shape]
     blocks = list(_blocks(shape, block, margin))
     for k, (outer, inner, dst) in enumerate(blocks):
-        report(progress, k, len(blocks), "features")
-        out[dst] = _filter_bank_block(x[(slice(None),) + outer], sigmas, spacing)[inner]
-    report(progress, len(blocks), len(blocks), "features")
+
+        def block_progress(done, total, message, k=k):
+            report(progress, k * total + done, len(blocks) * total, message)
+
+        out[dst] = _filter_bank_block(x[(slice(None),) + outer], sigmas, spacing, block_progress)[inner]
     return out
 
 

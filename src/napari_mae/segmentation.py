@@ -49,6 +49,8 @@ __all__ = [
     "detect_polarity",
 ]
 
+_PREDICT_ROWS = 2**17  # forest predictions per chunk (a progress report, i.e. a chance to stop, each)
+_TREES_PER_FIT = 4  # trees added per warm-started fit (identical forest, progress between)
 _BLOCK_VOXELS = 2**23  # segment in tiles above ~8 M voxels (2896^2 or 203^3)
 
 # Lengths as fractions of the estimated object radius, tuned on the dev data (see
@@ -118,6 +120,26 @@ def detect_polarity(image: np.ndarray) -> bool:
     return bool(mode - lo <= hi - mode)
 
 
+# --------------------------------------------------------------------------- progress
+
+
+def _sub_progress(progress: ProgressCallback | None, lo: float, hi: float, total: int = 1000):
+    """A callback mapping a step's own ``(done, total)`` onto ``[lo, hi]`` of ``total``.
+
+    Every long step reports through one of these, so that a caller that cancels from the
+    callback (the widget's Stop) is heard within a fraction of a second while the overall
+    ``done / total`` keeps rising.
+    """
+    if progress is None:
+        return None
+
+    def sub(done: int, sub_total: int, message: str = "") -> None:
+        frac = min(max(done / sub_total, 0.0), 1.0) if sub_total > 0 else 0.0
+        report(progress, int(lo + (hi - lo) * frac), total, message)
+
+    return sub
+
+
 # --------------------------------------------------------------------------- size
 
 
@@ -139,6 +161,7 @@ def estimate_object_radius(
     spacing: Sequence[float] | None = None,
     *,
     foreground: np.ndarray | None = None,
+    progress: ProgressCallback | None = None,
 ) -> dict:
     """Estimate the typical object radius of a bright-on-dark image.
 
@@ -161,6 +184,9 @@ def estimate_object_radius(
         Physical pixel size per axis (pixels if None).
     foreground : ndarray of bool or None
         First-pass foreground; default Otsu of the image smoothed by one pixel.
+    progress : callable or None
+        ``progress(done, total, message)``, called once per scale; raise
+        :class:`napari_mae._progress.Cancelled` from it to stop.
 
     Returns
     -------
@@ -205,6 +231,7 @@ def estimate_object_radius(
     grids = np.meshgrid(*freqs, indexing="ij", sparse=True)
     inner = tuple(slice(p, p + n) for p, n in zip(pads, img.shape))
     for k, r in enumerate(radii):
+        report(progress, k, len(radii) + 1, "estimating object size")
         sig = r / math.sqrt(ndim)
         s_px = np.maximum(sig / spi, 0.5)
         gauss = np.exp(-0.5 * sum((2 * np.pi * f * sp_) ** 2 for f, sp_ in zip(grids, s_px)))
@@ -230,6 +257,7 @@ def estimate_object_radius(
         # at the finest scale, or densely packed objects): leave it to the foreground.
         if 0 < k_med < len(radii) - 1:
             r_log = float(radii[k_med]) * 0.87
+    report(progress, len(radii), len(radii) + 1, "estimating object size")
     if foreground is None:
         sm = ndi.gaussian_filter(img, 1.0)
         fg = sm > threshold_otsu(sm) if np.ptp(sm) > 0 else np.zeros(img.shape, bool)
@@ -268,7 +296,7 @@ def _box_size(r: float, factor: float, spacing: np.ndarray, shape) -> tuple[int,
     return tuple(int(min(n, max(3, 2 * round(factor * r / s) + 1))) for s, n in zip(spacing, shape))
 
 
-def _background(img: np.ndarray, r: float, spacing: np.ndarray) -> np.ndarray:
+def _background(img: np.ndarray, r: float, spacing: np.ndarray, progress=None) -> np.ndarray:
     """Grey opening with a box of ``2 * PARAMS["background"]`` (3) object radii: the
     background under the objects.
 
@@ -278,7 +306,10 @@ def _background(img: np.ndarray, r: float, spacing: np.ndarray) -> np.ndarray:
     for a background that varies slowly.
     """
     size = _box_size(r, PARAMS["background"], spacing, img.shape)
-    return ndi.grey_opening(img, size=size)
+    # ndi.grey_opening is exactly this pair; split so that a caller may stop between.
+    low = ndi.grey_erosion(img, size=size)
+    report(progress, 1, 2, "background")
+    return ndi.grey_dilation(low, size=size)
 
 
 def _smooth(img: np.ndarray, r: float, spacing: np.ndarray) -> np.ndarray:
@@ -298,9 +329,10 @@ def _instances(
     intensity: np.ndarray | None = None,
     h_factor: float | None = None,
     min_frac: float | None = None,
+    progress: ProgressCallback | None = None,
 ) -> np.ndarray:
     """Seeded watershed of the spacing-aware distance transform inside ``fg``."""
-    from skimage.morphology import h_maxima, remove_small_objects
+    from skimage.morphology import remove_small_objects
     from skimage.segmentation import watershed
 
     h_factor = PARAMS["h"] if h_factor is None else h_factor
@@ -308,11 +340,16 @@ def _instances(
     ndim = fg.ndim
     vol_px = (4.0 / 3.0 * math.pi if ndim == 3 else math.pi) * r**ndim / float(np.prod(spacing))
     min_size = max(2, int(min_frac * vol_px))
+    msg = "separating objects"
+    report(progress, 0, 8, msg)
     fg = ndi.binary_fill_holes(fg)
+    report(progress, 1, 8, msg)
     fg = remove_small_objects(fg, max_size=min_size)
     if not fg.any():
         return np.zeros(fg.shape, np.uint32)
+    report(progress, 2, 8, msg)
     dist = ndi.distance_transform_edt(fg, sampling=spacing)
+    report(progress, 3, 8, msg)
     dist = ndi.gaussian_filter(dist, np.maximum(PARAMS["dist_smooth"] * r / spacing, 0.5))
     land = dist
     if intensity is not None and PARAMS["intensity"] > 0:
@@ -323,9 +360,12 @@ def _instances(
     if boundary is not None:
         land = dist * (1.0 - boundary)
     h = max(h_factor * r, 0.5 * spacing.min())
-    seeds = h_maxima(land, h)
+    report(progress, 4, 8, msg)
+    seeds = _h_maxima(land, h, _sub_progress(progress, 500, 625))
+    report(progress, 5, 8, msg)
     markers, _ = ndi.label(seeds & fg)
     labels = watershed(-land, markers, mask=fg)
+    report(progress, 7, 8, msg)
     # Drop fragments, fill holes per object, relabel consecutively.
     areas = np.bincount(labels.ravel())
     small = areas < min_size
@@ -334,14 +374,67 @@ def _instances(
     return _relabel(labels)
 
 
+def _h_maxima(image: np.ndarray, h: float, progress: ProgressCallback | None = None) -> np.ndarray:
+    """:func:`skimage.morphology.h_maxima` of a float image, with progress between its steps.
+
+    The same computation as scikit-image's (reconstruction by dilation of ``image - h``
+    under ``image``, the algorithm of :func:`skimage.morphology.reconstruction`: sort,
+    rank, then one pass over a linked list), split so that a caller can stop between the
+    steps, each a fraction of the whole (the whole took ~1 s on a 100^3 volume). Falls back
+    to scikit-image's function where its private helpers are not found.
+    """
+    try:
+        from skimage.filters._rank_order import rank_order
+        from skimage.morphology._grayreconstruct import reconstruction_loop
+    except ImportError:  # pragma: no cover - other scikit-image layouts
+        from skimage.morphology import h_maxima
+
+        return h_maxima(image, h)
+    image = np.asarray(image, np.float64)
+    if h > np.ptp(image):
+        return np.zeros(image.shape, np.uint8)
+    seed = image - h - 2 * np.finfo(image.dtype).resolution * np.abs(image)
+    ndim = image.ndim
+    footprint = np.ones((3,) * ndim, bool)
+    footprint[(1,) * ndim] = False
+    dims = (2,) + tuple(n + 2 for n in image.shape)
+    inside = tuple(slice(1, 1 + n) for n in image.shape)
+    images = np.full(dims, np.min(seed), np.float64)
+    images[(0, *inside)] = seed
+    images[(1, *inside)] = image
+    isize = images.size
+    signed = np.result_type(np.min_scalar_type(-isize), np.int32)
+    unsigned = np.dtype(signed.char.upper())
+    value_stride = np.array(images.strides[1:]) // images.dtype.itemsize
+    image_stride = images.strides[0] // images.dtype.itemsize
+    offsets = np.mgrid[(slice(-1, 2),) * ndim][:, footprint].T
+    nb_strides = np.array([np.sum(value_stride * o) for o in offsets], signed)
+    images = images.reshape(-1)
+    report(progress, 1, 5, "seeds")
+    index_sorted = np.argsort(images).astype(signed, copy=False)[::-1]
+    prev = np.full(isize, -1, signed)
+    nxt = np.full(isize, -1, signed)
+    prev[index_sorted[1:]] = index_sorted[:-1]
+    nxt[index_sorted[:-1]] = index_sorted[1:]
+    report(progress, 2, 5, "seeds")
+    value_rank, value_map = rank_order(images)
+    report(progress, 3, 5, "seeds")
+    value_rank = value_rank.astype(unsigned, copy=False)
+    reconstruction_loop(value_rank, prev, nxt, nb_strides, index_sorted[0], image_stride)
+    report(progress, 4, 5, "seeds")
+    rec = value_map[value_rank[:image_stride]].reshape(dims[1:])[inside]
+    return ((image - rec) >= h).astype(np.uint8)
+
+
 def _relabel(labels: np.ndarray) -> np.ndarray:
     from skimage.segmentation import relabel_sequential
 
     return relabel_sequential(labels.astype(np.uint32, copy=False))[0].astype(np.uint32)
 
 
-def _fill_holes_per_label(labels: np.ndarray) -> np.ndarray:
+def _fill_holes_per_label(labels: np.ndarray, progress: ProgressCallback | None = None) -> np.ndarray:
     holes = ndi.binary_fill_holes(labels > 0) & (labels == 0)
+    report(progress, 1, 2, "filling holes")
     if holes.any():
         # Holes take the label of the nearest object (all holes are enclosed by objects).
         idx = ndi.distance_transform_edt(labels == 0, return_distances=False, return_indices=True)
@@ -483,7 +576,7 @@ def segment_instances(
             message="image is constant or empty: no objects",
         )
         return empty, info
-    report(progress, 0, 4, "preparing")
+    report(progress, 0, 100, "preparing")
     img = _to_single_channel(x, rgb)
     del x
     if bright_objects is None and scrib is not None:
@@ -496,9 +589,9 @@ def segment_instances(
     img = img.astype(np.float32, copy=False)
     info["bright_objects"] = bool(bright_objects)
 
-    report(progress, 1, 4, "estimating object size")
+    report(progress, 2, 100, "estimating object size")
     if object_radius is None:
-        est = estimate_object_radius(img, sp)
+        est = estimate_object_radius(img, sp, progress=_sub_progress(progress, 2, 20, 100))
     else:
         r = float(object_radius)
         est = {"radius": r, "radius_px": tuple(r / s for s in sp), "radius_log": float("nan"),
@@ -509,10 +602,14 @@ def segment_instances(
     if tile_shape is not None and len(tile_shape) != ndim:
         raise ValueError(f"tile_shape must have {ndim} values, got {tuple(tile_shape)}")
     if img.size > _BLOCK_VOXELS or tile_shape is not None:
-        labels, thr, info["tiles"] = _segment_tiled(img, sp, r, threshold, scrib, model, progress, tile_shape)
+        labels, thr, info["tiles"] = _segment_tiled(
+            img, sp, r, threshold, scrib, model, _sub_progress(progress, 20, 99, 100), tile_shape
+        )
     else:
         refine = object_radius is None
-        labels, thr, r_used = _segment_block(img, sp, r, threshold, scrib, model, progress, refine)
+        labels, thr, r_used = _segment_block(
+            img, sp, r, threshold, scrib, model, _sub_progress(progress, 20, 99, 100), refine
+        )
         if r_used != r:
             info.update(radius_auto=r, radius=r_used, radius_px=tuple(r_used / s for s in sp))
     if invalid.any():
@@ -522,16 +619,19 @@ def segment_instances(
     info["n_objects"] = int(labels.max())
     if info["n_objects"] == 0 and not info["message"]:
         info["message"] = "no object above the threshold"
-    report(progress, 4, 4, "done")
+    report(progress, 100, 100, "done")
     return labels, info
 
 
-def _auto_foreground(img: np.ndarray, r: float, sp: np.ndarray, threshold: float | None):
+def _auto_foreground(img: np.ndarray, r: float, sp: np.ndarray, threshold: float | None, progress=None):
     """Background-subtracted, smoothed image and its Otsu (or given) threshold."""
     from skimage.filters import threshold_otsu
 
+    report(progress, 0, 4, "foreground")
     sm = _smooth(img, r, sp)
-    top = sm - _background(sm, r, sp)
+    report(progress, 1, 4, "foreground")
+    top = sm - _background(sm, r, sp, _sub_progress(progress, 250, 750))
+    report(progress, 3, 4, "foreground")
     if PARAMS["gamma"] != 1.0:
         top = np.maximum(top, 0) ** PARAMS["gamma"]
     if threshold is None:
@@ -541,13 +641,20 @@ def _auto_foreground(img: np.ndarray, r: float, sp: np.ndarray, threshold: float
 
 
 def _segment_block(img, sp, r, threshold, scrib, model, progress, refine_radius=False):
-    """Segment one block; return (labels, threshold used, radius used)."""
-    top, thr = _auto_foreground(img, r, sp, threshold if scrib is None else None)
+    """Segment one block; return (labels, threshold used, radius used).
+
+    ``progress`` gets ``(done, 1000, message)`` (see :func:`_sub_progress`).
+    """
+    a, b = (150, 700) if scrib is not None else (250, 250)  # progress: foreground, classifier
+    top, thr = _auto_foreground(
+        img, r, sp, threshold if scrib is None else None, _sub_progress(progress, 0, a)
+    )
     fg = top > thr
-    report(progress, 2, 4, "foreground")
     boundary = None
     if scrib is not None:
-        prob_obj, boundary = _scribble_probabilities(img, fg, scrib, sp, r, model, progress)
+        prob_obj, boundary = _scribble_probabilities(
+            img, fg, scrib, sp, r, model, _sub_progress(progress, a, b)
+        )
         thr = 0.5 if threshold is None else float(threshold)
         fg = prob_obj > thr
         if refine_radius and fg.any():
@@ -557,9 +664,12 @@ def _segment_block(img, sp, r, threshold, scrib, model, progress, refine_radius=
             ok = m >= 1.5 * sp.min()
             if ok.any():
                 r = float(np.median(np.minimum(r_eq, 2 * m)[ok]))
-    report(progress, 3, 4, "separating objects")
-    labels = _instances(fg, r, sp, boundary=boundary, intensity=top if scrib is None else None)
-    labels = _fill_holes_per_label(labels)
+    report(progress, b, 1000, "separating objects")
+    labels = _instances(
+        fg, r, sp, boundary=boundary, intensity=top if scrib is None else None,
+        progress=_sub_progress(progress, b, 970),
+    )  # fmt: skip
+    labels = _fill_holes_per_label(labels, _sub_progress(progress, 970, 1000))
     return labels, thr, r
 
 
@@ -576,7 +686,7 @@ def _scribble_probabilities(img, auto_fg, scrib, sp, r, model, progress):
 
     sigmas = [r * f for f in (0.125, 0.25, 0.5, 1.0, 2.0)]
     sigmas = [max(s, 0.5 * sp.min()) for s in sigmas]
-    feats = filter_bank(img[None], sigmas, sp, progress=progress)
+    feats = filter_bank(img[None], sigmas, sp, progress=_sub_progress(progress, 0, 400))
     if model is not None:
         from napari_mae.features import model_features
         from napari_mae.model import load_model
@@ -586,11 +696,11 @@ def _scribble_probabilities(img, auto_fg, scrib, sp, r, model, progress):
         # training scale for nuclei), and at half that; never upsampled.
         patch = float(np.min(np.atleast_1d(m.config.patch_size)))
         zoom = float(np.clip(patch / float(np.min(r / sp)), 0.25, 1.0))
-        mf = model_features(img[None], m, scales=(zoom, zoom / 2), progress=progress)
+        mf = model_features(img[None], m, scales=(zoom, zoom / 2), progress=_sub_progress(progress, 400, 500))
         feats = np.concatenate([feats, mf], axis=-1)
 
     # Pseudo-labels from the automatic segmentation.
-    auto = _instances(auto_fg, r, sp)
+    auto = _instances(auto_fg, r, sp, progress=_sub_progress(progress, 500, 650))
     bad = np.unique(auto[scrib == 1])
     bad = bad[bad > 0]
     if auto.max():
@@ -631,12 +741,22 @@ def _scribble_probabilities(img, auto_fg, scrib, sp, r, model, progress):
         [np.ones(pseudo.size), np.full(s_idx.size, max(1.0, pseudo.size / max(1, s_idx.size)))]
     )
     flat = feats.reshape(-1, feats.shape[-1])
-    clf = RandomForestClassifier(n_estimators=24, max_depth=10, min_samples_leaf=2, n_jobs=-1, random_state=0)
-    clf.fit(flat[idx], y, sample_weight=w)
+    n_trees = 24
+    clf = RandomForestClassifier(
+        n_estimators=0, max_depth=10, min_samples_leaf=2, n_jobs=-1, random_state=0, warm_start=True
+    )
+    x_fit = flat[idx]
+    # A few trees at a time: warm start draws the same per-tree seeds as one fit of all
+    # trees (scikit-learn skips the seeds of the trees it has), so the forest is identical.
+    for n in range(_TREES_PER_FIT, n_trees + 1, _TREES_PER_FIT):
+        report(progress, 650 + 100 * (n - _TREES_PER_FIT) // n_trees, 1000, "fitting the classifier")
+        clf.set_params(n_estimators=n)
+        clf.fit(x_fit, y, sample_weight=w)
     classes = list(clf.classes_)
     proba = np.zeros((flat.shape[0], 3), np.float32)
-    chunk = 1_000_000
+    chunk = _PREDICT_ROWS
     for st in range(0, flat.shape[0], chunk):
+        report(progress, 750 + 250 * st // flat.shape[0], 1000, "predicting")
         p = clf.predict_proba(flat[st : st + chunk])
         for j, c in enumerate(classes):
             proba[st : st + chunk, c] = p[:, j]
@@ -688,10 +808,11 @@ def _segment_tiled(img, sp, r, threshold, scrib, model, progress, tile_shape=Non
     thr_used = threshold
     for k, (outer, inner) in enumerate(tiles):
         report(progress, k, len(tiles), "segmenting tiles")
+        tile_progress = _sub_progress(progress, k, k + 1, len(tiles))
         s_t = None if scrib is None else scrib[outer]
         if s_t is not None and not ((s_t == 1).any() and (s_t >= 2).any()):
             s_t = None  # a tile without both kinds of strokes falls back to the automatic rule
-        lab, thr_used, _ = _segment_block(img[outer], sp, r, threshold, s_t, model, None)
+        lab, thr_used, _ = _segment_block(img[outer], sp, r, threshold, s_t, model, tile_progress)
         if lab.max() == 0:
             continue
         n = int(lab.max())

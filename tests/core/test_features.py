@@ -90,3 +90,21 @@ def test_model_features_appended():
     assert f.shape[:2] == (70, 90)
     assert f.shape[2] > 5
     assert np.isfinite(f).all()
+
+
+@pytest.mark.parametrize("shape", [(40, 50), (12, 20, 24)])
+def test_filter_bank_reports_within_each_scale(shape, monkeypatch):
+    """Several progress reports per scale (the widget's Stop is heard only there), the
+    same features with and without a callback, and tiles reported on one scale."""
+    x = np.random.default_rng(0).random((1, *shape)).astype(np.float32)
+    sigmas = [1.0, 2.0]
+    calls = []
+    f = F.filter_bank(x, sigmas, progress=lambda d, t, m: calls.append((d, t)))
+    np.testing.assert_array_equal(f, F.filter_bank(x, sigmas))
+    assert len(calls) >= 3 * len(sigmas) and calls[-1][0] == calls[-1][1]
+    monkeypatch.setattr(F, "_TILE_VOXELS", x[0].size // 3)
+    calls.clear()
+    F.filter_bank(x, sigmas, progress=lambda d, t, m: calls.append((d, t)))
+    assert len(calls) >= 3 * 3 * len(sigmas)
+    assert len({t for _, t in calls}) == 1 and calls[-1][0] == calls[-1][1]
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)

@@ -174,6 +174,69 @@ def test_progress_and_cancel():
         segment_instances(img, progress=stop)
 
 
+@pytest.mark.parametrize("k", [1, 2, 5, 12, 25])
+def test_cancel_after_k_progress_calls_stops_at_once(k):
+    """Raising Cancelled at the k-th report ends the call there: no further report."""
+    img, gt = _disks(seed=3)
+    calls = []
+
+    def stop_at_k(done, total, message):
+        calls.append(done)
+        if len(calls) == k:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        segment_instances(img, scribbles=_scribbles(gt), progress=stop_at_k)
+    assert len(calls) == k
+
+
+def test_progress_is_frequent_on_the_3d_sample(sample_data_dir):
+    """The widget's Stop is heard only at progress reports: on the 100^3 sample volume
+    they come many times per call, from every long step, with one constant total.
+    (Timing gaps are printed, not asserted: a loaded 2-core CI machine is too noisy.)"""
+    import time
+
+    img = _read(sample_data_dir / "nuclei_3d" / "image.tif")
+    gt = _read(sample_data_dir / "nuclei_3d" / "labels.tif")
+    spacing = (0.2837, 0.1268, 0.1268)
+    from napari_mae.scribbles import simulate_scribbles
+
+    for mode, scribbles, min_calls in (("auto", None, 25), ("scribbles", simulate_scribbles(gt, seed=0), 60)):
+        stamps, calls = [time.perf_counter()], []
+
+        def record(done, total, message, stamps=stamps, calls=calls):
+            stamps.append(time.perf_counter())
+            calls.append((done, total, message))
+
+        segment_instances(img, scribbles=scribbles, spacing=spacing, progress=record)
+        stamps.append(time.perf_counter())
+        gaps = np.diff(stamps)
+        print(
+            f"{mode}: {len(calls)} progress calls in {stamps[-1] - stamps[0]:.1f} s, longest gap {gaps.max():.2f} s"
+        )
+        assert len(calls) >= min_calls
+        assert {t for _, t, _ in calls} == {100}
+        done = [d for d, _, _ in calls]
+        assert done == sorted(done) and done[-1] == 100
+        steps = {m for _, _, m in calls}
+        assert {"estimating object size", "foreground", "separating objects"} <= steps
+        if scribbles is not None:
+            assert {"features", "fitting the classifier", "predicting"} <= steps
+
+
+def test_h_maxima_matches_scikit_image():
+    from scipy import ndimage as ndi
+    from skimage.morphology import h_maxima
+
+    from napari_mae.segmentation import _h_maxima
+
+    rng = np.random.default_rng(0)
+    for shape in [(50, 60), (20, 30, 40), (7, 1, 9)]:
+        for h in (0.05, 0.3, 5.0):
+            a = ndi.gaussian_filter(rng.random(shape), 1.5) * 3
+            np.testing.assert_array_equal(_h_maxima(a, h), h_maxima(a, h))
+
+
 def test_estimate_radius_of_disks():
     img, _ = _disks(radius=10, shape=(200, 200), n=15, seed=8)
     est = estimate_object_radius(img)
