@@ -67,7 +67,7 @@ def save_figure(
 ) -> None:
     """Write original | masked | reconstruction | segmentation outline as one PNG.
 
-    3D arrays are shown at their middle Z plane. ``panels`` maps titles to ``([Z,] Y, X)``
+    3D arrays are shown at their middle Z plane (the title says which). ``panels`` maps titles to ``([Z,] Y, X)``
     arrays; ``labels`` is drawn as outlines over the first panel.
     """
     import matplotlib
@@ -93,6 +93,8 @@ def save_figure(
     ax.set_title(f"{segmentation_title} ({int(len(np.unique(labels)) - 1)} objects)", fontsize=10)
     for ax in axes:
         ax.set_axis_off()
+    if labels.ndim == 3:
+        title = f"{title} (Z plane {labels.shape[0] // 2} of {labels.shape[0]})"
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -166,8 +168,7 @@ def run_demo(
     FileNotFoundError
         If a bundled model or sample file is missing.
     """
-    import tifffile
-
+    from napari_mae.io.writers import write_tiff
     from napari_mae.masking import make_mask
     from napari_mae.model import load_model
     from napari_mae.reconstruction import reconstruct
@@ -212,7 +213,12 @@ def run_demo(
             },
             "segmentation": {},
         }
-        tifffile.imwrite(out / f"{name}_reconstruction.tif", np.asarray(rec.reconstruction, np.float32))
+        write_tiff(
+            out / f"{name}_reconstruction.tif",
+            np.asarray(rec.reconstruction, np.float32),
+            spacing=spacing,
+            unit=meta["unit"],
+        )
         log(
             f"[{name}] reconstruction NRMSE over removed patches {entry['reconstruction']['nrmse_masked']:.3f} "
             f"(mean fill {entry['reconstruction']['nrmse_masked_mean_fill']:.3f}), {rec_seconds:.1f} s"
@@ -230,7 +236,7 @@ def run_demo(
         for mode in modes:
             scribbles = simulate_scribbles(gt_eval, seed=seed, **scribble_kw) if mode == "scribbles" else None
             labels, info, scores = _segment_and_score(image, gt_eval, spacing, scribbles, None)
-            tifffile.imwrite(out / f"{name}_labels_{mode}.tif", labels, compression="zlib")
+            write_tiff(out / f"{name}_labels_{mode}.tif", labels, spacing=spacing, unit=meta["unit"])
             entry["segmentation"][mode] = {"scores": scores, "info": info}
             if scribbles is not None:
                 entry["segmentation"][mode]["scribbled_fraction"] = float(np.mean(scribbles > 0))
@@ -245,7 +251,9 @@ def run_demo(
             f"{name}: {spec['model']}, mask_ratio {mask_ratio}",
             {"original": image, "masked": masked, "reconstruction": rec.reconstruction},
             shown[1],
-            segmentation_title=f"segmentation, {shown[0]}",
+            segmentation_title=(
+                f"bones (vertebrae, ribs), {shown[0]}" if spec["kind"] == "ct" else f"nuclei, {shown[0]}"
+            ),
         )
         results["samples"][name] = entry
 

@@ -101,3 +101,31 @@ def test_evaluate_without_common_files(tmp_path, capsys):
     (tmp_path / "b").mkdir()
     assert main(["evaluate", "--pred", str(tmp_path / "a"), "--gt", str(tmp_path / "b")]) == 2
     assert "no file names in common" in capsys.readouterr().err
+
+
+def test_segment_multichannel_tiff_uses_channel_axis(tmp_path):
+    """A (C, Y, X) ImageJ stack is read as (Y, X, C) and segmented as a 2D image."""
+    import numpy as np
+    import tifffile
+
+    from napari_mae.cli import main
+
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 50, (2, 96, 96)).astype(np.uint8)
+    stack[:, 30:50, 30:50] = 200
+    path = tmp_path / "cyx.tif"
+    tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "CYX"})
+    out = tmp_path / "labels.tif"
+    assert main(["segment", str(path), "--out", str(out), "--quiet"]) == 0
+    labels = tifffile.imread(out)
+    assert labels.shape == (96, 96)
+    assert labels.max() >= 1
+
+
+def test_segment_out_under_a_file_fails_before_work(tmp_path, capsys):
+    from napari_mae.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    code = main(["segment", "missing.tif", "--out", str(tmp_path / "afile" / "x.tif")])
+    assert code == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -21,7 +21,11 @@ def volume():
 def test_imagej_tiff_stack_spacing(tmp_path, volume):
     path = tmp_path / "stack.tif"
     tifffile.imwrite(
-        path, volume, imagej=True, resolution=(1 / 0.25, 1 / 0.25), metadata={"spacing": 2.0, "unit": "um", "axes": "ZYX"}
+        path,
+        volume,
+        imagej=True,
+        resolution=(1 / 0.25, 1 / 0.25),
+        metadata={"spacing": 2.0, "unit": "um", "axes": "ZYX"},
     )
     data, spacing, meta = read_image(path)
     np.testing.assert_array_equal(data, volume)
@@ -154,7 +158,7 @@ def test_napari_reader_labels_by_name(tmp_path):
     labels = np.zeros((4, 5, 6), np.uint8)
     labels[1:3, 1:3, 1:3] = 2
     path = _nifti(tmp_path, labels, (1.0, 1.0, 2.0), name="case_seg.nii.gz")
-    (data, kwargs, layer_type), = napari_get_reader(str(path))(str(path))
+    ((data, kwargs, layer_type),) = napari_get_reader(str(path))(str(path))
     assert layer_type == "labels"
     assert kwargs["scale"] == pytest.approx([2.0, 1.0, 1.0])
 
@@ -165,3 +169,31 @@ def test_shared_ct_reads_with_spacing(shared_data):
     assert data.shape == (30, 101, 122)
     assert data.dtype == np.int16
     assert spacing == pytest.approx((3.0, 3.0, 3.0))
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "spacing", "unit"),
+    [
+        ((3, 5, 6), np.uint32, (3.0, 0.5, 0.5), "mm"),
+        ((5, 6), np.float32, (0.2, 0.2), "um"),
+        ((5, 6), np.uint16, None, "pixel"),
+    ],
+)
+def test_write_tiff_round_trip_keeps_spacing(tmp_path, shape, dtype, spacing, unit):
+    from napari_mae.io.writers import write_tiff
+
+    data = np.arange(np.prod(shape)).reshape(shape).astype(dtype)
+    path = write_tiff(tmp_path / "sub" / "out.tif", data, spacing=spacing, unit=unit)
+    out, read_spacing, meta = read_image(path)
+    np.testing.assert_array_equal(out, data)
+    assert out.dtype == dtype
+    assert meta["unit"] == unit
+    assert read_spacing == pytest.approx(spacing or (1.0,) * len(shape))
+    assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_write_tiff_refuses_other_suffix(tmp_path):
+    from napari_mae.io.writers import write_tiff
+
+    with pytest.raises(ValueError, match="TIFF"):
+        write_tiff(tmp_path / "out.png", np.zeros((4, 4), np.uint8))

@@ -44,8 +44,9 @@ class CLIError(Exception):
 def main(argv: list[str] | None = None) -> int:
     """Run the console script; return the process exit code.
 
-    Errors the user can fix (``CLIError``, ``ValueError``, ``FileNotFoundError``)
-    are printed as one line on stderr and give exit code 2, not a traceback.
+    Errors the user can fix (``CLIError``, ``ValueError``, missing files, a file where a
+    folder should be, permissions) are printed as one line on stderr and give exit
+    code 2, not a traceback. A closed output pipe ends quietly with 141.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -57,7 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("napari-mae: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly, as Unix tools do.
+        sys.stderr.close()
+        return 141
+    except (
+        CLIError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+    ) as exc:
         print(f"napari-mae {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -76,19 +76,10 @@ def _check_tiff(path: str | None, option: str) -> Path | None:
 
 
 def _write_tiff(path: Path, data, axes: str, spacing, unit: str) -> None:
-    """Write ``data`` as a zlib TIFF with its axes and spacing (tifffile 'shaped' metadata)."""
-    import tifffile
+    """Write ``data`` (axes ``axes``) as OME-TIFF with its spacing (:func:`napari_mae.io.writers.write_tiff`)."""
+    from napari_mae.io.writers import write_tiff
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"axes": axes}
-    kwargs = {}
-    if spacing is not None:
-        metadata["spacing"] = [float(s) for s in spacing]
-        metadata["unit"] = unit
-        kwargs["resolution"] = (1.0 / float(spacing[-2]), 1.0 / float(spacing[-1]))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tifffile.imwrite(tmp, data, metadata=metadata, compression="zlib", **kwargs)
-    tmp.replace(path)
+    write_tiff(path, data, spacing=spacing, unit=unit, channel_axis=axes.index("C") if "C" in axes else None)
 
 
 def _spatial_layout(image, metadata: dict) -> tuple[int, int | None, str]:

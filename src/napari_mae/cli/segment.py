@@ -73,19 +73,26 @@ def _read(path: str):
 
 def run(args: argparse.Namespace) -> int:
     """Run ``segment``; return the exit code."""
-    import numpy as np
-    import tifffile
-
     from napari_mae.cli import CLIError
+    from napari_mae.io.writers import write_tiff
     from napari_mae.segmentation import segment_instances
 
     out = Path(args.out)
     if out.suffix.lower() not in TIFF_SUFFIXES:
         raise CLIError(f"--out {args.out}: only TIFF output is written; use a .tif name")
+    _check_out_parent(out)
     image, spacing, meta = _read(args.image)
+    axes = str(meta.get("axes", ""))
+    if "T" in axes:
+        raise CLIError(
+            f"{args.image} has a time axis (axes {axes}, shape {image.shape}); save one time point as its own file"
+        )
     channel_axis = args.channel_axis
-    if channel_axis is None and meta.get("rgb"):
-        channel_axis = -1
+    if channel_axis is None and axes.endswith("C"):
+        # The reader puts channels (or RGB samples) last.
+        channel_axis = image.ndim - 1
+    if channel_axis is not None and not -image.ndim <= channel_axis < image.ndim:
+        raise CLIError(f"--channel-axis {channel_axis} is out of range for an image of shape {image.shape}")
     n_spatial = image.ndim - (channel_axis is not None)
     if args.spacing is not None:
         if len(args.spacing) != n_spatial:
@@ -100,9 +107,17 @@ def run(args: argparse.Namespace) -> int:
     if model is not None and scribbles is None:
         print("napari-mae segment: --model is used only with --scribbles; ignored", file=sys.stderr)
 
+    interactive = sys.stderr.isatty()
+    last_message = [None]
+
     def progress(done: int, total: int, message: str) -> None:
-        if not args.quiet:
+        if args.quiet:
+            return
+        if interactive:  # one line, overwritten
             print(f"\r{message} {done}/{total}", end="", file=sys.stderr, flush=True)
+        elif message != last_message[0]:  # a log file: one line per stage
+            print(message, file=sys.stderr, flush=True)
+        last_message[0] = message
 
     labels, info = segment_instances(
         image,
@@ -114,11 +129,41 @@ def run(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         progress=progress,
     )
-    if not args.quiet:
+    if not args.quiet and interactive:
         print(file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    axes = "ZYX" if labels.ndim == 3 else "YX"
-    tifffile.imwrite(out, labels, compression="zlib", metadata={"axes": axes})
-    info = {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.items()}
-    print(json.dumps({"out": str(out), **info}, default=lambda v: float(np.asarray(v))))
+    unit = meta.get("unit", "pixel")
+    if args.spacing is not None and unit == "pixel":
+        unit = "um"  # --spacing on an uncalibrated file: microscopy's usual unit
+    write_tiff(out, labels, spacing=spacing, unit=unit)
+    print(json.dumps(_json_safe({"out": str(out), **info}), allow_nan=False))
     return 0
+
+
+def _check_out_parent(out: Path) -> None:
+    """Refuse an --out whose folder is a file before any work is done."""
+    from napari_mae.cli import CLIError
+
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"--out {out}: {parent} is a file, not a folder")
+            break
+
+
+def _json_safe(value):
+    """Plain JSON: tuples/arrays as lists, numpy scalars as numbers, NaN/inf as null."""
+    import math
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

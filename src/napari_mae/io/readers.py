@@ -145,7 +145,12 @@ def _tiff_resolution_um(page, unit_scale: float) -> tuple[float | None, float | 
     return out[0], out[1]
 
 
-def _ome_spacing(ome_xml: str) -> dict[str, float]:
+def _ome_spacing(ome_xml: str) -> tuple[dict[str, float], str]:
+    """Return ({axis: size}, unit) from OME ``PhysicalSize*``; sizes in that unit.
+
+    Millimetres stay millimetres (medical results written by :mod:`napari_mae.io.writers`);
+    other units are converted to micrometres.
+    """
     import tifffile
 
     try:
@@ -153,14 +158,16 @@ def _ome_spacing(ome_xml: str) -> dict[str, float]:
         image = ome["Image"][0] if isinstance(ome["Image"], list) else ome["Image"]
         pixels = image["Pixels"]
     except (KeyError, IndexError, TypeError, ValueError):
-        return {}
+        return {}, "pixel"
+    units = {str(pixels.get(f"PhysicalSize{a}Unit", "µm")) for a in "ZYX" if pixels.get(f"PhysicalSize{a}")}
+    keep_mm = units == {"mm"}
     spacing = {}
     for axis in "ZYX":
         value = pixels.get(f"PhysicalSize{axis}")
         if value:
             unit = str(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
-            spacing[axis] = float(value) * _UM_PER_UNIT.get(unit, 1.0)
-    return spacing
+            spacing[axis] = float(value) if keep_mm else float(value) * _UM_PER_UNIT.get(unit, 1.0)
+    return spacing, ("mm" if keep_mm else "um") if spacing else "pixel"
 
 
 def _canonical_tiff_axes(axes: str) -> list[str]:
@@ -197,10 +204,9 @@ def read_tiff(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], d
         axes = series.axes
         page = tif.pages[0]
         ij = tif.imagej_metadata or {}
-        ome_spacing = _ome_spacing(tif.ome_metadata) if tif.is_ome and tif.ome_metadata else {}
-        unit = "pixel"
-        if ome_spacing:
-            unit = "um"
+        ome_spacing, unit = (
+            _ome_spacing(tif.ome_metadata) if tif.is_ome and tif.ome_metadata else ({}, "pixel")
+        )
         ij_unit = str(ij.get("unit", "")).replace("\\u00B5", "µ")
         unit_scale = _UM_PER_UNIT.get(ij_unit)
         if unit_scale is None:
