@@ -43,6 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 __all__ = [
+    "DEFAULT_EXCLUDE",
     "DEFAULT_PATTERNS",
     "ImageFolderData",
     "SeededCrops",
@@ -62,6 +63,23 @@ DEFAULT_PATTERNS: tuple[str, ...] = (
     "*.nii",
     "*.nii.gz",
     "*.nrrd",
+)
+
+#: Relative paths left out by default: annotation files kept beside the images (a
+#: ``labels/`` or ``masks/`` folder, ``labels.tif``, ``cell_01_mask.tif``), which an MAE
+#: must not learn as if they were images.
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    "labels/*",
+    "*/labels/*",
+    "masks/*",
+    "*/masks/*",
+    "labels.*",
+    "*/labels.*",
+    "*_labels.*",
+    "*_label.*",
+    "*_mask.*",
+    "*_masks.*",
+    "*_seg.*",
 )
 
 #: Percentiles mapped to 0 and 1 by the intensity scaling (same as

@@ -57,7 +57,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from napari_mae.data import sample_seed
+from napari_mae.data import DEFAULT_EXCLUDE, sample_seed
 
 __all__ = [
     "TrainConfig",
@@ -129,7 +129,9 @@ class TrainConfig:
     cache_dir : path, optional
         For ``cache="disk"``; default ``output_dir / "cache"``.
     patterns, exclude : sequence of str
-        File-name patterns to include / relative paths to exclude.
+        File-name patterns to include / relative paths to exclude (default:
+        :data:`napari_mae.data.DEFAULT_EXCLUDE`, annotation files such as
+        ``labels/*`` and ``*_mask.*``).
     num_workers : int
         DataLoader worker processes (0: load in the training process).
     checkpoint_every : int
@@ -144,6 +146,10 @@ class TrainConfig:
         scaler). ``None``: on for CUDA, off on CPU.
     resume : bool
         Continue from ``output_dir / "last.pt"``.
+    overwrite : bool
+        Start afresh in an ``output_dir`` that already holds a run (its
+        checkpoints are replaced). Without it, such a folder is refused unless
+        ``resume`` is set, so a forgotten ``--resume`` never loses a run.
     """
 
     data_dir: Any
@@ -167,13 +173,14 @@ class TrainConfig:
     cache: str = "memory"
     cache_dir: str | os.PathLike | None = None
     patterns: Sequence[str] | None = None
-    exclude: Sequence[str] = ()
+    exclude: Sequence[str] = DEFAULT_EXCLUDE
     num_workers: int = 0
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "auto"
     amp: bool | None = None
     resume: bool = False
+    overwrite: bool = False
 
     def validate(self) -> None:
         """Check ranges.
@@ -534,6 +541,9 @@ def train(config: TrainConfig, *, stop: Any = None) -> Iterator[TrainUpdate]:
     FileNotFoundError
         A data folder does not exist, or ``resume=True`` but
         ``output_dir/last.pt`` does not exist.
+    FileExistsError
+        ``output_dir`` already holds a run and neither ``resume`` nor
+        ``overwrite`` is set.
 
     Notes
     -----
@@ -564,6 +574,11 @@ def _train(cfg: TrainConfig, out: Path, dist: _Dist, stop) -> Iterator[TrainUpda
     resume_path = out / LAST if cfg.resume else None
     if resume_path is not None and not resume_path.is_file():
         raise FileNotFoundError(f"cannot resume: {resume_path} does not exist")
+    if not cfg.resume and not cfg.overwrite and (out / LAST).is_file():
+        raise FileExistsError(
+            f"{out} already holds a training run ({LAST}); resume it, choose another output folder, "
+            "or overwrite it explicitly (--overwrite)"
+        )
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
 

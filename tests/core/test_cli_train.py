@@ -66,3 +66,27 @@ def test_missing_folder(tmp_path, capsys):
 def test_bad_size_argument(tmp_path):
     with pytest.raises(SystemExit):
         main(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--patch-size", "a,b"])
+
+
+def test_train_refuses_to_overwrite_a_run_without_resume(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", str(image_folder), "--out", str(out), "--epochs", "1", *TINY_ARGS]
+    assert main(args) == 0
+    before = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == before
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_train_leaves_annotation_files_out(image_folder, tmp_path, capsys):
+    import numpy as np
+
+    labels = image_folder / "labels"
+    labels.mkdir()
+    tifffile.imwrite(labels / "cell0.tif", np.zeros((48, 64), np.uint16))
+    tifffile.imwrite(image_folder / "cell0_mask.tif", np.zeros((48, 64), np.uint8))
+    out = tmp_path / "run"
+    assert main(["train", str(image_folder), "--out", str(out), "--epochs", "1", *TINY_ARGS]) == 0
+    assert "on 3 images (1 for validation)" in capsys.readouterr().err  # the 4 cell crops only

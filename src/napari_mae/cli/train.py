@@ -75,8 +75,47 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start afresh in a RUN_DIR that already holds a run"
+    )
+    p.add_argument(
+        "--pattern",
+        action="append",
+        default=None,
+        metavar="GLOB",
+        help="file-name pattern to include (repeatable; default: tif, tiff, png, jpg, jpeg, nii, nii.gz, nrrd)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        metavar="GLOB",
+        help="relative path pattern to leave out (repeatable; default: annotation files such as labels/*, "
+        "labels.*, *_mask.*)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def _guess_spatial_dims(sources, patterns, exclude) -> int | None:
+    """3 when the first image found is a volume (has a Z axis), else 2; None if unreadable."""
+    import sys
+
+    from napari_mae.data import DEFAULT_PATTERNS, find_images
+    from napari_mae.io.readers import read_image
+
+    try:
+        first = find_images(sources, tuple(patterns) if patterns else DEFAULT_PATTERNS, exclude=exclude)[0]
+        _, _, meta = read_image(first)
+    except Exception:  # noqa: BLE001 - training reports unreadable data itself, with context
+        return None
+    if "Z" in meta.get("axes", ""):
+        print(
+            f"{first.name} is a 3D volume: training default-3d (--spatial-dims 2 trains a 2D model on its planes)",
+            file=sys.stderr,
+        )
+        return 3
+    return 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,9 +124,12 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from napari_mae.data import DEFAULT_EXCLUDE
     from napari_mae.training import TrainConfig, train
 
     spatial_dims = args.spatial_dims
+    if args.model is None and spatial_dims is None:
+        spatial_dims = _guess_spatial_dims(args.data_dir, args.pattern, args.exclude or DEFAULT_EXCLUDE)
     model = args.model or f"default-{spatial_dims or 2}d"
     config = TrainConfig(
         data_dir=args.data_dir if len(args.data_dir) > 1 else args.data_dir[0],
@@ -109,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         resume=args.resume,
+        overwrite=args.overwrite,
+        patterns=args.pattern,
+        exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE,
     )
     bar = None
     code = 0
