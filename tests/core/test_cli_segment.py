@@ -129,3 +129,18 @@ def test_segment_out_under_a_file_fails_before_work(tmp_path, capsys):
     code = main(["segment", "missing.tif", "--out", str(tmp_path / "afile" / "x.tif")])
     assert code == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_probability_maps(tmp_path, capsys):
+    import numpy as np
+
+    from napari_mae.cli import main
+
+    for folder in ("gt", "pred"):
+        (tmp_path / folder).mkdir()
+    gt = np.zeros((8, 8), np.uint16)
+    gt[2:5, 2:5] = 1
+    np.save(tmp_path / "gt" / "a.npy", gt)
+    np.save(tmp_path / "pred" / "a.npy", np.where(gt > 0, 0.9, 0.3).astype(np.float32))
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]) == 2
+    assert "integer instance labels" in capsys.readouterr().err

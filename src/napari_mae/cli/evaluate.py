@@ -46,13 +46,29 @@ def _files(folder: Path) -> dict[str, Path]:
 
 
 def _load(path: Path):
+    """Read a label image; refuse anything that is not integer ids (e.g. probabilities)."""
     import numpy as np
 
-    if path.suffix == ".npy":
-        return np.load(path)
-    from napari_mae.io.readers import read_image
+    from napari_mae.cli import CLIError
 
-    return read_image(path)[0]
+    if path.suffix == ".npy":
+        labels = np.load(path, allow_pickle=False)
+    else:
+        from napari_mae.io.readers import read_image
+
+        labels = read_image(path)[0]
+    if labels.dtype == bool or np.issubdtype(labels.dtype, np.integer):
+        return labels
+    finite = labels[np.isfinite(labels)] if np.issubdtype(labels.dtype, np.floating) else labels
+    if (
+        not np.issubdtype(labels.dtype, np.floating)
+        or np.any(finite != np.round(finite))
+        or finite.size != labels.size
+    ):
+        raise CLIError(
+            f"{path}: expected integer instance labels, got {labels.dtype} values that are not ids"
+        )
+    return labels.astype(np.int64)
 
 
 def run(args: argparse.Namespace) -> int:
