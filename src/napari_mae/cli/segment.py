@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -81,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in TIFF_SUFFIXES:
         raise CLIError(f"--out {args.out}: only TIFF output is written; use a .tif name")
     _check_out_parent(out)
+    for name in ("radius", "threshold"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise CLIError(f"--{name} must be a finite number, got {value}")
     image, spacing, meta = _read(args.image)
     axes = str(meta.get("axes", ""))
     if "T" in axes:
@@ -152,8 +157,6 @@ def _check_out_parent(out: Path) -> None:
 
 def _json_safe(value):
     """Plain JSON: tuples/arrays as lists, numpy scalars as numbers, NaN/inf as null."""
-    import math
-
     import numpy as np
 
     if isinstance(value, dict):

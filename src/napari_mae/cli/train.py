@@ -29,13 +29,6 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 1.0 or 2,0.5,0.5, got {text!r}") from None
-
-
 def register(subparsers) -> None:
     """Add the ``train`` sub-parser."""
     p = subparsers.add_parser(
@@ -68,7 +61,14 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--samples-per-image", type=int, default=1, help="random crops per image and epoch")
     p.add_argument("--val-fraction", type=float, default=0.1, help="files held out for validation (0.1)")
-    p.add_argument("--spacing", type=_floats, default=None, help="resample to this spacing first")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        metavar="S",
+        default=None,
+        help="resample to this voxel size first, (Z) Y X in physical units (as for segment)",
+    )
     p.add_argument("--cache", choices=("memory", "disk", "none"), default="memory", help="image cache")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="write last.pt every N steps too")
