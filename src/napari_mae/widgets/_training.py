@@ -78,6 +78,11 @@ class TrainingWidget(JobWidget):
     napari_viewer : napari.Viewer
     """
 
+    def _epochs_changed(self, value: int) -> None:
+        """Keep the idle epoch bar's total in step with the epochs box."""
+        if not self.busy:
+            self.epoch_bar.setRange(0, int(value))
+
     def __init__(self, napari_viewer) -> None:
         super().__init__(napari_viewer, run_text="Start")
         from ._loss_plot import LossPlot  # matplotlib only when the widget opens
@@ -147,7 +152,9 @@ class TrainingWidget(JobWidget):
         self.button_layout.addWidget(self.resume_button)
         self.epoch_bar = QProgressBar()
         self.epoch_bar.setFormat("epoch %v/%m")
+        self.epoch_bar.setRange(0, self.epochs.value())
         self.epoch_bar.setValue(0)
+        self.epochs.valueChanged.connect(self._epochs_changed)
         self.results_layout.addWidget(self.epoch_bar)
         self.eta = QLabel("")
         self.results_layout.addWidget(self.eta)
