@@ -278,7 +278,8 @@ def test_short_strokes_override_the_radius_only_where_automatic_objects_are_wron
 def test_ct_bones_from_scribbles(shared_data):
     """Vertebrae and ribs of the sample CT (int16 HU, 3 mm voxels) from 8 bone and 8
     background strokes, as in benchmarks/bench_segmentation.py (F1@0.5 was 0.00 before the
-    stroke radius, class-balanced strokes and the low-probability threshold; 0.34 after)."""
+    stroke radius, class-balanced strokes, the low-probability threshold and dropping the
+    boundary term of wrong automatic objects; 0.47 after)."""
     from napari_mae.io.readers import read_image
     from napari_mae.scribbles import ct_bone_labels, simulate_scribbles
 
@@ -292,7 +293,7 @@ def test_ct_bones_from_scribbles(shared_data):
     print(
         f"CT bones: F1@0.5 {m['f1']:.3f}, {labels.max()} objects for {len(np.unique(gt)) - 1}, radius {info['radius']:.1f} mm"
     )
-    assert m["f1"] >= 0.25
+    assert m["f1"] >= 0.3
     assert info["radius"] < 20  # mm: bones, not the body (the automatic estimate is ~110)
 
 
