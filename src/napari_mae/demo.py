@@ -131,7 +131,7 @@ def run_demo(
     *,
     mask_ratio: float = 0.75,
     seed: int = 0,
-    finetune_epochs: int = 3,
+    finetune_epochs: int = 10,
     samples: tuple[str, ...] = tuple(SAMPLES),
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -298,8 +298,9 @@ def finetune(run_dir: Path, *, epochs: int, seed: int, log: Callable[[str], None
         elif update.kind == "epoch":
             epoch_loss.append(update.loss)
             val_loss.append(update.val_loss)
+            val = "n/a" if update.val_loss is None else f"{update.val_loss:.4f}"
             log(
-                f"[finetune] epoch {update.epoch}/{update.n_epochs}: loss {update.loss:.4f}, val {update.val_loss}"
+                f"[finetune] epoch {update.epoch}/{update.n_epochs}: loss {update.loss:.4f}, validation {val}"
             )
         elif update.kind == "failed":
             raise RuntimeError(update.message)
@@ -355,10 +356,10 @@ def format_table(results: dict) -> str:
                 f"{s['recall']:>6.3f} {s['f1']:>7.3f} {s['accuracy']:>8.3f} {nrmse:>10.3f}"
             )
     ft = results.get("finetune")
-    if ft and ft["epoch_loss"]:
+    if ft and ft["val_loss"] and ft["val_loss"][0] is not None:
         rows.append(
-            f"fine-tuning default-2d: epoch loss {ft['epoch_loss'][0]:.4f} -> {ft['epoch_loss'][-1]:.4f} "
-            f"in {ft['seconds']:.0f} s"
+            f"fine-tuning default-2d: validation loss {ft['val_loss'][0]:.4f} -> {ft['val_loss'][-1]:.4f} "
+            f"over {ft['epochs']} epochs in {ft['seconds']:.0f} s"
         )
     rows.append(f"total {results['seconds']:.0f} s")
     return "\n".join(rows)

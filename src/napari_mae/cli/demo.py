@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--mask-ratio", type=float, default=0.75, help="fraction of patches removed (default 0.75)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of masks, scribbles and fine-tuning")
-    p.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs (0 skips it)")
+    p.add_argument(
+        "--finetune-epochs", type=int, default=10, help="fine-tuning epochs (0 skips it; default 10)"
+    )
     p.add_argument(
         "--samples",
         nargs="+",
