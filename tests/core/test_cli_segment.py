@@ -144,3 +144,17 @@ def test_evaluate_refuses_probability_maps(tmp_path, capsys):
     np.save(tmp_path / "pred" / "a.npy", np.where(gt > 0, 0.9, 0.3).astype(np.float32))
     assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]) == 2
     assert "integer instance labels" in capsys.readouterr().err
+
+
+def test_segment_writes_nifti_in_the_scan_space(tmp_path, sample_data_dir):
+    import nibabel as nib
+    import numpy as np
+
+    from napari_mae.cli import main
+
+    src = sample_data_dir / "ct_abdomen" / "image.nii.gz"
+    out = tmp_path / "labels.nii.gz"
+    assert main(["segment", str(src), "--out", str(out), "--quiet"]) == 0
+    a, b = nib.as_closest_canonical(nib.load(src)), nib.as_closest_canonical(nib.load(out))
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a.affine, b.affine)

@@ -197,3 +197,29 @@ def test_write_tiff_refuses_other_suffix(tmp_path):
 
     with pytest.raises(ValueError, match="TIFF"):
         write_tiff(tmp_path / "out.png", np.zeros((4, 4), np.uint8))
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_nifti_output_overlays_the_input_scan(tmp_path, suffix):
+    """A result written with write_image(..., metadata=...) reads back identically and sits
+    in the input's scanner space (same voxel-to-world mapping)."""
+    from napari_mae.io.writers import write_image
+
+    data = np.random.default_rng(3).integers(0, 5, (4, 5, 6)).astype(np.int16)  # (i, j, k)
+    if suffix == ".nrrd":
+        src = tmp_path / "in.nrrd"
+        header = {"space": "left-posterior-superior", "space directions": np.diag([0.7, 0.8, 2.0])}
+        header["space origin"] = np.array([10.0, -5.0, 3.0])
+        nrrd.write(str(src), data, header)
+    else:
+        src = _nifti(tmp_path, data, (0.7, 0.8, 2.0), affine=np.diag([-0.7, 0.8, 2.0, 1.0]))
+    volume, spacing, meta = read_image(src)
+    out = write_image(tmp_path / "labels.nii.gz", volume.astype(np.uint32), spacing=spacing, metadata=meta)
+    back, back_spacing, _ = read_image(out)
+    np.testing.assert_array_equal(back, volume)
+    assert back_spacing == pytest.approx(spacing)
+    np.testing.assert_allclose(nib.load(out).affine, meta["voxel_affine"])
+    if suffix == ".nii.gz":  # the same voxels at the same world positions as the input file
+        a, b = nib.as_closest_canonical(nib.load(src)), nib.as_closest_canonical(nib.load(out))
+        np.testing.assert_allclose(a.affine, b.affine)
+        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))

@@ -21,7 +21,7 @@ import math
 import sys
 from pathlib import Path
 
-TIFF_SUFFIXES = (".tif", ".tiff")
+OUT_SUFFIXES = (".tif", ".tiff", ".nii", ".nii.gz")
 
 
 def register(subparsers) -> None:
@@ -36,7 +36,12 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("image", metavar="IMAGE", help="2D image or 3D volume (TIFF, NIfTI, NRRD)")
-    p.add_argument("--out", required=True, metavar="LABELS.tif", help="labels TIFF to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="LABELS.tif",
+        help="labels to write: .tif (OME-TIFF with spacing) or .nii/.nii.gz (NIfTI in the input scan's space)",
+    )
     p.add_argument(
         "--scribbles",
         metavar="LABELS.tif",
@@ -75,12 +80,12 @@ def _read(path: str):
 def run(args: argparse.Namespace) -> int:
     """Run ``segment``; return the exit code."""
     from napari_mae.cli import CLIError
-    from napari_mae.io.writers import write_tiff
+    from napari_mae.io.writers import write_image
     from napari_mae.segmentation import segment_instances
 
     out = Path(args.out)
-    if out.suffix.lower() not in TIFF_SUFFIXES:
-        raise CLIError(f"--out {args.out}: only TIFF output is written; use a .tif name")
+    if not str(out).lower().endswith(OUT_SUFFIXES):
+        raise CLIError(f"--out {args.out}: write .tif (OME-TIFF) or .nii/.nii.gz (NIfTI) labels")
     _check_out_parent(out)
     for name in ("radius", "threshold"):
         value = getattr(args, name)
@@ -99,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if channel_axis is not None and not -image.ndim <= channel_axis < image.ndim:
         raise CLIError(f"--channel-axis {channel_axis} is out of range for an image of shape {image.shape}")
     n_spatial = image.ndim - (channel_axis is not None)
+    if n_spatial != 3 and not str(out).lower().endswith((".tif", ".tiff")):
+        raise CLIError(f"--out {args.out}: NIfTI output needs a 3D volume; use a .tif name")
     if args.spacing is not None:
         if len(args.spacing) != n_spatial:
             raise CLIError(f"--spacing needs {n_spatial} values for this image, got {len(args.spacing)}")
@@ -139,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     unit = meta.get("unit", "pixel")
     if args.spacing is not None and unit == "pixel":
         unit = "um"  # --spacing on an uncalibrated file: microscopy's usual unit
-    write_tiff(out, labels, spacing=spacing, unit=unit)
+    write_image(out, labels, spacing=spacing, unit=unit, metadata=meta)
     print(json.dumps(_json_safe({"out": str(out), **info}), allow_nan=False))
     return 0
 

@@ -93,7 +93,10 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], 
     metadata : dict
         ``axes`` (e.g. ``"ZYX"``, ``"YXC"``, ``"TZYX"``), ``unit``, ``rgb`` (bool),
         ``path``, and for NIfTI/NRRD ``affine`` (the file's original 4x4 voxel-to-RAS
-        affine) and ``orientation`` (the axis codes of the returned Z, Y, X axes).
+        affine), ``voxel_affine`` (the 4x4 voxel-to-RAS affine of the returned array's
+        axes reversed, (X, Y, Z) = (L, P, S): what :func:`napari_mae.io.writers.write_nifti`
+        needs to put results back in the scanner's space) and ``orientation`` (the axis
+        codes of the returned Z, Y, X axes).
 
     Raises
     ------
@@ -329,6 +332,7 @@ def read_medical(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...]
         "rgb": False,
         "path": str(path),
         "affine": affine,
+        "voxel_affine": new_affine,
         "orientation": ("S", "P", "L"),
     }
     return data, spacing, metadata

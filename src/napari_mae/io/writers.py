@@ -1,4 +1,4 @@
-"""Write results as OME-TIFF with their physical voxel spacing.
+"""Write results with their physical voxel spacing: OME-TIFF, or NIfTI for medical volumes.
 
 Labels are uint32, which ImageJ TIFFs cannot hold, so results are written as
 OME-TIFF (read by Fiji/Bio-Formats, napari, tifffile and :func:`napari_mae.io.readers.read_image`)
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _OME_UNITS = {"um": "µm", "mm": "mm", "nm": "nm"}
 
 
@@ -84,3 +85,92 @@ def write_tiff(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_nifti(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    *,
+    voxel_affine: np.ndarray | None = None,
+    spacing: Sequence[float] | None = None,
+) -> Path:
+    """Write a (Z, Y, X) volume as NIfTI in the scanner space it was read from, atomically.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Ends in ``.nii`` or ``.nii.gz``; parent folders are created.
+    array : ndarray, shape (Z, Y, X)
+        A result in the axes :func:`napari_mae.io.readers.read_image` returned.
+    voxel_affine : ndarray of float, shape (4, 4), optional
+        ``metadata["voxel_affine"]`` from :func:`~napari_mae.io.readers.read_image`, so
+        the result overlays the original scan in ITK-SNAP, 3D Slicer or napari. Without
+        it, ``diag(spacing[::-1], 1)`` (no orientation known).
+    spacing : sequence of float, optional
+        (Z, Y, X) voxel size in millimetres, used only without ``voxel_affine``.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Raises
+    ------
+    ValueError
+        For another suffix, an array that is not 3D, or an affine that is not 4 x 4.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if not str(path).lower().endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"{path}: a NIfTI file name ends in .nii or .nii.gz")
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise ValueError(f"NIfTI output needs a (Z, Y, X) volume, got shape {array.shape}")
+    if voxel_affine is None:
+        voxel_affine = np.diag([*(list(spacing)[::-1] if spacing is not None else [1.0] * 3), 1.0])
+    voxel_affine = np.asarray(voxel_affine, dtype=float)
+    if voxel_affine.shape != (4, 4):
+        raise ValueError(f"voxel_affine must be 4 x 4, got {voxel_affine.shape}")
+    if array.dtype == np.uint32 and array.max(initial=0) < 2**31:
+        array = array.astype(np.int32)  # uint32 is not in the NIfTI-1 standard's common set
+    # (Z, Y, X) -> (X, Y, Z), the voxel order voxel_affine describes.
+    image = nib.Nifti1Image(np.ascontiguousarray(np.transpose(array, (2, 1, 0))), voxel_affine)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
+    tmp = path.with_name(f".{path.name}.tmp{suffix}")
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_image(
+    path: str | os.PathLike, array: np.ndarray, *, spacing=None, unit=None, metadata=None
+) -> Path:
+    """Write a result as OME-TIFF (``.tif``) or NIfTI (``.nii``, ``.nii.gz``), by suffix.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    array : ndarray, shape ``([Z,] Y, X)``
+    spacing : sequence of float, optional
+        Per spatial axis, (Z, Y, X) or (Y, X).
+    unit : str, optional
+        Unit of ``spacing`` (TIFF only; NIfTI is millimetres).
+    metadata : dict, optional
+        The input's ``read_image`` metadata; its ``voxel_affine`` places NIfTI output in
+        the input's scanner space.
+
+    Raises
+    ------
+    ValueError
+        For an unsupported suffix, or NIfTI output of a 2D array.
+    """
+    name = str(path).lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return write_nifti(path, array, voxel_affine=(metadata or {}).get("voxel_affine"), spacing=spacing)
+    if name.endswith(TIFF_SUFFIXES):
+        return write_tiff(path, array, spacing=spacing, unit=unit)
+    raise ValueError(f"{path}: write .tif/.tiff (OME-TIFF) or .nii/.nii.gz (NIfTI)")
