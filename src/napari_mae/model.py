@@ -938,4 +938,8 @@ def load_model(spec: Any, device: str | torch.device = "cpu") -> MaskedAutoencod
             )
     from napari_mae.io.checkpoint import load_checkpoint, model_from_checkpoint
 
-    return model_from_checkpoint(load_checkpoint(path), source=str(path)).to(dev).eval()
+    model = model_from_checkpoint(load_checkpoint(path), source=str(path))
+    if isinstance(spec, str) and spec in BUNDLED_MODELS:
+        # Messages and fine-tuned checkpoints then name it as the user did, not by its preset.
+        model.config = dataclasses.replace(model.config, name=spec)
+    return model.to(dev).eval()
