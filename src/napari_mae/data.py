@@ -172,17 +172,6 @@ def sample_seed(seed: int, *keys: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _readers() -> list[Any]:
-    """MONAI readers: tifffile (every page of a 3D TIFF), NIfTI, NRRD.
-
-    ``LoadImage`` tries the given readers before its defaults, so PNG/JPEG still
-    go to MONAI's ``PILReader``.
-    """
-    from napari_mae.io.readers import monai_readers
-
-    return monai_readers()
-
-
 def _transform_classes():
     """Build the project's MONAI transform classes (MONAI imported lazily)."""
     import torch
@@ -383,10 +372,12 @@ def make_transforms(
     if not 0 <= lo < hi <= 100:
         raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {percentiles!r}")
 
+    from napari_mae.io.readers import monai_readers  # tifffile for every page of a 3D TIFF
+
     finish, guarded, rand_plane, pick = _transform_classes()
     k = "image"
     steps: list[Any] = [
-        LoadImaged(k, reader=_readers(), image_only=True, dtype=np.float32),
+        LoadImaged(k, reader=monai_readers(), image_only=True, dtype=np.float32),
         EnsureChannelFirstd(k),
     ]
     if spacing is not None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_mae._json import to_jsonable
 from napari_mae._sample_data import sample_data_dir, sample_paths
 from napari_mae.io.readers import read_image
 
@@ -110,20 +111,6 @@ def _segment_and_score(image, gt, spacing, scribbles, model) -> tuple[np.ndarray
     scores = match_instances(gt, labels, iou_threshold=0.5)
     scores["seconds"] = round(seconds, 2)
     return labels, info, scores
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def run_demo(
@@ -260,7 +247,7 @@ def run_demo(
     if finetune_epochs > 0:
         results["finetune"] = finetune(out / "finetune", epochs=finetune_epochs, seed=seed, log=log)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "metrics.json").write_text(json.dumps(_json_safe(results), indent=2))
+    (out / "metrics.json").write_text(json.dumps(to_jsonable(results), indent=2, allow_nan=False))
     log(format_table(results))
     return results
 

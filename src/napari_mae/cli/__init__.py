@@ -12,6 +12,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+from pathlib import Path
 
 from napari_mae import __version__
 
@@ -39,6 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 class CLIError(Exception):
     """An error to report to the user as one line on stderr with exit code 2."""
+
+
+def check_output_path(
+    path: str | None, option: str, suffixes: tuple[str, ...], what: str = "TIFF"
+) -> Path | None:
+    """Check an output file option before any work is done; return it as a Path.
+
+    Raises ``CLIError`` when the name does not end in one of ``suffixes``
+    (case-insensitive; ``what`` names the formats in the message) or when an existing
+    parent of it is a file. ``None`` passes through.
+    """
+    if path is None:
+        return None
+    out = Path(path)
+    if not str(out).lower().endswith(suffixes):
+        raise CLIError(
+            f"{option} {path}: only {what} output is written; use a name ending in {', '.join(suffixes)}"
+        )
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"{option} {path}: {parent} is a file, not a folder")
+            break
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

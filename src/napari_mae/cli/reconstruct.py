@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-TIFF_SUFFIXES = (".tif", ".tiff")
+from napari_mae.io.readers import TIFF_SUFFIXES
 
 
 def register(subparsers) -> None:
@@ -64,17 +64,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _check_tiff(path: str | None, option: str) -> Path | None:
-    from napari_mae.cli import CLIError
-
-    if path is None:
-        return None
-    out = Path(path)
-    if out.suffix.lower() not in TIFF_SUFFIXES:
-        raise CLIError(f"{option} {path}: only TIFF output is written; use a .tif name")
-    return out
-
-
 def _write_tiff(path: Path, data, axes: str, spacing, unit: str) -> None:
     """Write ``data`` (axes ``axes``) as OME-TIFF with its spacing (:func:`napari_mae.io.writers.write_tiff`)."""
     from napari_mae.io.writers import write_tiff
@@ -107,15 +96,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from napari_mae.cli import check_output_path
     from napari_mae.io.readers import read_image
     from napari_mae.model import PRESETS, load_model
     from napari_mae.reconstruction import reconstruct
 
-    out = _check_tiff(args.out, "--out")
+    out = check_output_path(args.out, "--out", TIFF_SUFFIXES)
     saves = {
-        "masked": _check_tiff(args.save_masked, "--save-masked"),
-        "error": _check_tiff(args.save_error, "--save-error"),
-        "mask": _check_tiff(args.save_mask, "--save-mask"),
+        "masked": check_output_path(args.save_masked, "--save-masked", TIFF_SUFFIXES),
+        "error": check_output_path(args.save_error, "--save-error", TIFF_SUFFIXES),
+        "mask": check_output_path(args.save_mask, "--save-mask", TIFF_SUFFIXES),
     }
     image, spacing, metadata = read_image(args.image)
     spatial_dims, channel_axis, axes = _spatial_layout(image, metadata)

@@ -19,9 +19,10 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
-OUT_SUFFIXES = (".tif", ".tiff", ".nii", ".nii.gz")
+from napari_mae.io.readers import NIFTI_SUFFIXES, TIFF_SUFFIXES
+
+OUT_SUFFIXES = TIFF_SUFFIXES + NIFTI_SUFFIXES
 
 
 def register(subparsers) -> None:
@@ -79,14 +80,12 @@ def _read(path: str):
 
 def run(args: argparse.Namespace) -> int:
     """Run ``segment``; return the exit code."""
-    from napari_mae.cli import CLIError
+    from napari_mae._json import to_jsonable
+    from napari_mae.cli import CLIError, check_output_path
     from napari_mae.io.writers import write_image
     from napari_mae.segmentation import segment_instances
 
-    out = Path(args.out)
-    if not str(out).lower().endswith(OUT_SUFFIXES):
-        raise CLIError(f"--out {args.out}: write .tif (OME-TIFF) or .nii/.nii.gz (NIfTI) labels")
-    _check_out_parent(out)
+    out = check_output_path(args.out, "--out", OUT_SUFFIXES, what="TIFF or NIfTI")
     for name in ("radius", "threshold"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
@@ -104,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if channel_axis is not None and not -image.ndim <= channel_axis < image.ndim:
         raise CLIError(f"--channel-axis {channel_axis} is out of range for an image of shape {image.shape}")
     n_spatial = image.ndim - (channel_axis is not None)
-    if n_spatial != 3 and not str(out).lower().endswith((".tif", ".tiff")):
+    if n_spatial != 3 and not str(out).lower().endswith(TIFF_SUFFIXES):
         raise CLIError(f"--out {args.out}: NIfTI output needs a 3D volume; use a .tif name")
     if args.spacing is not None:
         if len(args.spacing) != n_spatial:
@@ -147,33 +146,5 @@ def run(args: argparse.Namespace) -> int:
     if args.spacing is not None and unit == "pixel":
         unit = "um"  # --spacing on an uncalibrated file: microscopy's usual unit
     write_image(out, labels, spacing=spacing, unit=unit, metadata=meta)
-    print(json.dumps(_json_safe({"out": str(out), **info}), allow_nan=False))
+    print(json.dumps(to_jsonable({"out": str(out), **info}), allow_nan=False))
     return 0
-
-
-def _check_out_parent(out: Path) -> None:
-    """Refuse an --out whose folder is a file before any work is done."""
-    from napari_mae.cli import CLIError
-
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CLIError(f"--out {out}: {parent} is a file, not a folder")
-            break
-
-
-def _json_safe(value):
-    """Plain JSON: tuples/arrays as lists, numpy scalars as numbers, NaN/inf as null."""
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.generic,)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

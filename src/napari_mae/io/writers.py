@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-TIFF_SUFFIXES = (".tif", ".tiff")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+from napari_mae.io.readers import NIFTI_SUFFIXES, TIFF_SUFFIXES
+
 _OME_UNITS = {"um": "µm", "mm": "mm", "nm": "nm"}
 
 
