@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
+import stat
+import sys
 
 import pytest
 import torch
@@ -74,6 +77,23 @@ def test_save_is_atomic_on_failure(tmp_path, model, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path)["training_state"]["step"] == 1  # old file intact
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+@pytest.fixture
+def umask_027():
+    """Set the process umask to 0o027 (not the usual 0o022/0o002), then restore it."""
+    old = os.umask(0o027)
+    yield 0o027
+    os.umask(old)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+def test_file_mode_follows_umask(tmp_path, model, umask_027):
+    path = save_checkpoint(tmp_path / "m.pt", model)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask_027  # 0o640, not mkstemp's 0o600
+    path.chmod(0o600)
+    save_checkpoint(path, model)  # overwriting: a new file, again with the umask's mode
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
 def test_unloadable_contents_are_refused_before_writing(tmp_path, model):

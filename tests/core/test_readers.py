@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import stat
+import sys
+
 import nibabel as nib
 import nrrd
 import numpy as np
@@ -190,6 +194,19 @@ def test_write_tiff_round_trip_keeps_spacing(tmp_path, shape, dtype, spacing, un
     assert meta["unit"] == unit
     assert read_spacing == pytest.approx(spacing or (1.0,) * len(shape))
     assert not list(path.parent.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+@pytest.mark.parametrize("name", ["out.tif", "out.nii.gz"])
+def test_written_file_mode_follows_umask(tmp_path, name):
+    from napari_mae.io.writers import write_image
+
+    old = os.umask(0o027)
+    try:
+        path = write_image(tmp_path / name, np.zeros((2, 4, 4), np.uint8))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~0o027
 
 
 def test_write_tiff_refuses_other_suffix(tmp_path):

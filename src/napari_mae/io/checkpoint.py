@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import secrets
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,7 +58,8 @@ def save_checkpoint(
     The data go to a temporary file in the same directory, which is flushed,
     fsynced and then renamed over ``path`` (``os.replace``), so a crash or a
     full disk never leaves a truncated checkpoint behind and readers see either
-    the old or the new file.
+    the old or the new file. The file's mode is ``0o666 & ~umask``, as for any
+    other file the user writes.
 
     Parameters
     ----------
@@ -102,7 +103,7 @@ def save_checkpoint(
         "training_state": dict(training_state) if training_state is not None else None,
         "extra": dict(extra) if extra is not None else None,
     }
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = _create_temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(payload, fh)
@@ -114,6 +115,25 @@ def save_checkpoint(
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def _create_temp_beside(path: Path) -> tuple[int, str]:
+    """Create and open a new, uniquely named temporary file next to ``path``.
+
+    Unlike ``tempfile.mkstemp`` (always mode 0600), the file is created with mode
+    0666 and the kernel applies the process umask (and any default ACL), so the
+    renamed checkpoint gets the permissions of any other file the user writes.
+    Reading the umask to ``chmod`` afterwards would need ``os.umask``, which sets
+    it too and so is not thread-safe. ``O_EXCL`` makes the name ours alone.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        name = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
 def _check_loadable(name: str) -> None:
