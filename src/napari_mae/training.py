@@ -62,6 +62,9 @@ from napari_mae.data import DEFAULT_EXCLUDE, sample_seed
 __all__ = [
     "TrainConfig",
     "TrainUpdate",
+    "bundled_model_available",
+    "default_model",
+    "guess_spatial_dims",
     "lr_at_step",
     "train",
 ]
@@ -273,6 +276,74 @@ class TrainUpdate:
     eta_s: float = 0.0
     message: str = ""
     checkpoint: Path | None = None
+
+
+def default_model(spatial_dims: int | None = None) -> str:
+    """The model a run starts from when none is chosen: the bundled one, fine-tuned.
+
+    Shared by ``napari-mae train`` and the Training widget.
+
+    Parameters
+    ----------
+    spatial_dims : {2, 3}, optional
+        Spatial dimensions of the data (see :func:`guess_spatial_dims`); ``None`` means 2.
+
+    Returns
+    -------
+    str
+        ``"default-2d"`` or ``"default-3d"``.
+
+    Raises
+    ------
+    ValueError
+        If ``spatial_dims`` is not 2, 3 or None.
+    """
+    if spatial_dims not in (None, 2, 3):
+        raise ValueError(f"spatial_dims must be 2, 3 or None, got {spatial_dims!r}")
+    return f"default-{spatial_dims or 2}d"
+
+
+def bundled_model_available(name: str) -> bool:
+    """Whether the bundled model ``name`` (``"default-2d"`` ...) ships with this installation.
+
+    Checked without importing torch, so the Training widget can ask on the GUI thread.
+    """
+    # The folder is napari_mae.model.MODELS_DIR; importing that module would import torch.
+    return (
+        name in ("default-2d", "default-3d")
+        and (Path(__file__).resolve().parent / "models" / f"{name}.pt").is_file()
+    )
+
+
+def guess_spatial_dims(
+    data_dir: Any, patterns: Sequence[str] | None = None, *, exclude: Sequence[str] = DEFAULT_EXCLUDE
+) -> tuple[int, Path] | None:
+    """Spatial dimensions of a training folder, from the first image :func:`train` would read.
+
+    Parameters
+    ----------
+    data_dir : path or sequence of paths
+        As :attr:`TrainConfig.data_dir`.
+    patterns, exclude : sequence of str, optional
+        As :attr:`TrainConfig.patterns` (``None``: :data:`napari_mae.data.DEFAULT_PATTERNS`)
+        and :attr:`TrainConfig.exclude`.
+
+    Returns
+    -------
+    (int, pathlib.Path) or None
+        3 when that image is a volume (its axes have a Z), else 2, and the image;
+        ``None`` when no image is found or it is unreadable (training reports
+        that itself, with context).
+    """
+    from napari_mae.data import DEFAULT_PATTERNS, find_images
+    from napari_mae.io.readers import read_image
+
+    try:
+        first = find_images(data_dir, tuple(patterns) if patterns else DEFAULT_PATTERNS, exclude=exclude)[0]
+        _, _, meta = read_image(first)
+    except Exception:  # noqa: BLE001 - training reports unreadable data itself, with context
+        return None
+    return (3 if "Z" in meta.get("axes", "") else 2), first
 
 
 def lr_at_step(

@@ -90,3 +90,34 @@ def test_train_leaves_annotation_files_out(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", str(image_folder), "--out", str(out), "--epochs", "1", *TINY_ARGS]) == 0
     assert "on 3 images (1 for validation)" in capsys.readouterr().err  # the 4 cell crops only
+
+
+@pytest.mark.parametrize(
+    ("volume", "extra", "model", "spatial_dims"),
+    [
+        (False, [], "default-2d", 2),
+        (True, [], "default-3d", 3),
+        (True, ["--spatial-dims", "2"], "default-2d", 2),
+        (True, ["--model", "tiny-2d"], "tiny-2d", None),
+    ],
+)
+def test_train_default_model_follows_the_data(
+    image_folder, tmp_path, capsys, monkeypatch, volume, extra, model, spatial_dims
+):
+    import numpy as np
+    from skimage import data
+
+    from napari_mae import training
+
+    if volume:  # a stack of 10 real crops (4 planes would read as channels)
+        for p in image_folder.glob("*.tif"):
+            p.unlink()
+        cell = data.cell()
+        tifffile.imwrite(
+            image_folder / "vol.tif", np.stack([cell[i * 10 : i * 10 + 40, :40] for i in range(10)])
+        )
+    configs = []
+    monkeypatch.setattr(training, "train", lambda config: configs.append(config) or iter(()))
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *extra]) == 0
+    assert (configs[0].model, configs[0].spatial_dims) == (model, spatial_dims)
+    assert ("vol.tif is a 3D volume" in capsys.readouterr().err) == (model == "default-3d")

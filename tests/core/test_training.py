@@ -252,3 +252,48 @@ def test_3d_run_on_a_volume(tmp_path):
     updates = list(train(_config(folder, tmp_path / "run", model=tiny3d, epochs=1, samples_per_image=4)))
     assert updates[-1].kind == "finished" and updates[-1].step == 2
     assert "3D, crops (8, 16, 16)" in updates[0].message
+
+
+# ----------------------------------------------------------- default model (CLI and widget)
+
+
+@pytest.mark.parametrize(
+    ("spatial_dims", "expected"), [(None, "default-2d"), (2, "default-2d"), (3, "default-3d")]
+)
+def test_default_model_is_the_bundled_one(spatial_dims, expected):
+    assert training.default_model(spatial_dims) == expected
+    assert training.bundled_model_available(expected)  # shipped in src/napari_mae/models
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 4, "3"])
+def test_default_model_bad_dims(spatial_dims):
+    with pytest.raises(ValueError, match="spatial_dims"):
+        training.default_model(spatial_dims)
+
+
+def test_bundled_model_available_only_for_bundled_names():
+    assert not training.bundled_model_available("tiny-2d")
+    assert not training.bundled_model_available("../models/default-2d")
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"a.tif": "2d"}, 2),
+        ({"a.tif": "3d"}, 3),
+        ({"z.tif": "2d", "labels/a.tif": "3d"}, 2),  # annotation files are left out, as in training
+        ({}, None),  # nothing found: training reports it itself
+        ({"a.tif": "bad"}, None),  # unreadable
+    ],
+)
+def test_guess_spatial_dims(tmp_path, sample_data_dir, files, expected):
+    image_2d = sorted((sample_data_dir / "nuclei_2d" / "images").glob("*.tif"))[0]
+    sources = {"2d": image_2d, "3d": sample_data_dir / "nuclei_3d" / "image.tif"}
+    for name, kind in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not an image" if kind == "bad" else sources[kind].read_bytes())
+    guess = training.guess_spatial_dims(tmp_path, ["*.tif"])
+    assert (guess[0] if guess else None) == expected
+    if guess:
+        assert guess[1] == (tmp_path / min(f for f in files if "/" not in f)).resolve()

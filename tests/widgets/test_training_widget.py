@@ -43,6 +43,47 @@ def test_training_offers_model(viewer, add_widget, qtbot, notifications, nuclei_
     assert viewer.layers["nuclei 2D reconstruction"].data.shape == image.shape
 
 
+def test_training_starts_from_the_bundled_model_like_the_cli(
+    viewer, add_widget, qtbot, nuclei_folder, sample_data_dir, tmp_path
+):
+    from napari_mae.training import default_model
+
+    widget = add_widget("Training")
+    items = [widget.start_from.itemText(i) for i in range(widget.start_from.count())]
+    assert (widget.dims.currentText(), widget.start_from.currentText()) == ("2D", "default-2d (fine-tune)")
+    assert "tiny-2d (from scratch)" in items  # training from scratch stays one choice away
+    widget.folder.setText(str(nuclei_folder))
+    config = widget.build_config()
+    assert config.model == default_model(2) and config.patch_size is None
+    # A folder of volumes: 3D and default-3d, as `napari-mae train` chooses (read in a worker).
+    volumes = tmp_path / "volumes"
+    volumes.mkdir()
+    (volumes / "vol.tif").write_bytes((sample_data_dir / "nuclei_3d" / "image.tif").read_bytes())
+    widget.folder.setText(str(volumes))
+    widget.folder.editingFinished.emit()
+    qtbot.waitUntil(lambda: widget.dims.currentText() == "3D", timeout=30_000)
+    assert widget.start_from.currentText() == "default-3d (fine-tune)"
+    assert widget.build_config().model == default_model(3)
+    # Once the user chose, another folder leaves the choice alone.
+    widget.start_from.setCurrentText("tiny-3d (from scratch)")
+    widget.start_from.activated.emit(widget.start_from.currentIndex())  # as a click does
+    worker = widget._dims_worker
+    widget.folder.setText(str(nuclei_folder))
+    widget.folder.editingFinished.emit()
+    assert widget._dims_worker is worker  # no new guess started
+    assert (widget.dims.currentText(), widget.build_config().model) == ("3D", "tiny-3d")
+
+
+def test_training_without_bundled_weights_starts_from_scratch(viewer, add_widget, monkeypatch):
+    from napari_mae import training
+
+    monkeypatch.setattr(training, "bundled_model_available", lambda name: False)
+    widget = add_widget("Training")
+    assert widget.start_from.currentText() == "tiny-2d (from scratch)"
+    widget.dims.setCurrentText("3D")
+    assert widget.start_from.currentText() == "tiny-3d (from scratch)"
+
+
 def test_training_bad_folder_and_resume_without_run(viewer, add_widget, notifications, tmp_path):
     widget = add_widget("Training")
     widget.run()

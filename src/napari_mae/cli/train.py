@@ -97,27 +97,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _guess_spatial_dims(sources, patterns, exclude) -> int | None:
-    """3 when the first image found is a volume (has a Z axis), else 2; None if unreadable."""
-    import sys
-
-    from napari_mae.data import DEFAULT_PATTERNS, find_images
-    from napari_mae.io.readers import read_image
-
-    try:
-        first = find_images(sources, tuple(patterns) if patterns else DEFAULT_PATTERNS, exclude=exclude)[0]
-        _, _, meta = read_image(first)
-    except Exception:  # noqa: BLE001 - training reports unreadable data itself, with context
-        return None
-    if "Z" in meta.get("axes", ""):
-        print(
-            f"{first.name} is a 3D volume: training default-3d (--spatial-dims 2 trains a 2D model on its planes)",
-            file=sys.stderr,
-        )
-        return 3
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     """Train as asked by ``args``; return the exit code (1 when the loss became non-finite)."""
     import sys
@@ -125,12 +104,20 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from napari_mae.data import DEFAULT_EXCLUDE
-    from napari_mae.training import TrainConfig, train
+    from napari_mae.training import TrainConfig, default_model, guess_spatial_dims, train
 
     spatial_dims = args.spatial_dims
     if args.model is None and spatial_dims is None:
-        spatial_dims = _guess_spatial_dims(args.data_dir, args.pattern, args.exclude or DEFAULT_EXCLUDE)
-    model = args.model or f"default-{spatial_dims or 2}d"
+        guess = guess_spatial_dims(args.data_dir, args.pattern, exclude=args.exclude or DEFAULT_EXCLUDE)
+        if guess is not None:
+            spatial_dims, first = guess
+            if spatial_dims == 3:
+                print(
+                    f"{first.name} is a 3D volume: training default-3d (--spatial-dims 2 trains a 2D model "
+                    "on its planes)",
+                    file=sys.stderr,
+                )
+    model = args.model or default_model(spatial_dims)
     config = TrainConfig(
         data_dir=args.data_dir if len(args.data_dir) > 1 else args.data_dir[0],
         output_dir=args.out,

@@ -7,10 +7,17 @@ update drives the epoch/step progress bars, the ETA and the live loss curve
 Resume continues from the last checkpoint in the output folder. When training
 ends the model is offered in the Reconstruction and Segmentation widgets and
 cached CUDA memory is released.
+
+As ``napari-mae train``, it starts by default from the bundled model for the
+data's dimensionality (:func:`napari_mae.training.default_model`): choosing a
+folder reads its first image in a worker thread
+(:func:`napari_mae.training.guess_spatial_dims`) and sets 2D/3D, unless the
+user already chose the dimensions or the start model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -58,6 +65,7 @@ def _path_row(placeholder: str, directory: bool = True) -> tuple[QWidget, QLineE
             path, _ = QFileDialog.getOpenFileName(row, placeholder, edit.text(), "Checkpoints (*.pt *.pth)")
         if path:
             edit.setText(path)
+            edit.editingFinished.emit()  # as if typed: the Training widget looks at the folder
 
     button.clicked.connect(browse)
     lay.addWidget(edit, 1)
@@ -93,11 +101,20 @@ class TrainingWidget(JobWidget):
         self.pattern.setToolTip("Glob pattern(s), comma separated, e.g. '*.tif, *.nii.gz'")
         self.dims = QComboBox()
         self.dims.addItems(["2D", "3D"])
+        self.dims.setToolTip("Set from the first image of the folder until you choose")
         self.dims.currentTextChanged.connect(self._dims_changed)
         self.start_from = QComboBox()
         self.start_from.setToolTip(
-            "Preset to train from scratch, bundled weights or a checkpoint to fine-tune"
+            "Bundled weights to fine-tune (the default, as napari-mae train), "
+            "a preset to train from scratch, or a checkpoint to fine-tune"
         )
+        # ``activated`` is emitted only for the user's choices, never for setCurrentText.
+        self.user_chose_start = False
+        self.dims.activated.connect(self._user_chose)
+        self.start_from.activated.connect(self._user_chose)
+        self._dims_worker = None
+        self.folder.editingFinished.connect(self.guess_dims)
+        self.pattern.editingFinished.connect(self.guess_dims)
         ckpt_row, self.checkpoint = _path_row("checkpoint to fine-tune", directory=False)
         self._ckpt_row = ckpt_row
         self.start_from.currentTextChanged.connect(self._start_from_changed)
@@ -167,17 +184,50 @@ class TrainingWidget(JobWidget):
         self._dims_changed(self.dims.currentText())
 
     def _dims_changed(self, text: str) -> None:
+        from napari_mae.training import bundled_model_available, default_model
+
         ndim = 3 if text == "3D" else 2
         self.patch_size.set_dims(ndim)
         self.patch_size.set_value((4, 8, 8) if ndim == 3 else (8, 8))
+        default = default_model(ndim)
         self.start_from.blockSignals(True)
         self.start_from.clear()
         self.start_from.addItems(
-            [p + SCRATCH_SUFFIX for p in PRESETS[ndim]]
-            + [f"default-{ndim}d{FINETUNE_SUFFIX}", CHECKPOINT_TEXT]
+            [p + SCRATCH_SUFFIX for p in PRESETS[ndim]] + [default + FINETUNE_SUFFIX, CHECKPOINT_TEXT]
         )
+        # The CLI's default; a scratch preset only where the bundled weights are missing.
+        if bundled_model_available(default):
+            self.start_from.setCurrentText(default + FINETUNE_SUFFIX)
         self.start_from.blockSignals(False)
         self._start_from_changed(self.start_from.currentText())
+
+    def _user_chose(self, _index: int = 0) -> None:
+        self.user_chose_start = True
+
+    def guess_dims(self) -> None:
+        """Set 2D/3D from the folder's first image (in a worker), unless the user chose already."""
+        from superqt.utils import create_worker
+
+        from napari_mae.training import guess_spatial_dims
+
+        folder = self.folder.text().strip()
+        if self.user_chose_start or not folder or not Path(folder).is_dir():
+            return
+        patterns = self._patterns()
+        worker = create_worker(guess_spatial_dims, folder, patterns, _start_thread=False)
+        worker.returned.connect(lambda guess: self._dims_guessed(guess, folder, patterns))
+        self._dims_worker = worker
+        worker.start()
+
+    def _dims_guessed(self, guess, folder: str, patterns) -> None:
+        with contextlib.suppress(RuntimeError):  # the widget was closed meanwhile
+            if self.user_chose_start or (folder, patterns) != (self.folder.text().strip(), self._patterns()):
+                return  # the user chose meanwhile, or the folder changed (its own guess follows)
+            if guess is not None:
+                self.dims.setCurrentText(f"{guess[0]}D")
+
+    def _patterns(self) -> tuple[str, ...] | None:
+        return tuple(p.strip() for p in self.pattern.text().split(",") if p.strip()) or None
 
     def _start_from_changed(self, text: str) -> None:
         self._ckpt_row.setVisible(text == CHECKPOINT_TEXT)
@@ -209,7 +259,7 @@ class TrainingWidget(JobWidget):
             patch_size = self.patch_size.value()
         else:
             model = start.removesuffix(FINETUNE_SUFFIX)
-        patterns = tuple(p.strip() for p in self.pattern.text().split(",") if p.strip()) or None
+        patterns = self._patterns()
         return TrainConfig(
             data_dir=folder,
             output_dir=output,
