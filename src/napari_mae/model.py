@@ -39,6 +39,7 @@ __all__ = [
     "PRESETS",
     "MAEConfig",
     "MaskedAutoencoder",
+    "autocast",
     "build_discriminator",
     "build_model",
     "check_compatible",
@@ -857,6 +858,53 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
                 "device='mps' requested but Apple MPS is not available; use device='auto' or 'cpu'"
             )
     return dev
+
+
+def autocast(device: torch.device, enabled: bool = True, *, cpu_bf16: bool = False):
+    """Reduced-precision context for inference on ``device``.
+
+    CUDA: bfloat16 where supported, else float16; MPS: float16. CPU: bfloat16 only with
+    ``cpu_bf16`` *and* native bfloat16 dot products (AVX512-BF16 or AMX; measured 2.2x
+    faster for the encoder on such a CPU), float32 otherwise (emulated bfloat16 is slower
+    than float32). A null context when disabled or unsupported.
+
+    Parameters
+    ----------
+    device : torch.device
+    enabled : bool
+        False always gives float32.
+    cpu_bf16 : bool
+        Allow bfloat16 on CPU (for features, whose precision matters little).
+
+    Returns
+    -------
+    contextlib.AbstractContextManager
+    """
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif device.type == "mps":
+        dtype = torch.float16
+    elif device.type == "cpu" and cpu_bf16 and _cpu_has_native_bf16():
+        dtype = torch.bfloat16
+    else:
+        return contextlib.nullcontext()
+    try:
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    except RuntimeError:  # older torch without autocast on this device: run float32
+        return contextlib.nullcontext()
+
+
+def _cpu_has_native_bf16() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(bool(check()) for check in checks if check is not None)
+    except Exception:  # noqa: BLE001 - private torch helpers: any failure means "unknown", i.e. no
+        return False
 
 
 def check_compatible(

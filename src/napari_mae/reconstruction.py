@@ -17,7 +17,6 @@ arrays are never loaded or converted whole; only the outputs are full size.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -202,21 +201,6 @@ def _n_windows(size: Sequence[int], roi: Sequence[int], interval: Sequence[int])
     return n
 
 
-def _autocast(device: Any, enabled: bool) -> contextlib.AbstractContextManager:
-    import torch
-
-    if not enabled or device.type not in ("cuda", "mps"):
-        return contextlib.nullcontext()
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.float16
-    try:
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    except RuntimeError:  # older torch without autocast on this device: run float32
-        return contextlib.nullcontext()
-
-
 def _neighbour_patch_stats(model: Any, windows: Any, removed: Any) -> tuple[Any, Any]:
     """Per-token mean and std to put norm-pix predictions back into intensities.
 
@@ -399,6 +383,7 @@ def reconstruct(
     from monai.inferers import sliding_window_inference
 
     from napari_mae.model import MaskedAutoencoder, check_compatible, load_model, resolve_device
+    from napari_mae.model import autocast as model_autocast
 
     ratio = check_mask_ratio(mask_ratio)
     if strategy not in STRATEGIES:
@@ -494,7 +479,7 @@ def reconstruct(
                     cells = tuple(slice(s, s + r // p) for s, r, p in zip(starts, roi, patch))
                     masks.append(global_mask[cells].reshape(-1))
                 removed = torch.from_numpy(np.stack(masks)).to(windows.device)  # (B, N)
-                with _autocast(windows.device, autocast):
+                with model_autocast(windows.device, autocast):
                     pred, _ = model(windows, mask=removed)  # (B, N, P*C)
                 pred = pred.float()
                 if cfg.norm_pix_loss:

@@ -64,8 +64,10 @@ _PREDICT_ROWS = 2**17  # forest predictions per chunk (a progress report, i.e. a
 # pixels within [1000, 4000], scribbled pixels at most 4000 (fitting cost grows with the
 # rows, accuracy hardly: 0.742 with 8000 + 20000 vs 0.721 here on a quarter of the DSB
 # images). Extremely randomised trees fit 5x faster but found fewer CT bones (F1@0.5 over
-# four seeds 0.19-0.44 vs 0.35-0.47).
+# four seeds 0.19-0.44 vs 0.35-0.47); bootstraps of half the rows halve the fitting time
+# but lost 0.015 on the DSB images in scribble mode.
 _N_TREES = 24
+_MODEL_COMPONENTS = 12  # PCA channels of MAE features (DSB: acc 0.647 at 12, 0.650 at 24)
 _PSEUDO_FRACTION = 0.02
 _PSEUDO_RANGE = (1000, 4000)
 _MAX_SCRIBBLED = 4000
@@ -242,40 +244,7 @@ def estimate_object_radius(
             st = [int(min(max(f * n - w / 2, 0), n - w)) for f, n, w in zip(fr, image.shape, side)]
             cands.append(tuple(slice(a, a + w) for a, w in zip(st, side)))
         img = image[max(cands, key=lambda c: float(np.var(image[c][(slice(None, None, 4),) * ndim])))]
-    best = None
-    best_arg = None
-    # LoG of every scale by FFT: one forward transform, then one inverse per scale whose
-    # cost does not grow with sigma (scipy's spatial gaussian_laplace costs O(sigma) per
-    # pixel and dominated the run time for large objects). Symmetric padding of 1.5 sigma
-    # (reflect borders as scipy's; the periodic copy is then 3 sigma away, weight
-    # exp(-4.5) ~ 1 %, too little to move a peak) and single precision throughout.
-    from scipy import fft as sfft
-
-    sig_px_max = (radii[-1] / math.sqrt(ndim)) / spi
-    pads = [int(min(math.ceil(1.5 * sp_), n - 1)) for sp_, n in zip(sig_px_max, img.shape)]
-    padded = np.pad(img.astype(np.float32, copy=False), [(p, p) for p in pads], mode="symmetric")
-    spec = sfft.rfftn(padded, workers=1)  # complex64
-    freqs = [sfft.fftfreq(n).astype(np.float32) for n in padded.shape[:-1]]
-    freqs.append(sfft.rfftfreq(padded.shape[-1]).astype(np.float32))
-    grids = np.meshgrid(*freqs, indexing="ij", sparse=True)
-    omega2 = [(np.float32(2 * np.pi) * f) ** 2 for f in grids]  # per-axis squared frequency
-    inner = tuple(slice(p, p + n) for p, n in zip(pads, img.shape))
-    for k, r in enumerate(radii):
-        report(progress, k, len(radii) + 1, "estimating object size")
-        sig = r / math.sqrt(ndim)
-        s_px = np.maximum(sig / spi, 0.5)
-        # -LoG in pixel units has the transfer function |omega|^2 G(omega); times the
-        # physical sigma^2, -ndi.gaussian_laplace(img, s_px) * sig**2.
-        gauss = np.exp(sum(np.float32(-0.5 * sp_**2) * w2 for w2, sp_ in zip(omega2, s_px)))
-        neg_lap = sum(omega2) * (gauss * np.float32(sig**2))
-        resp = sfft.irfftn(spec * neg_lap, s=padded.shape, workers=1)[inner]
-        if best is None:
-            best = resp
-            best_arg = np.zeros(img.shape, np.int16)
-        else:
-            upd = resp > best
-            best[upd] = resp[upd]
-            best_arg[upd] = k
+    best, best_arg = _max_log_response(img, radii, spi, progress)
     size = tuple(max(3, int(2 * round(1.25 * radii[0] / s)) + 1) for s in spi)
     # Strong local maxima: at least half the 99.9th percentile of the response map.
     peaks = (best == ndi.maximum_filter(best, size=size)) & (best > 0.5 * np.percentile(best, 99.9))
@@ -316,6 +285,116 @@ def estimate_object_radius(
         "radius_log": r_log,
         "radius_foreground": r_fg,
     }
+
+
+def _max_log_response(img: np.ndarray, radii: np.ndarray, spacing: np.ndarray, progress=None):
+    """Per pixel, the strongest scale-normalised ``-LoG`` response over ``radii`` and its index.
+
+    LoG by FFT (scipy's spatial gaussian_laplace costs O(sigma) per pixel and dominated the
+    run time for large objects): one forward transform of the image, symmetrically padded
+    by 1.5 of the largest sigma (reflect borders as scipy's; the periodic copy is then 3
+    sigma away, weight exp(-4.5) ~ 1 %, too little to move a peak); then, per scale, one
+    inverse transform on a grid coarsened by 2, 4, ... along each axis where sigma exceeds
+    4 pixels along it: the spectrum is cropped to the coarse grid's band, which is exact
+    because the Gaussian of >= 2 coarse pixels has no energy left beyond it. The per-grid
+    maxima are brought back by linear interpolation. Single precision throughout.
+
+    ``img`` is ``([Z,] Y, X)`` float; ``radii`` physical, ascending; returns ``best``
+    (float32, the image's shape) and ``best_arg`` (int16 indices into ``radii``).
+    """
+    from scipy import fft as sfft
+
+    ndim = img.ndim
+    sig_px = [np.asarray(r / math.sqrt(ndim) / spacing) for r in radii]
+    # Coarsening per axis and scale: 2**level with sigma / 2**level in [2, 4) pixels.
+    levels = [tuple(int(2 ** max(0, math.floor(math.log2(max(v, 1.0) / 2.0)))) for v in s) for s in sig_px]
+    f_max = np.max(np.asarray(levels), axis=0)
+    # Padded size: >= 1.5 sigma_max each side, a multiple of the coarsest factor, FFT-friendly.
+    padded_shape, pads = [], []
+    for n, sm, fm in zip(img.shape, np.max(np.asarray(sig_px), axis=0), f_max):
+        fm = int(fm)
+        p = int(min(math.ceil(1.5 * sm), n - 1))
+        p = -(-p // fm) * fm  # a multiple of every factor: pixel 0 falls on every coarse grid
+        m = fm * sfft.next_fast_len(-(-(n + 2 * p) // fm), real=True)
+        padded_shape.append(m)
+        pads.append((p, m - n - p))
+    padded = np.pad(img.astype(np.float32, copy=False), pads, mode="symmetric")
+    spec = sfft.rfftn(padded, workers=1)  # complex64, padded_shape[:-1] + (padded_shape[-1] // 2 + 1,)
+    best = best_arg = None
+    done = 0
+    for factor in sorted(set(levels), key=lambda fa: float(np.prod(fa))):
+        ks = [k for k, fa in enumerate(levels) if fa == factor]
+        shape = tuple(m // fa for m, fa in zip(padded_shape, factor))
+        # Band of the coarse grid: low positive and negative frequencies on the full axes,
+        # the first half on the last (real) axis; scaled for irfftn's 1 / size.
+        sub = spec
+        for ax, (m, n_c) in enumerate(zip(padded_shape[:-1], shape[:-1])):
+            if n_c != m:
+                half = n_c // 2
+                sub = np.concatenate(
+                    [sub.take(range(half), ax), sub.take(range(m - (n_c - half), m), ax)], ax
+                )
+        sub = sub[..., : shape[-1] // 2 + 1] * np.float32(np.prod(shape) / np.prod(padded_shape))
+        freqs = [sfft.fftfreq(n).astype(np.float32) for n in shape[:-1]] + [
+            sfft.rfftfreq(shape[-1]).astype(np.float32)
+        ]
+        grids = np.meshgrid(*freqs, indexing="ij", sparse=True)
+        omega2 = [(np.float32(2 * np.pi) * g) ** 2 for g in grids]  # coarse-pixel units
+        # Coarse sample j is fine (padded) pixel j * f: the image's pixels 0..n-1 lie on
+        # coarse samples p0 / f .. p0 / f + (n - 1) / f.
+        inner = tuple(
+            slice(p0 // fa, min(p0 // fa + -(-(n - 1) // fa) + 1, c))
+            for (p0, _), n, fa, c in zip(pads, img.shape, factor, shape)
+        )
+        lvl_best = lvl_arg = None
+        for k in ks:
+            report(progress, done, len(radii) + 1, "estimating object size")
+            done += 1
+            sig = radii[k] / math.sqrt(ndim)
+            s_lvl = np.maximum(sig_px[k], 0.5) / np.asarray(factor)
+            # -LoG in full-resolution pixel units (d/dx_full = d/dx_coarse / f) has the
+            # transfer function sum_i omega_i^2 / f_i^2 G(omega); times the physical
+            # sigma^2, -ndi.gaussian_laplace(img, s_px) * sig**2.
+            gauss = np.exp(sum(np.float32(-0.5 * sl**2) * w2 for w2, sl in zip(omega2, s_lvl)))
+            lap = sum(w2 / np.float32(fa**2) for w2, fa in zip(omega2, factor))
+            resp = sfft.irfftn(sub * (lap * (gauss * np.float32(sig**2))), s=shape, workers=1)[inner]
+            if lvl_best is None:
+                lvl_best, lvl_arg = resp, np.full(resp.shape, k, np.int16)
+            else:
+                upd = resp > lvl_best
+                lvl_best[upd] = resp[upd]
+                lvl_arg[upd] = k
+        if any(fa > 1 for fa in factor):
+            lvl_best = _to_grid(lvl_best, factor, img.shape, order=1)
+            lvl_arg = _to_grid(lvl_arg, factor, img.shape, order=0)
+        if best is None:
+            best, best_arg = np.ascontiguousarray(lvl_best), np.ascontiguousarray(lvl_arg)
+        else:
+            upd = lvl_best > best
+            best[upd] = lvl_best[upd]
+            best_arg[upd] = lvl_arg[upd]
+    return best, best_arg
+
+
+def _to_grid(coarse: np.ndarray, factor: Sequence[int], shape: tuple[int, ...], order: int) -> np.ndarray:
+    """Values sampled every ``factor`` pixels (coarse sample j at fine pixel j f) at the
+    fine pixels of ``shape``: linear (order 1) or nearest (order 0) interpolation."""
+    coords = [np.arange(n) / fa for n, fa in zip(shape, factor)]
+    if order == 0:
+        idx = [np.clip(np.round(c).astype(np.intp), 0, m - 1) for c, m in zip(coords, coarse.shape)]
+        return coarse[np.ix_(*idx)]
+    out = coarse
+    for ax, c in enumerate(coords):  # separable linear interpolation, axis by axis
+        m = out.shape[ax]
+        c = np.clip(c, 0, m - 1)
+        lo = np.minimum(np.floor(c).astype(np.intp), max(m - 2, 0))
+        w = (c - lo).astype(np.float32)
+        hi = np.minimum(lo + 1, m - 1)
+        wshape = [1] * out.ndim
+        wshape[ax] = -1
+        w = w.reshape(wshape)
+        out = out.take(lo, ax) * (1 - w) + out.take(hi, ax) * w
+    return out.astype(np.float32, copy=False)
 
 
 def _stroke_radius(scribbles: np.ndarray, spacing: np.ndarray) -> float:
@@ -889,7 +968,13 @@ def _scribble_probabilities(img, auto_fg, scrib, sp, r, model, progress):
         # radius cost 4x more with no gain (DSB quarter: 0.717 vs 0.718).
         patch = float(np.min(np.atleast_1d(m.config.patch_size)))
         zoom = float(np.clip(0.5 * patch / float(np.min(r / sp)), 0.25, 1.0))
-        mf = model_features(img[None], m, scales=(zoom, zoom / 2), progress=_sub_progress(progress, 400, 500))
+        mf = model_features(
+            img[None],
+            m,
+            scales=(zoom, zoom / 2),
+            n_components=_MODEL_COMPONENTS,
+            progress=_sub_progress(progress, 400, 500),
+        )
         feats = np.concatenate([feats, mf], axis=-1)
 
     # Pseudo-labels from the automatic segmentation.
