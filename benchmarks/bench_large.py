@@ -12,12 +12,16 @@ Usage (from the repository root)::
 Cases (synthetic, seeded, with instance ground truth):
 
 * ``2d``: 8192 x 8192 uint16, bright disks of radius 4-7 px: the full-resolution path
-  (36 tiles of 1448 x 1448 plus overlap).
-* ``3d``: 200 x 1024 x 1024 uint16, balls of radius 4-7 px (242 tiles of 102^3).
+  (9 tiles, cores of 2731 x 2731 plus overlap).
+* ``3d``: 200 x 1024 x 1024 uint16, balls of radius 4-7 px (72 tiles, cores of
+  100 x 171 x 171).
 * ``2d-large``: 8192 x 8192, disks of radius 12-20 px: segmented on a working grid shrunk
-  about 2x (``info["working_shape"]``), tiled there with ``tile_shape=(2896, 2896)`` (the
-  automatic core of 1448 on that grid, given so that the borders are known in advance),
-  and the labels brought back to full resolution.
+  about 2x (``info["working_shape"]``), tiled there (4 tiles), and the labels brought
+  back to full resolution.
+
+Every case passes ``tile_shape``: the automatic core of ``segment_instances`` for the
+nominal radius (``segmentation._auto_tile_core``), so that the tile borders are known
+before the radius is estimated (objects placed on them would otherwise miss them).
 
 Objects sit on a jittered grid (75 % of the cells, so some touch and some overlap: an
 overlap goes to the object of the smaller normalised distance, a flat interface),
@@ -55,9 +59,8 @@ Each case runs in a fresh (spawned) process. Printed per case:
 * predicted fragments smaller than a quarter of the smallest object (each tile drops
   those, so they come from stitching or resampling), and how many touch a core border.
 
-Below ``--scale 1`` the tile core shrinks with the image (``tile_shape`` = default core x
-scale, at least 64 px), so that the small run still has many tiles; at scale 1 the
-automatic tiling is used (``2d-large``: the ``tile_shape`` above).
+Below ``--scale 1`` the tile core shrinks with the image (``tile_shape`` = the core above
+x scale, at least 64 px), so that the small run still has many tiles.
 """
 
 from __future__ import annotations
@@ -86,16 +89,7 @@ N_CROPS = 4
 CASES = {
     "2d": {"shape": (8192, 8192), "radius": (4.0, 7.0), "cell": 16, "seed": 1},
     "3d": {"shape": (200, 1024, 1024), "radius": (4.0, 7.0), "cell": 14, "seed": 2},
-    # tile_shape: the automatic core (1448) on the working grid shrunk 2x for radius ~16,
-    # given in full-resolution pixels so that the borders are known before the radius is
-    # estimated (the objects placed on them would otherwise miss them by tens of pixels).
-    "2d-large": {
-        "shape": (8192, 8192),
-        "radius": (12.0, 20.0),
-        "cell": 44,
-        "seed": 3,
-        "tile_shape": (2896, 2896),
-    },
+    "2d-large": {"shape": (8192, 8192), "radius": (12.0, 20.0), "cell": 44, "seed": 3},
 }
 CROP = {2: (1024, 1024), 3: (64, 256, 256)}
 
@@ -113,17 +107,28 @@ def _maxrss_bytes() -> int:
 
 
 def core_shape(shape, work_shape, tile_shape) -> list[int] | None:
-    """Tile core on the working grid as ``segment_instances`` derives it; None if untiled."""
+    """Tile core on the working grid as ``segment_instances`` derives it from an explicit
+    ``tile_shape`` (full-resolution pixels); None if untiled."""
     from napari_mae.segmentation import _BLOCK_VOXELS
 
-    ndim = len(shape)
     if tile_shape is None:
         if math.prod(work_shape) <= _BLOCK_VOXELS:
             return None
-        t = [int(round(_BLOCK_VOXELS ** (1.0 / ndim) / 2))] * ndim
-    else:
-        t = [max(1, int(round(t * w / n))) for t, w, n in zip(tile_shape, work_shape, shape)]
+        raise ValueError("pass tile_shape: the automatic core depends on the estimated radius")
+    t = [max(1, int(round(t * w / n))) for t, w, n in zip(tile_shape, work_shape, shape)]
     return [max(min(w, int(c)), 1) for w, c in zip(work_shape, t)]
+
+
+def auto_tile_shape(shape, radius: float) -> list[int]:
+    """The automatic tile core of ``segment_instances`` for objects of ``radius`` pixels,
+    in full-resolution pixels (so that passing it reproduces the automatic tiling with
+    borders known before the radius is estimated)."""
+    from napari_mae.segmentation import _auto_tile_core, working_shape
+
+    work = working_shape(shape, radius, [1.0] * len(shape))
+    r_px = [radius * w / n for n, w in zip(shape, work)]
+    core = _auto_tile_core(work, r_px)
+    return [int(round(c * n / w)) for c, n, w in zip(core, shape, work)]
 
 
 def core_borders(shape, work_shape, core) -> list[np.ndarray]:
@@ -402,11 +407,11 @@ def run_case(args: tuple) -> dict:
     segment_instances(render_image(warm_objects, warm_shape, 0), tile_shape=(24,) * ndim)
     rss_imports = _rss_bytes()
     shape = tuple(max(int(round(n * scale)), 2 * spec["cell"]) for n in full)
-    tile_shape = spec.get("tile_shape")
-    if scale < 1:
-        default = tile_shape or core_shape(full, (10**6,) * ndim, None)  # the automatic core of a big input
-        tile_shape = [max(64, int(round(c * scale))) for c in default]
     r_mid = float(np.mean(spec["radius"]))
+    # The automatic core for the nominal radius, given explicitly (see auto_tile_shape).
+    tile_shape = auto_tile_shape(full, r_mid)
+    if scale < 1:
+        tile_shape = [max(64, int(round(c * scale))) for c in tile_shape]
     expected_work = working_shape(shape, r_mid, [1.0] * ndim)
     expected_borders = core_borders(shape, expected_work, core_shape(shape, expected_work, tile_shape))
 

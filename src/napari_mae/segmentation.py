@@ -73,6 +73,7 @@ _PSEUDO_RANGE = (1000, 4000)
 _MAX_SCRIBBLED = 4000
 _PARALLEL_ROWS = 2**18  # predict with all cores above this many pixels (thread start-up costs below)
 _BLOCK_VOXELS = 2**23  # segment in tiles above ~8 M voxels (2896^2 or 203^3)
+_TILE_VOXELS = 2**24  # target size of one tile with its margins (4096^2 or 256^3)
 
 # Lengths as fractions of the estimated object radius, tuned on the dev data (see
 # benchmarks/bench_segmentation.py); none depends on a particular image.
@@ -653,18 +654,51 @@ def _upsample_labels(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     The foreground outline is the linear interpolation of the working-grid foreground
     cut at one half (a smooth outline rather than the working pixels' staircase); each
     pixel of it takes the label of the working pixel holding it, or, where that is
-    background, the nearest label.
+    background, the nearest label. Done in slabs along the first axis (about 2 M output
+    pixels each, plus a halo for the nearest-label search), so the memory beyond the
+    output is a few slabs whatever the size; labels stay consecutive.
     """
-    from skimage.transform import resize
+    n0 = shape[0]
+    halo = int(math.ceil(shape[0] / labels.shape[0])) + 1
+    rows = max(1, int(2**21 // max(1, int(np.prod(shape[1:])))))
+    out = np.empty(shape, np.uint32)
+    near = [_nearest_index(m, n) for m, n in zip(labels.shape, shape)]
+    fg_coarse = (labels > 0).astype(np.float32)
+    present = np.zeros(int(labels.max()) + 1, bool)
+    for a in range(0, n0, rows):
+        b = min(a + rows, n0)
+        a_h, b_h = max(a - halo, 0), min(b + halo, n0)
+        fg = _interp_rows(fg_coarse, shape, a_h, b_h) > 0.5
+        slab = labels[np.ix_(near[0][a_h:b_h], *near[1:])]
+        slab[~fg] = 0
+        gaps = fg & (slab == 0)
+        if gaps.any() and slab.any():
+            idx = ndi.distance_transform_edt(slab == 0, return_distances=False, return_indices=True)
+            slab[gaps] = slab[tuple(i[gaps] for i in idx)]
+            del idx
+        core = slab[a - a_h : a - a_h + (b - a)]
+        out[a:b] = core
+        present[core.ravel()] = True
+    present[0] = True
+    if not present.all():  # an object lost to the outline (a one-pixel sliver): renumber
+        lut = (np.cumsum(present) - 1).astype(np.uint32)
+        for a in range(0, n0, rows):
+            out[a : a + rows] = lut[out[a : a + rows]]
+    return out
 
-    fg = resize((labels > 0).astype(np.float32), shape, order=1, anti_aliasing=False) > 0.5
-    out = labels[np.ix_(*[_nearest_index(m, n) for m, n in zip(labels.shape, shape)])]
-    out[~fg] = 0
-    gaps = fg & (out == 0)
-    if gaps.any():
-        idx = ndi.distance_transform_edt(out == 0, return_distances=False, return_indices=True)
-        out[gaps] = out[tuple(i[gaps] for i in idx)]
-    return _relabel(out)
+
+def _interp_rows(coarse: np.ndarray, shape: tuple[int, ...], a: int, b: int) -> np.ndarray:
+    """Rows ``a:b`` (first axis) of ``coarse`` resampled linearly to ``shape``, pixel
+    centres aligned as in :func:`skimage.transform.resize` (edges held constant)."""
+    out = coarse
+    for ax, (m, n) in enumerate(zip(coarse.shape, shape)):
+        idx = np.arange(a, b) if ax == 0 else np.arange(n)
+        c = np.clip((idx + 0.5) * (m / n) - 0.5, 0, m - 1)
+        lo = np.minimum(np.floor(c).astype(np.intp), max(m - 2, 0))
+        hi = np.minimum(lo + 1, m - 1)
+        w = (c - lo).astype(np.float32).reshape([-1 if i == ax else 1 for i in range(coarse.ndim)])
+        out = out.take(lo, ax) * (1 - w) + out.take(hi, ax) * w
+    return out
 
 
 # --------------------------------------------------------------------------- public
@@ -747,7 +781,9 @@ def segment_instances(
         Polarity; detected when None (dark-on-bright images are inverted).
     tile_shape : sequence of int or None
         Core tile shape in pixels for tiled processing; None tiles automatically above
-        about 8 M pixels (tiles of 1448^2 / 101^3 plus an overlap of 6 object radii).
+        about 8 M pixels (on the working grid): tiles of about 16 M pixels (4096^2,
+        256^3; half that with scribbles) including margins of 6 object radii, with equal
+        cores that divide each axis.
     progress : callable or None
         ``progress(done, total, message)``; raise :class:`napari_mae._progress.Cancelled`
         from it to stop.
@@ -1061,6 +1097,28 @@ def _tile_slices(shape, core, margin):
         yield tuple(outer), inner_core
 
 
+def _tile_margin(r_px) -> list[int]:
+    """Overlap on each side of a tile core: 6 object radii (+2) per axis, in pixels."""
+    return [int(math.ceil(6 * rp)) + 2 for rp in r_px]
+
+
+def _auto_tile_core(shape, r_px, *, scribbles: bool = False) -> list[int]:
+    """Automatic tile core (pixels per axis) for objects of ``r_px`` pixels radius.
+
+    Tiles (core + margins) of about ``_TILE_VOXELS`` voxels (half that with scribbles,
+    whose features take ~150 bytes a voxel), cores at least one margin wide: with
+    6-radius margins, small cores spent most of the time on overlap (3D: 4x the volume).
+    Equal cores that divide each axis, so there is no sliver tile at the far end.
+    """
+    ndim = len(shape)
+    side = (_TILE_VOXELS if not scribbles else _TILE_VOXELS // 2) ** (1.0 / ndim)
+    core = []
+    for n, m in zip(shape, _tile_margin(r_px)):
+        c = max(min(n, max(int(side) - 2 * m, m, 16)), 1)
+        core.append(-(-n // -(-n // c)))  # ceil(n / number of tiles)
+    return core
+
+
 def _segment_tiled(img, sp, r, threshold, scrib, model, progress, tile_shape=None):
     """Tile-wise segmentation with global parameters, stitched by object centres.
 
@@ -1071,11 +1129,11 @@ def _segment_tiled(img, sp, r, threshold, scrib, model, progress, tile_shape=Non
     """
     ndim = img.ndim
     r_px = r / sp
-    margin = [int(math.ceil(6 * rp)) + 2 for rp in r_px]
+    margin = _tile_margin(r_px)
     if tile_shape is None:
-        side = int(round(_BLOCK_VOXELS ** (1.0 / ndim) / 2))
-        tile_shape = [side] * ndim
-    core = [max(min(n, int(t)), 1) for n, t in zip(img.shape, tile_shape)]
+        core = _auto_tile_core(img.shape, r_px, scribbles=scrib is not None)
+    else:
+        core = [max(min(n, int(t)), 1) for n, t in zip(img.shape, tile_shape)]
     if threshold is None and scrib is None:
         # Global Otsu on a strided copy of the background-subtracted image.
         step = max(1, int(round((img.size / 4e6) ** (1.0 / ndim))))
