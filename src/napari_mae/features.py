@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.feature import hessian_matrix_eigvals
+
+from napari_mae.preprocess import apply_normalization, percentile_range
 
 __all__ = [
     "default_sigmas",
@@ -44,9 +45,10 @@ def as_float_image(
     """Return a float32 ``(C, *spatial)`` copy of ``image``, its NaN mask and scale.
 
     Each channel is scaled by its 1st and 99.8th finite percentiles to about ``[0, 1]``
-    so that uint8, uint16, int32 and float inputs give the same features up to rounding.
-    Non-finite pixels are replaced by the channel's median (and reported in the mask)
-    so that filters do not propagate them.
+    (:func:`napari_mae.preprocess.percentile_range`, the models' normalisation) so that
+    uint8, uint16, int32 and float inputs give the same features up to rounding.
+    Non-finite pixels become 0, the low percentile (and are reported in the mask), so
+    that filters do not propagate them; a channel with no finite pixel is all 0.
 
     Parameters
     ----------
@@ -82,27 +84,16 @@ def as_float_image(
     if arr.ndim - 1 not in (2, 3):
         raise ValueError(f"expected a 2D image or 3D volume, got spatial shape {arr.shape[1:]}")
     x = arr.astype(np.float32, copy=True)
-    finite = np.isfinite(x)
-    invalid = ~finite.all(axis=0)
+    invalid = ~np.isfinite(x).all(axis=0)
     scale = np.zeros((x.shape[0], 2))
-    for c in range(x.shape[0]):
-        vals = x[c][finite[c]]
-        if vals.size == 0:
-            x[c] = 0.0
-            continue
-        # Percentiles on a subsample: identical up to sampling noise, far cheaper on big data.
-        if vals.size > 2_000_000:
-            vals = vals[:: vals.size // 2_000_000]
-        lo, med, hi = np.percentile(vals, [1.0, 50.0, 99.8])
-        if hi <= lo:
-            lo, hi = float(vals.min()), float(vals.max())
-        x[c][~finite[c]] = med
-        scale[c] = lo, hi
-        if hi > lo:
-            x[c] -= lo
-            x[c] /= hi - lo
-        else:
-            x[c] = 0.0
+    scale[:, 1] = 1.0
+    # The models' normalisation (napari_mae.preprocess): per-channel percentiles of the
+    # finite values, non-finite pixels set to 0 (the low percentile: background).
+    has_finite = np.array([bool(np.isfinite(x[c]).any()) for c in range(x.shape[0])])
+    if has_finite.any():
+        lo, hi = percentile_range(x[has_finite], 1.0, 99.8)
+        scale[has_finite, 0], scale[has_finite, 1] = lo, hi
+    apply_normalization(x, scale[:, 0], scale[:, 1], out=x)
     return x, invalid, scale
 
 
@@ -250,7 +241,9 @@ def filter_bank(
     if int(np.prod(shape)) <= _TILE_VOXELS:
         return _filter_bank_block(x, sigmas, spacing, progress)
     out = np.empty(shape + (n_feat,), np.float32)
-    margin = [int(math.ceil(4 * max(sigmas) / s)) + 1 for s in spacing]
+    # Exact inside each tile's core: scipy's Gaussian reaches int(4 sigma + 0.5) pixels
+    # (truncate=4), and the Hessian's two central differences 2 more.
+    margin = [int(4 * max(sigmas) / s + 0.5) + 3 for s in spacing]
     side = int(round(_TILE_VOXELS ** (1.0 / ndim)))
     block = [min(n, side) for n in shape]
     blocks = list(_blocks(shape, block, margin))

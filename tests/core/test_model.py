@@ -319,3 +319,17 @@ def test_load_model_specs(tmp_path, monkeypatch):
 def test_build_model_overrides():
     model = build_model("tiny-2d", in_channels=3)
     assert model.config.in_channels == 3 and model.config.embed_dim == PRESETS["tiny-2d"].embed_dim
+
+
+def test_autocast_is_float32_on_cpu_unless_asked():
+    import contextlib
+
+    import torch
+
+    from napari_mae.model import autocast
+
+    assert isinstance(autocast(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(autocast(torch.device("cpu"), enabled=False, cpu_bf16=True), contextlib.nullcontext)
+    with autocast(torch.device("cpu"), cpu_bf16=True):
+        y = torch.nn.Linear(4, 4)(torch.ones(2, 4))
+    assert y.dtype in (torch.float32, torch.bfloat16)  # bfloat16 only on CPUs with native support

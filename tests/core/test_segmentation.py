@@ -358,3 +358,97 @@ def test_tiled_stitching_matches_whole_image(shared_data):
     assert tinfo["tiles"] == 16
     m = match_instances(whole, tiled, iou_threshold=0.9)
     assert m["accuracy"] >= 0.98
+
+
+# --------------------------------------------------------------------------- working resolution, tiling, LoG
+
+
+def test_large_objects_are_segmented_on_a_shrunk_grid():
+    """Disks of radius 24 px: segmented on a grid where the radius spans 8 px, labels back
+    at full resolution with outlines as good as a full-resolution run's."""
+    import napari_mae.segmentation as seg
+
+    img, gt = _disks(shape=(400, 400), radius=24, n=12, seed=3)
+    labels, info = segment_instances(img)
+    assert labels.shape == img.shape and labels.dtype == np.uint32
+    assert info["working_shape"] != img.shape
+    assert max(info["working_shape"]) < 200
+    assert np.array_equal(np.unique(labels), np.arange(labels.max() + 1))  # consecutive
+    m = match_instances(gt, labels)
+    assert m["accuracy"] >= 0.9 and m["mean_matched_iou"] >= 0.9
+    old = seg.PARAMS["working_radius_px"]
+    try:
+        seg.PARAMS["working_radius_px"] = 1e6  # full resolution
+        full, finfo = segment_instances(img)
+    finally:
+        seg.PARAMS["working_radius_px"] = old
+    assert finfo["working_shape"] == img.shape
+    assert match_instances(full, labels, iou_threshold=0.8)["accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("shape", "radius", "spacing", "expected"),
+    [
+        ((256, 256), 5.0, (1.0, 1.0), (256, 256)),  # never upsampled
+        ((400, 400), 16.0, (1.0, 1.0), (200, 200)),
+        ((60, 512, 512), 2.0, (0.5, 0.125, 0.125), (60, 256, 256)),  # towards isotropic voxels
+    ],
+)
+def test_working_shape(shape, radius, spacing, expected):
+    from napari_mae.segmentation import working_shape
+
+    assert working_shape(shape, radius, spacing) == expected
+
+
+@pytest.mark.parametrize("shape", [(37, 50), (5, 90, 61), (200, 300, 301)])
+def test_upsampled_labels_are_consecutive_and_cover_the_outline(shape):
+    from scipy import ndimage as ndi
+    from skimage.transform import resize
+
+    from napari_mae.segmentation import _upsample_labels
+
+    rng = np.random.default_rng(0)
+    coarse = tuple(max(2, n // 3) for n in shape)
+    lab = ndi.label(ndi.gaussian_filter(rng.random(coarse), 1.5) > 0.52)[0].astype(np.uint32)
+    out = _upsample_labels(lab, shape)
+    assert out.shape == shape and out.dtype == np.uint32
+    assert np.array_equal(np.unique(out), np.arange(out.max() + 1))
+    fg = resize((lab > 0).astype(np.float32), shape, order=1, anti_aliasing=False) > 0.5
+    assert np.mean(fg == (out > 0)) > 0.99
+
+
+@pytest.mark.parametrize(
+    ("shape", "r_px"),
+    [((8192, 8192), (5.5, 5.5)), ((200, 1024, 1024), (5.5, 5.5, 5.5)), ((1000, 30), (3.0, 3.0))],
+)
+def test_automatic_tiles_divide_each_axis_evenly(shape, r_px):
+    from napari_mae.segmentation import _TILE_VOXELS, _auto_tile_core, _tile_margin
+
+    core = _auto_tile_core(shape, r_px)
+    margin = _tile_margin(r_px)
+    for n, c, m in zip(shape, core, margin):
+        n_tiles = -(-n // c)
+        assert n - (n_tiles - 1) * c >= c - n_tiles  # the last core is as wide as the others, +-1 per tile
+        assert c >= min(n, m)  # a core at least one margin wide
+    outer = np.prod([min(n, c + 2 * m) for n, c, m in zip(shape, core, margin)])
+    assert outer <= 1.1 * _TILE_VOXELS
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (1.0, 0.5)])
+def test_log_scale_space_matches_scipy(spacing):
+    """The FFT pyramid's responses follow scipy's spatial -sigma^2 LoG away from the borders."""
+    from scipy import ndimage as ndi
+
+    from napari_mae.segmentation import _max_log_response
+
+    img, _ = _disks(shape=(180, 200), radius=9, n=10, seed=2)
+    sp = np.asarray(spacing)
+    for r in (2.0, 6.0, 16.0):
+        best, arg = _max_log_response(img, np.array([r]), sp)
+        sig = r / np.sqrt(2)
+        ref = -ndi.gaussian_laplace(img, sig / sp) * sig**2
+        inner = (slice(30, -30), slice(30, -30))
+        # Coarse grids are interpolated linearly: a few % of the peak at most.
+        assert np.abs(best - ref)[inner].max() <= 0.07 * np.abs(ref[inner]).max()
+        assert np.corrcoef(best[inner].ravel(), ref[inner].ravel())[0, 1] > 0.995
+        assert (arg == 0).all()
