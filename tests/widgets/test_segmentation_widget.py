@@ -77,6 +77,25 @@ def test_segmentation_override_radius(viewer, add_widget, qtbot, notifications):
     assert widget.info["threshold"] == pytest.approx(0.05)
 
 
+def test_segmentation_large_objects_on_a_shrunk_grid(viewer, add_widget, qtbot, notifications):
+    """Large nuclei are segmented on a shrunk grid; the status says so and the labels are
+    full size."""
+    yy, xx = np.mgrid[:240, :240]
+    image = np.zeros((240, 240), np.float32)
+    for cy, cx in [(60, 60), (60, 170), (170, 60), (170, 170), (115, 115)]:
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 < 30**2] = 1.0
+    layer = viewer.add_image(image + 0.05 * np.random.default_rng(0).random(image.shape, np.float32))
+    widget = add_widget("Segmentation")
+    widget.image.set_value(layer)
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    labels = viewer.layers[f"{layer.name} labels"].data
+    assert labels.shape == image.shape and labels.max() == 5
+    assert tuple(widget.info["working_shape"]) != image.shape
+    assert "segmented on a" in widget.status.text()
+
+
 def test_segmentation_layer_removed_while_running(viewer, add_widget, qtbot, notifications):
     viewer.open_sample("napari-mae", "nuclei_3d")
     image = viewer.layers["nuclei 3D"]

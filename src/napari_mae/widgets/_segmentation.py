@@ -298,6 +298,10 @@ class SegmentationWidget(JobWidget):
         )
         if len(sizes):
             text += f"; median {size_key} {np.median(sizes):.4g} {unit}{power}"
+        work = info.get("working_shape")
+        if work is not None and tuple(work) != tuple(np.shape(labels)[-len(work) :]):
+            # Large objects are segmented on a shrunk grid (segmentation.working_shape).
+            text += f"; segmented on a {' x '.join(str(n) for n in work)} grid"
         if info.get("message"):
             text += f". {info['message']}"
         self.status.setText(text)
