@@ -12,12 +12,12 @@ Usage (from the repository root)::
 Cases (synthetic, seeded, with instance ground truth):
 
 * ``2d``: 8192 x 8192 uint16, bright disks of radius 4-7 px: the full-resolution path
-  (9 tiles, cores of 2731 x 2731 plus overlap).
-* ``3d``: 200 x 1024 x 1024 uint16, balls of radius 4-7 px (72 tiles, cores of
-  100 x 171 x 171).
+  (5 strips of 8192 x 1639 plus overlap).
+* ``3d``: 200 x 1024 x 1024 uint16, balls of radius 4-7 px (24 tiles, cores of
+  200 x 256 x 171).
 * ``2d-large``: 8192 x 8192, disks of radius 12-20 px: segmented on a working grid shrunk
-  about 2x (``info["working_shape"]``), tiled there (4 tiles), and the labels brought
-  back to full resolution.
+  about 2x (``info["working_shape"]``, 4096 x 4096, one tile there), and the labels
+  brought back to full resolution.
 
 Every case passes ``tile_shape``: the automatic core of ``segment_instances`` for the
 nominal radius (``segmentation._auto_tile_core``), so that the tile borders are known

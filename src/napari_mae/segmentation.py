@@ -1105,18 +1105,30 @@ def _tile_margin(r_px) -> list[int]:
 def _auto_tile_core(shape, r_px, *, scribbles: bool = False) -> list[int]:
     """Automatic tile core (pixels per axis) for objects of ``r_px`` pixels radius.
 
-    Tiles (core + margins) of about ``_TILE_VOXELS`` voxels (half that with scribbles,
-    whose features take ~150 bytes a voxel), cores at least one margin wide: with
-    6-radius margins, small cores spent most of the time on overlap (3D: 4x the volume).
-    Equal cores that divide each axis, so there is no sliver tile at the far end.
+    The number of tiles per axis that processes the fewest voxels in all (cores plus
+    their 6-radius margins, which are processed twice) with every tile (core + margins)
+    at most ``_TILE_VOXELS`` voxels (half that with scribbles, whose features take ~150
+    bytes a voxel); cores are equal and divide each axis, so there is no sliver tile at
+    the far end. (Fixed-size cubes spent most of the time on overlap: on a
+    200 x 1024 x 1024 volume, 72 tiles processed 2.9x the volume; this choice, 1.7x.)
     """
-    ndim = len(shape)
-    side = (_TILE_VOXELS if not scribbles else _TILE_VOXELS // 2) ** (1.0 / ndim)
-    core = []
-    for n, m in zip(shape, _tile_margin(r_px)):
-        c = max(min(n, max(int(side) - 2 * m, m, 16)), 1)
-        core.append(-(-n // -(-n // c)))  # ceil(n / number of tiles)
-    return core
+    budget = _TILE_VOXELS if not scribbles else _TILE_VOXELS // 2
+    margin = _tile_margin(r_px)
+    # Candidate tile counts per axis (1 .. enough for cores of ~16 pixels), all combinations.
+    cands = [np.arange(1, max(1, min(n // 16, 256)) + 1) for n in shape]
+    cores = [-(-n // t) for n, t in zip(shape, cands)]
+    outers = [
+        np.where(t == 1, n, np.minimum(n, c + 2 * m)) for n, t, c, m in zip(shape, cands, cores, margin)
+    ]
+    grids = np.meshgrid(*[o.astype(float) for o in outers], indexing="ij", sparse=True)
+    counts = np.meshgrid(*[t.astype(float) for t in cands], indexing="ij", sparse=True)
+    tile_vox = np.prod(np.broadcast_arrays(*grids), axis=0)
+    work = tile_vox * np.prod(np.broadcast_arrays(*counts), axis=0)
+    work[tile_vox > budget] = np.inf
+    if not np.isfinite(work).any():  # margins alone exceed the budget: the smallest tiles
+        work = tile_vox
+    best = np.unravel_index(int(np.argmin(work)), work.shape)
+    return [int(c[i]) for c, i in zip(cores, best)]
 
 
 def _segment_tiled(img, sp, r, threshold, scrib, model, progress, tile_shape=None):
