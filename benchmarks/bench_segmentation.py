@@ -1,6 +1,6 @@
 """Benchmark of :func:`napari_mae.segmentation.segment_instances` against scikit-image baselines.
 
-Run from the repository root (2 CPU cores: about 5-10 minutes for everything)::
+Run from the repository root (2 CPU cores: about 2 minutes for everything)::
 
     python benchmarks/bench_segmentation.py                 # all modes, all data
     python benchmarks/bench_segmentation.py --every 4       # every 4th DSB image (quick)
