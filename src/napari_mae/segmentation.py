@@ -119,6 +119,34 @@ def _to_single_channel(x: np.ndarray, rgb: bool) -> np.ndarray:
     return (out - lo) / (hi - lo) if hi > lo else out * 0
 
 
+def _remove_isolated_outliers(img: np.ndarray, delta: float = 0.5) -> int:
+    """Single pixels far outside the normalised range that differ from *all* their
+    neighbours by more than ``delta`` (camera hot or dead pixels, cosmic-ray hits) take the
+    value of their brightest (darkest) neighbour, in place; returns how many.
+
+    Ten saturated pixels in a 16-bit image put Otsu's threshold and the blob detector on
+    them and left no nucleus found; a median filter would fix that too but also blur every
+    small object, so only pixels above 1 + ``delta`` or below -``delta`` (after the
+    1-99.8 % percentile normalisation) are examined, with their 3^ndim neighbourhood.
+    """
+    cand = np.flatnonzero((img > 1.0 + delta) | (img < -delta))
+    if cand.size == 0:
+        return 0
+    coords = np.stack(np.unravel_index(cand, img.shape), axis=1)  # (k, ndim)
+    offsets = np.stack(np.meshgrid(*[[-1, 0, 1]] * img.ndim, indexing="ij"), -1).reshape(-1, img.ndim)
+    offsets = offsets[np.any(offsets != 0, axis=1)]  # (3^ndim - 1, ndim)
+    nb = coords[:, None, :] + offsets[None]  # (k, n_nb, ndim)
+    nb = np.clip(nb, 0, np.asarray(img.shape) - 1)
+    vals = img[tuple(nb[..., d] for d in range(img.ndim))]  # (k, n_nb)
+    v = img.ravel()[cand]
+    hi, lo = vals.max(axis=1), vals.min(axis=1)
+    hot, cold = v > hi + delta, v < lo - delta
+    flat = img.reshape(-1)  # a view: img is C-contiguous here
+    flat[cand[hot]] = hi[hot]
+    flat[cand[cold]] = lo[cold]
+    return int(hot.sum() + cold.sum())
+
+
 def detect_polarity(image: np.ndarray) -> bool:
     """Whether objects are brighter than the background.
 
@@ -802,11 +830,15 @@ def segment_instances(
     Raises
     ------
     ValueError
-        If the image is not 2D/3D, ``spacing`` is malformed, ``object_radius`` is not
-        positive, or the scribbles have the wrong shape, negative values or lack either
+        If the image is empty or not 2D/3D, ``channel_axis`` is out of range, ``spacing``
+        is malformed, ``object_radius`` is not positive, or the scribbles have the wrong shape, negative values or lack either
         background or object strokes.
     """
     arr = np.asarray(image)
+    if arr.size == 0:
+        raise ValueError(f"the image is empty (shape {arr.shape})")
+    if channel_axis is not None and not -arr.ndim <= channel_axis < arr.ndim:
+        raise ValueError(f"channel_axis={channel_axis} is out of range for an array of {arr.ndim} dims")
     if channel_axis is None and arr.ndim == 3 and arr.shape[-1] in (3, 4):
         spatial_guess = arr.shape[:-1]
         if min(spatial_guess) > 16 and (spacing is None or len(spacing) == 2):
@@ -840,6 +872,9 @@ def segment_instances(
     report(progress, 0, 100, "preparing")
     img = _to_single_channel(x, rgb)
     del x
+    n_outliers = _remove_isolated_outliers(img)
+    if n_outliers:
+        info["outlier_pixels"] = n_outliers
     if bright_objects is None and scrib is not None:
         # The strokes say which is which: objects brighter than the background strokes?
         bright_objects = bool(np.median(img[scrib >= 2]) >= np.median(img[scrib == 1]))

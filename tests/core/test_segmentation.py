@@ -125,6 +125,27 @@ def test_constant_or_empty_gives_empty_labels(image):
     assert info["n_objects"] == 0 and "constant" in info["message"]
 
 
+@pytest.mark.parametrize("value", [65535, 0])
+def test_hot_and_dead_pixels_do_not_hide_the_objects(value):
+    """A few saturated (or dead) camera pixels: the same objects as without them."""
+    img, gt = _disks(shape=(160, 160), radius=6, n=12, seed=4)
+    img16 = (np.clip(img, 0, 1) * 3000 + 500).astype(np.uint16)
+    ref, _ = segment_instances(img16)
+    bad = img16.copy()
+    rng = np.random.default_rng(1)
+    bad.flat[rng.choice(bad.size, 25, replace=False)] = value
+    labels, info = segment_instances(bad)
+    assert match_instances(ref, labels, iou_threshold=0.8)["accuracy"] >= 0.9
+    if value:
+        assert info["outlier_pixels"] >= 20
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (0, 10), (5, 0, 4)])
+def test_empty_arrays_raise_a_clear_error(shape):
+    with pytest.raises(ValueError, match="empty"):
+        segment_instances(np.zeros(shape, np.float32))
+
+
 def test_thin_and_huge_objects_do_not_crash():
     img = np.zeros((100, 100), np.float32)
     img[50, 10:90] = 1.0  # 1-pixel-thin line
@@ -153,6 +174,8 @@ def test_user_overrides_are_used():
         ({"spacing": (0.0, 1.0)}, "spacing"),
         ({"object_radius": -2.0}, "object_radius"),
         ({"tile_shape": (10,)}, "tile_shape"),
+        ({"channel_axis": 5}, "channel_axis"),
+        ({"channel_axis": -4}, "channel_axis"),
     ],
 )
 def test_bad_arguments(kwargs, match):
