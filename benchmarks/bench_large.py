@@ -45,9 +45,9 @@ Each case runs in a fresh (spawned) process. Printed per case:
   that ratio (an over-estimate: it scales the per-tile buffers too, whose share is
   larger in a small run);
 * F1 and accuracy at IoU 0.5 over all objects (one-to-one matching at IoU >= 0.5 as in
-  :func:`napari_mae.metrics.match_instances`, counted from a sparse contingency table:
-  ``match_instances`` builds a dense ``n_gt x n_pred`` table, 300 GB for the 200 000
-  objects of the 2D case), and with ``match_instances`` itself on up to 4 crops centred
+  :func:`napari_mae.metrics.match_instances`, counted here slab by slab from a sparse
+  contingency table, whose memory does not grow with the volume), and with
+  ``match_instances`` itself on up to 4 crops centred
   on tile-core corners (1024 x 1024, 64 x 256 x 256); the first crop also segmented on
   its own, untiled: its score, its time per pixel, and its agreement with the tiled
   result (F1@0.5 between the two label images);

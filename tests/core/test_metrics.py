@@ -74,3 +74,23 @@ def test_bad_arguments(kwargs, match):
 def test_shape_mismatch():
     with pytest.raises(ValueError, match="same shape"):
         match_instances(GT, GT[:10])
+
+
+@pytest.mark.parametrize("iou_threshold", [0.1, 0.3, 0.5, 0.7])
+def test_sparse_matching_equals_the_dense_optimal_assignment(iou_threshold):
+    """Matching on overlapping pairs only gives the optimal assignment of the full table."""
+    from scipy import ndimage as ndi
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        shape = tuple(int(n) for n in rng.integers(8, 50, 2))
+        a = ndi.label(ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 2)) > 0.5)[0]
+        b = ndi.label(ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 2)) > 0.5)[0]
+        iou = iou_matrix(a, b)
+        tp = 0
+        if iou.size:
+            valid = iou >= iou_threshold
+            rows, cols = linear_sum_assignment(np.where(valid, -iou, 0.0))
+            tp = int(valid[rows, cols].sum())
+        assert match_instances(a, b, iou_threshold=iou_threshold)["tp"] == tp
