@@ -287,7 +287,9 @@ def estimate_object_radius(
     report(progress, len(radii), len(radii) + 1, "estimating object size")
     if foreground is None:
         sm = ndi.gaussian_filter(img, 1.0)
-        fg = sm > threshold_otsu(sm) if np.ptp(sm) > 0 else np.zeros(img.shape, bool)
+        # Flattened: the same histogram, without scikit-image's "looks like RGB" warning for
+        # volumes whose last axis has 3 or 4 planes.
+        fg = sm > threshold_otsu(sm.ravel()) if np.ptp(sm) > 0 else np.zeros(img.shape, bool)
     else:
         fg = foreground if foreground.shape == img.shape else None
         if fg is None:
@@ -962,7 +964,7 @@ def _auto_foreground(img: np.ndarray, r: float, sp: np.ndarray, threshold: float
         top = np.maximum(top, 0) ** PARAMS["gamma"]
     if threshold is None:
         scale = PARAMS["threshold_scale_3d"] if img.ndim == 3 else PARAMS["threshold_scale"]
-        threshold = float(threshold_otsu(top)) * scale if np.ptp(top) > 0 else float("inf")
+        threshold = float(threshold_otsu(top.ravel())) * scale if np.ptp(top) > 0 else float("inf")
     return top, float(threshold)
 
 
@@ -994,7 +996,7 @@ def _segment_block(img, sp, r, threshold, scrib, model, progress, refine_radius=
             # Otsu's 0.47).
             from skimage.filters import threshold_otsu
 
-            otsu = float(threshold_otsu(prob_obj)) if np.ptp(prob_obj) > 0 else 0.5
+            otsu = float(threshold_otsu(prob_obj.ravel())) if np.ptp(prob_obj) > 0 else 0.5
             thr = otsu if otsu < PARAMS["low_probability"] else 0.5
         fg = prob_obj > thr
         if refine_radius and fg.any():

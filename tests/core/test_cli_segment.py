@@ -75,6 +75,7 @@ def test_segment_with_scribbles_and_spacing(nuclei, capsys):
     [
         (["--spacing", "1", "1", "1"], "--spacing"),
         (["--out", "x.png"], "TIFF"),
+        (["--radius", "-3"], "--radius must be positive"),
     ],
 )
 def test_segment_user_errors(nuclei, capsys, extra, message):
@@ -94,6 +95,35 @@ def test_one_class_scribbles_is_a_clear_error(nuclei, capsys):
     )
     assert rc == 2
     assert "object" in capsys.readouterr().err
+
+
+def test_segment_objects_polarity_option(tmp_path, capsys):
+    """One bright disk covering most of the image: detection takes it for background;
+    --objects bright says otherwise."""
+    from skimage.draw import disk as draw_disk
+
+    img = np.full((128, 128), 30, np.uint8)
+    img[draw_disk((64, 64), 55, shape=img.shape)] = 200
+    tifffile.imwrite(tmp_path / "big.tif", img)
+    out = tmp_path / "labels.tif"
+    assert (
+        main(["segment", str(tmp_path / "big.tif"), "--out", str(out), "--objects", "bright", "--quiet"]) == 0
+    )
+    labels = tifffile.imread(out)
+    assert labels.max() == 1 and labels[64, 64] == 1 and labels[2, 2] == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["bright_objects"] is True
+
+
+def test_evaluate_json_name_checked_before_scoring_and_folder_made(nuclei, capsys):
+    tmp, gt = nuclei
+    (tmp / "pred").mkdir()
+    tifffile.imwrite(tmp / "pred" / "img.tif", gt)
+    args = ["evaluate", "--pred", str(tmp / "pred"), "--gt", str(tmp / "gt")]
+    assert main([*args, "--json", str(tmp / "scores.txt")]) == 2
+    assert "JSON" in capsys.readouterr().err
+    assert main([*args, "--json", str(tmp / "new" / "scores.json")]) == 0
+    assert json.loads((tmp / "new" / "scores.json").read_text())["summary"]["0.5"]["tp"] == 5
 
 
 def test_evaluate_without_common_files(tmp_path, capsys):
@@ -120,6 +150,36 @@ def test_segment_multichannel_tiff_uses_channel_axis(tmp_path):
     labels = tifffile.imread(out)
     assert labels.shape == (96, 96)
     assert labels.max() >= 1
+
+
+def test_segment_channel_axis_counts_the_axes_as_read(tmp_path, capsys):
+    """A (C, Y, X) stack is read channels last: --channel-axis 0 (the file's axis) is a
+    clear error, not a (96, 2) label image; -1 or no flag works."""
+    stack = np.random.default_rng(0).integers(0, 50, (2, 96, 96)).astype(np.uint8)
+    stack[:, 30:50, 30:50] = 200
+    path = tmp_path / "cyx.tif"
+    tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "CYX"})
+    out = tmp_path / "labels.tif"
+    assert main(["segment", str(path), "--out", str(out), "--channel-axis", "0", "--quiet"]) == 2
+    assert "as read" in capsys.readouterr().err and not out.exists()
+    assert main(["segment", str(path), "--out", str(out), "--channel-axis", "-1", "--quiet"]) == 0
+    assert tifffile.imread(out).shape == (96, 96)
+
+
+def test_segment_uncalibrated_yx3_stack_as_rgb(tmp_path, capsys):
+    """An RGB image saved without its photometric tag reads as 96 pages of 96 x 3: the CLI
+    segments it as RGB (as the API does for such arrays), unless --spacing says volume."""
+    rgb = np.full((96, 96, 3), 20, np.uint8)
+    rgb[30:50, 30:50] = 200
+    path = tmp_path / "rgb_untagged.tif"
+    tifffile.imwrite(path, rgb, photometric="minisblack")
+    out = tmp_path / "labels.tif"
+    assert main(["segment", str(path), "--out", str(out), "--quiet"]) == 0
+    assert "RGB" in capsys.readouterr().err
+    labels = tifffile.imread(out)
+    assert labels.shape == (96, 96) and labels.max() == 1
+    assert main(["segment", str(path), "--out", str(out), "--spacing", "1", "1", "1", "--quiet"]) == 0
+    assert tifffile.imread(out).shape == (96, 96, 3)
 
 
 def test_segment_out_under_a_file_fails_before_work(tmp_path, capsys):

@@ -73,9 +73,10 @@ def _load(path: Path):
 
 def run(args: argparse.Namespace) -> int:
     """Run ``evaluate``; return the exit code."""
-    from napari_mae.cli import CLIError
+    from napari_mae.cli import CLIError, check_output_path
     from napari_mae.metrics import match_instances, summarize_matches
 
+    json_out = check_output_path(args.json, "--json", (".json",), what="JSON")  # before any work
     pred = _files(Path(args.pred))
     gt = _files(Path(args.gt))
     names = sorted(set(pred) & set(gt))
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{len(missing)} ground-truth images without a prediction (not scored): {', '.join(missing[:5])}"
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "per_image": per_image}, indent=1))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"summary": summary, "per_image": per_image}, indent=1))
     return 0

@@ -33,7 +33,8 @@ def register(subparsers) -> None:
         description=(
             "Adaptive instance segmentation: object size, threshold and polarity are estimated from IMAGE "
             "itself; with --scribbles a random forest learns foreground and boundaries from your strokes. "
-            "Writes uint32 labels (0 = background) as a TIFF and prints what was estimated as JSON."
+            "Writes the labels (0 = background) as an OME-TIFF (uint32) or, for a .nii/.nii.gz --out, "
+            "as NIfTI (int32, placed in the input scan's world space) and prints what was estimated as JSON."
         ),
     )
     p.add_argument("image", metavar="IMAGE", help="2D image or 3D volume (TIFF, NIfTI, NRRD)")
@@ -63,11 +64,24 @@ def register(subparsers) -> None:
         default=None,
         help="voxel size per spatial axis, (Z) Y X, physical units (default: read from the file)",
     )
-    p.add_argument("--channel-axis", type=int, default=None, help="axis holding channels, if any")
+    p.add_argument(
+        "--channel-axis",
+        type=int,
+        default=None,
+        help="axis holding channels, counted in the image as read ([Z] Y X [C]: files whose channels "
+        "the reader recognises have them last, and need no flag)",
+    )
     p.add_argument(
         "--radius", type=float, default=None, help="object radius, physical units (default: estimated)"
     )
     p.add_argument("--threshold", type=float, default=None, help="foreground threshold (default: estimated)")
+    p.add_argument(
+        "--objects",
+        choices=("auto", "bright", "dark"),
+        default="auto",
+        help="objects brighter (fluorescence) or darker (brightfield, stained tissue) than the background "
+        "(default: detected; give it when objects cover most of the image)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=run)
 
@@ -90,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise CLIError(f"--{name} must be a finite number, got {value}")
+    if args.radius is not None and args.radius <= 0:
+        raise CLIError(f"--radius must be positive (physical units), got {args.radius}")
     image, spacing, meta = _read(args.image)
     axes = str(meta.get("axes", ""))
     if "T" in axes:
@@ -97,11 +113,33 @@ def run(args: argparse.Namespace) -> int:
             f"{args.image} has a time axis (axes {axes}, shape {image.shape}); save one time point as its own file"
         )
     channel_axis = args.channel_axis
-    if channel_axis is None and axes.endswith("C"):
-        # The reader puts channels (or RGB samples) last.
-        channel_axis = image.ndim - 1
     if channel_axis is not None and not -image.ndim <= channel_axis < image.ndim:
         raise CLIError(f"--channel-axis {channel_axis} is out of range for an image of shape {image.shape}")
+    if axes.endswith("C"):
+        # The reader found channels (or RGB samples) and put them last.
+        if channel_axis is not None and channel_axis % image.ndim != image.ndim - 1:
+            raise CLIError(
+                f"{args.image} was read with its channels last (axes {axes}, shape {image.shape}); "
+                "--channel-axis counts the axes as read: leave it out or use -1"
+            )
+        channel_axis = image.ndim - 1
+    elif (
+        channel_axis is None
+        and args.spacing is None
+        and meta.get("unit", "pixel") == "pixel"
+        and image.ndim == 3
+        and image.shape[-1] in (3, 4)
+        and min(image.shape[:-1]) > 16
+    ):
+        # An uncalibrated (Y, X, 3|4) stack is RGB(A) saved without its photometric tag,
+        # as segment_instances guesses for arrays (a 3-pixel-wide volume is unlikely).
+        print(
+            f"napari-mae segment: treating the last axis of {image.shape} as RGB channels; "
+            "pass --spacing Z Y X to segment it as a volume",
+            file=sys.stderr,
+        )
+        channel_axis = image.ndim - 1
+        spacing = None
     n_spatial = image.ndim - (channel_axis is not None)
     if n_spatial != 3 and not str(out).lower().endswith(TIFF_SUFFIXES):
         raise CLIError(f"--out {args.out}: NIfTI output needs a 3D volume; use a .tif name")
@@ -138,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         channel_axis=channel_axis,
         object_radius=args.radius,
         threshold=args.threshold,
+        bright_objects=None if args.objects == "auto" else args.objects == "bright",
         progress=progress,
     )
     if not args.quiet and interactive:
