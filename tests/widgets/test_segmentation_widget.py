@@ -96,6 +96,23 @@ def test_segmentation_large_objects_on_a_shrunk_grid(viewer, add_widget, qtbot, 
     assert "segmented on a" in widget.status.text()
 
 
+def test_segmentation_polarity_override(viewer, add_widget, qtbot, notifications):
+    """One bright disk covering most of the image: 'auto' may take it for background;
+    'bright' segments it as the object."""
+    yy, xx = np.mgrid[:128, :128]
+    image = np.where((yy - 64) ** 2 + (xx - 64) ** 2 < 55**2, 200.0, 30.0).astype(np.float32)
+    layer = viewer.add_image(image)
+    widget = add_widget("Segmentation")
+    widget.image.set_value(layer)
+    widget.polarity.setCurrentText("bright")
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    labels = viewer.layers[f"{layer.name} labels"].data
+    assert widget.info["bright_objects"] is True
+    assert labels.max() == 1 and labels[64, 64] == 1 and labels[2, 2] == 0
+
+
 def test_segmentation_layer_removed_while_running(viewer, add_widget, qtbot, notifications):
     viewer.open_sample("napari-mae", "nuclei_3d")
     image = viewer.layers["nuclei 3D"]

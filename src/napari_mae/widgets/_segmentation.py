@@ -19,6 +19,7 @@ from napari.layers import Image, Labels
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
@@ -115,6 +116,12 @@ class SegmentationWidget(JobWidget):
         self.use_model.toggled.connect(self.model.setEnabled)
         self.radius = _auto_spin(3, 1e6, "Typical object radius in physical units ('auto' = estimated)")
         self.threshold = _auto_spin(4, 1e6, "Foreground threshold ('auto' = Otsu / 0.5 with scribbles)")
+        self.polarity = QComboBox()
+        self.polarity.addItems(["auto", "bright", "dark"])
+        self.polarity.setToolTip(
+            "Objects brighter (fluorescence) or darker (brightfield, stained tissue) than the "
+            "background; 'auto' detects it (set it when objects cover most of the image)"
+        )
         self.use_estimates = QPushButton("Keep estimates")
         self.use_estimates.setToolTip("Copy the last estimated radius and threshold into the boxes above")
         self.use_estimates.clicked.connect(self._keep_estimates)
@@ -128,6 +135,7 @@ class SegmentationWidget(JobWidget):
         form.addRow(self.use_model, self.model)
         form.addRow("object radius", self.radius)
         form.addRow("threshold", self.threshold)
+        form.addRow("objects", self.polarity)
         form.addRow(self.use_estimates, self.live)
         self.form_layout.addLayout(form)
         self.table = QTableWidget(0, 3)
@@ -240,6 +248,8 @@ class SegmentationWidget(JobWidget):
             return
         radius = self.radius.value() or None
         threshold = self.threshold.value() or None
+        polarity = self.polarity.currentText()
+        bright_objects = None if polarity == "auto" else polarity == "bright"
         n = len(prep.frames)
 
         def work(progress):
@@ -261,6 +271,7 @@ class SegmentationWidget(JobWidget):
                         channel_axis=prep.channel_axis,
                         object_radius=radius,
                         threshold=threshold,
+                        bright_objects=bright_objects,
                         progress=frame_progress,
                     )
                     labels.append(lab)
