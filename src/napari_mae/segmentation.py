@@ -414,16 +414,23 @@ def _to_grid(coarse: np.ndarray, factor: Sequence[int], shape: tuple[int, ...], 
     if order == 0:
         idx = [np.clip(np.round(c).astype(np.intp), 0, m - 1) for c, m in zip(coords, coarse.shape)]
         return coarse[np.ix_(*idx)]
-    out = coarse
-    for ax, c in enumerate(coords):  # separable linear interpolation, axis by axis
+    return _interp_linear(coarse, coords)
+
+
+def _interp_linear(values: np.ndarray, coords: Sequence[np.ndarray]) -> np.ndarray:
+    """``values`` at the grid of per-axis coordinates ``coords`` (in index units of
+    ``values``; clipped to its extent), separable linear interpolation, float32.
+
+    Axis by axis with ``take``: the memory is that of the output, where
+    :func:`scipy.ndimage.map_coordinates` would need a coordinate array per output pixel.
+    """
+    out = values
+    for ax, c in enumerate(coords):
         m = out.shape[ax]
         c = np.clip(c, 0, m - 1)
         lo = np.minimum(np.floor(c).astype(np.intp), max(m - 2, 0))
-        w = (c - lo).astype(np.float32)
         hi = np.minimum(lo + 1, m - 1)
-        wshape = [1] * out.ndim
-        wshape[ax] = -1
-        w = w.reshape(wshape)
+        w = (c - lo).astype(np.float32).reshape([-1 if i == ax else 1 for i in range(out.ndim)])
         out = out.take(lo, ax) * (1 - w) + out.take(hi, ax) * w
     return out.astype(np.float32, copy=False)
 
@@ -720,15 +727,8 @@ def _upsample_labels(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def _interp_rows(coarse: np.ndarray, shape: tuple[int, ...], a: int, b: int) -> np.ndarray:
     """Rows ``a:b`` (first axis) of ``coarse`` resampled linearly to ``shape``, pixel
     centres aligned as in :func:`skimage.transform.resize` (edges held constant)."""
-    out = coarse
-    for ax, (m, n) in enumerate(zip(coarse.shape, shape)):
-        idx = np.arange(a, b) if ax == 0 else np.arange(n)
-        c = np.clip((idx + 0.5) * (m / n) - 0.5, 0, m - 1)
-        lo = np.minimum(np.floor(c).astype(np.intp), max(m - 2, 0))
-        hi = np.minimum(lo + 1, m - 1)
-        w = (c - lo).astype(np.float32).reshape([-1 if i == ax else 1 for i in range(coarse.ndim)])
-        out = out.take(lo, ax) * (1 - w) + out.take(hi, ax) * w
-    return out
+    rows = [np.arange(a, b)] + [np.arange(n) for n in shape[1:]]
+    return _interp_linear(coarse, [(i + 0.5) * (m / n) - 0.5 for i, m, n in zip(rows, coarse.shape, shape)])
 
 
 # --------------------------------------------------------------------------- public
