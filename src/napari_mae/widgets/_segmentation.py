@@ -35,7 +35,6 @@ from ._common import (
     channel_axis_combo,
     parse_channel_axis,
     time_mode_combo,
-    torch_threads_leaving_a_core,
 )
 from ._layers import UserInputError, add_or_update, prepare_image
 from ._model_picker import ModelPicker
@@ -256,26 +255,26 @@ class SegmentationWidget(JobWidget):
             from napari_mae.segmentation import segment_instances
 
             labels, infos = [], []
-            threads = torch_threads_leaving_a_core() if model is not None else contextlib.nullcontext()
-            with threads:
-                for i in range(n):
+            # The only torch work, MAE features, runs single-threaded on CPU already
+            # (features._one_torch_thread_on_cpu), which leaves the GUI thread a core.
+            for i in range(n):
 
-                    def frame_progress(done, total, message, i=i):
-                        progress(i * total + done, n * total, message)
+                def frame_progress(done, total, message, i=i):
+                    progress(i * total + done, n * total, message)
 
-                    lab, info = segment_instances(
-                        prep.frame(i, fill_nan=False),
-                        scribbles=scribbles,
-                        model=model,
-                        spacing=prep.spacing,
-                        channel_axis=prep.channel_axis,
-                        object_radius=radius,
-                        threshold=threshold,
-                        bright_objects=bright_objects,
-                        progress=frame_progress,
-                    )
-                    labels.append(lab)
-                    infos.append(info)
+                lab, info = segment_instances(
+                    prep.frame(i, fill_nan=False),
+                    scribbles=scribbles,
+                    model=model,
+                    spacing=prep.spacing,
+                    channel_axis=prep.channel_axis,
+                    object_radius=radius,
+                    threshold=threshold,
+                    bright_objects=bright_objects,
+                    progress=frame_progress,
+                )
+                labels.append(lab)
+                infos.append(info)
             tables = [object_table(lab, prep.spacing, t=i if n > 1 else None) for i, lab in enumerate(labels)]
             features = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
             return labels, infos, features
