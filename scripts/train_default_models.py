@@ -24,7 +24,7 @@ Both run on the CPU with :func:`napari_mae.training.train` (seed 0), each
 bounded by ``--max-minutes`` (default 15): a run that reaches the limit is
 stopped and its last checkpoint is used (the summary then says so). They are
 written with :func:`napari_mae.io.checkpoint.save_checkpoint` (weights only, no
-optimiser state) to ``src/napari_mae/models/default-{2d,3d}.pt`` (about 8.5 MB
+optimiser state) to ``src/napari_mae/weights/default-{2d,3d}.pt`` (about 8.5 MB
 each). Measured on 2 CPU cores shared with other jobs: see the timings printed
 at the end and recorded in each checkpoint's ``extra``.
 
@@ -42,7 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-MODELS = REPO / "src" / "napari_mae" / "models"
+MODELS = REPO / "src" / "napari_mae" / "weights"
 FIGURE = REPO / "docs" / "images" / "mae_reconstruction.png"
 RUNS = REPO / "runs" / "default-models"
 

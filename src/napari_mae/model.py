@@ -32,6 +32,7 @@ import torch
 from monai.networks.nets import MaskedAutoEncoderViT
 from torch import nn
 
+from napari_mae._names import BUNDLED_MODELS, WEIGHTS_DIR
 from napari_mae.masking import check_mask_ratio, n_removed, normalize_patch_size
 
 __all__ = [
@@ -47,8 +48,8 @@ __all__ = [
     "resolve_device",
 ]
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
-BUNDLED_MODELS = ("default-2d", "default-3d")
+#: Folder of the bundled weights (:data:`napari_mae._names.WEIGHTS_DIR`); tests point it elsewhere.
+MODELS_DIR = WEIGHTS_DIR
 
 #: Intensity normalisation the models are trained with (see :mod:`napari_mae.preprocess`).
 DEFAULT_NORMALIZATION: dict[str, Any] = {"method": "percentile", "lower": 1.0, "upper": 99.8}

@@ -57,6 +57,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from napari_mae._names import BUNDLED_MODELS, bundled_weights_path
 from napari_mae.data import DEFAULT_EXCLUDE, sample_seed
 
 __all__ = [
@@ -308,11 +309,7 @@ def bundled_model_available(name: str) -> bool:
 
     Checked without importing torch, so the Training widget can ask on the GUI thread.
     """
-    # The folder is napari_mae.model.MODELS_DIR; importing that module would import torch.
-    return (
-        name in ("default-2d", "default-3d")
-        and (Path(__file__).resolve().parent / "models" / f"{name}.pt").is_file()
-    )
+    return name in BUNDLED_MODELS and bundled_weights_path(name).is_file()
 
 
 def guess_spatial_dims(

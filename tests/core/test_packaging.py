@@ -36,6 +36,9 @@ assert (pkg / "napari.yaml").is_file()
 for image, labels in sample_paths().values():
     assert image.is_file() and labels.is_file(), image
     assert target in image.resolve().parents, image
+from napari_mae._names import BUNDLED_MODELS, bundled_weights_path
+for name in BUNDLED_MODELS:
+    assert bundled_weights_path(name).is_file(), name
 print("OK", ep.value, len(manifest.contributions.widgets))
 """
 

@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 from psygnal import Signal
 
+from napari_mae._names import BUNDLED_MODELS
+
 #: Key of the patch-mask record in a mask layer's ``metadata``.
 MASK_KEY = "napari_mae_mask"
-
-#: Bundled model names understood by ``napari_mae.model.load_model``.
-BUNDLED_MODELS = ("default-2d", "default-3d")
 
 
 @dataclass

@@ -1,0 +1,37 @@
+"""Torch-free names shared by the core, the CLI and the widgets.
+
+Importing this module imports nothing heavy (no torch, no napari), so the
+widgets can use it on the GUI thread and the CLI before it parses arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["BEST", "BUNDLED_MODELS", "LAST", "PRESET_NAMES", "WEIGHTS_DIR", "bundled_weights_path"]
+
+#: Folder of the bundled checkpoints (``default-2d.pt``, ``default-3d.pt``).
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+#: Bundled model names understood by :func:`napari_mae.models.mae.load_model`.
+BUNDLED_MODELS = ("default-2d", "default-3d")
+
+#: Architecture presets (:data:`napari_mae.models.mae.PRESETS`) per number of spatial dimensions.
+PRESET_NAMES: dict[int, tuple[str, ...]] = {2: ("tiny-2d", "small-2d"), 3: ("tiny-3d", "small-3d")}
+
+#: File names a training run writes in its output folder.
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def bundled_weights_path(name: str) -> Path:
+    """Path of the bundled checkpoint ``name`` (``"default-2d"`` ...); it may not exist.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not one of :data:`BUNDLED_MODELS`.
+    """
+    if name not in BUNDLED_MODELS:
+        raise ValueError(f"unknown bundled model {name!r}; bundled models are {BUNDLED_MODELS}")
+    return WEIGHTS_DIR / f"{name}.pt"
