@@ -43,6 +43,7 @@ __all__ = [
     "n_removed",
     "normalize_patch_size",
     "patch_grid_shape",
+    "resample_mask",
 ]
 
 STRATEGIES = ("random", "grid", "block")
@@ -315,6 +316,54 @@ def mask_to_pixels(mask: Any, spatial_shape: Sequence[int], patch_size: int | Se
         if out.shape[lead + axis] != s:
             out = out[(slice(None),) * (lead + axis) + (slice(0, s),)]
     return np.ascontiguousarray(out)
+
+
+def resample_mask(
+    mask: Any,
+    spatial_shape: Sequence[int],
+    patch_size: int | Sequence[int],
+    new_patch_size: int | Sequence[int],
+) -> np.ndarray:
+    """The same removed pixels on another patch grid: a new patch is removed when most of it was.
+
+    Used when a mask drawn with one patch size (the Masking widget's) meets a
+    model with another.
+
+    Parameters
+    ----------
+    mask : array_like of bool, shape ``patch_grid_shape(spatial_shape, patch_size)``
+        1 = removed.
+    spatial_shape : sequence of int
+        ``(Y, X)`` or ``(Z, Y, X)`` in pixels.
+    patch_size, new_patch_size : int or sequence of int
+        Pixels per patch of ``mask`` and of the result.
+
+    Returns
+    -------
+    ndarray of bool, shape ``patch_grid_shape(spatial_shape, new_patch_size)``
+        A new patch is removed when more than half of its pixels inside the
+        image were (partial edge patches count their pixels inside the image).
+
+    Raises
+    ------
+    ValueError
+        If the sizes have another number of axes than ``spatial_shape`` or the
+        mask is not its patch grid.
+    """
+    shape = tuple(int(s) for s in spatial_shape)
+    new = normalize_patch_size(new_patch_size, len(shape))
+    if normalize_patch_size(patch_size, len(shape)) == new:
+        return np.asarray(mask).astype(bool)
+    pixels = mask_to_pixels(mask, shape, patch_size).astype(np.float32)
+    grid = patch_grid_shape(shape, new)
+    padded = np.zeros([g * p for g, p in zip(grid, new)], np.float32)  # (g0 * p0, g1 * p1, ...)
+    inside = np.zeros_like(padded)
+    padded[tuple(slice(0, n) for n in shape)] = pixels
+    inside[tuple(slice(0, n) for n in shape)] = 1.0
+    split = [v for g, p in zip(grid, new) for v in (g, p)]  # (g0, p0, g1, p1, ...)
+    within = tuple(range(1, 2 * len(grid), 2))
+    removed = padded.reshape(split).sum(axis=within)  # grid
+    return removed > 0.5 * inside.reshape(split).sum(axis=within)
 
 
 def apply_mask(
