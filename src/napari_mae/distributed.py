@@ -1,0 +1,707 @@
+"""Out-of-core, block-wise instance segmentation on dask.distributed, written to Zarr.
+
+The recipe of Cellpose's ``distributed_segmentation`` (blocks with overlap, ids made
+unique, labels stitched across block faces), on :func:`napari_mae.segmentation.segment_instances`:
+
+1. **Global parameters, once** (:func:`estimate_global_parameters`): the intensity range
+   (1st / 99.8th percentiles of the whole volume, read through a strided subsample),
+   polarity, object radius and threshold, from ``segment_instances`` on a central crop
+   of full resolution (``sample_voxels``). Every block is then segmented with the same
+   radius, polarity and threshold in *absolute* intensity (see :func:`segment_block`), so
+   blocks full of objects and nearly empty blocks cut at the same level.
+2. **Blocks**: the volume is cut into cores (``block_shape``, the output's Zarr chunks);
+   each is segmented with an overlap of at least two object diameters on every side,
+   cropped back to its core and written straight into a Zarr array, one chunk per block,
+   with a small file per finished block (its object count and its face planes). Finished
+   blocks are skipped on a rerun (``resume``): a run killed mid-way continues from them.
+3. **Stitching**: ids are made unique by the blocks' cumulative counts; on every face
+   between two blocks, each label's footprint is shrunk by 1 pixel and labels whose
+   shrunk footprints touch across the face are linked; connected components of those
+   links give the final, consecutive ids, which are written as OME-Zarr labels
+   (``ome_zarr.writer.write_labels``), chunk by chunk on the cluster.
+
+The blocks run on a ``dask.distributed`` client: a ``LocalCluster`` of ``n_workers``
+single-threaded worker processes by default, or any scheduler by address. ``client=None``
+in :func:`segment_blockwise` runs the same blocks one after the other in this process
+(the single-process reference path: identical labels).
+
+No Qt or napari import here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from napari_mae._progress import ProgressCallback, report
+
+__all__ = [
+    "GlobalParameters",
+    "BlockwiseError",
+    "SchedulerError",
+    "estimate_global_parameters",
+    "segment_block",
+    "block_grid",
+    "segment_blockwise",
+    "dask_client",
+]
+
+_WORK_SUFFIX = ".napari-mae-work"
+
+
+class BlockwiseError(RuntimeError):
+    """A block-wise run that could not finish (the message says what to do)."""
+
+
+class SchedulerError(BlockwiseError):
+    """No dask scheduler answered at the address given."""
+
+
+@dataclass(frozen=True)
+class GlobalParameters:
+    """Segmentation parameters shared by every block.
+
+    Attributes
+    ----------
+    intensity_range : tuple of float
+        ``(lo, hi)``: the volume's 1st and 99.8th percentiles (intensity units of the file);
+        the unit in which ``threshold`` is given.
+    object_radius : float
+        Physical units (of ``spacing``).
+    bright_objects : bool
+    threshold : float
+        Foreground threshold on the background-subtracted image normalised by
+        ``intensity_range`` (the classical method's threshold).
+    spacing : tuple of float
+        Physical size per axis.
+    """
+
+    intensity_range: tuple[float, float]
+    object_radius: float
+    bright_objects: bool
+    threshold: float
+    spacing: tuple[float, ...]
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _as_dask(image):
+    import dask.array as da
+
+    if isinstance(image, da.Array):
+        return image
+    chunks = getattr(image, "chunks", None)
+    if chunks is not None and not isinstance(image, np.ndarray):
+        return da.from_array(image, chunks=chunks)
+    return da.from_array(np.asarray(image), chunks=tuple(min(256, n) for n in np.shape(image)))
+
+
+def _read(image, slices) -> np.ndarray:
+    """``image[slices]`` as numpy, for numpy, Zarr or dask inputs (dask without a client)."""
+    import dask.array as da
+
+    if isinstance(image, da.Array):
+        return np.asarray(image[slices].compute(scheduler="synchronous"))
+    return np.asarray(image[slices])
+
+
+def _central_crop(shape: Sequence[int], max_voxels: int) -> tuple[slice, ...]:
+    f = min(1.0, (max_voxels / float(np.prod(shape))) ** (1.0 / len(shape)))
+    side = [max(1, min(n, int(round(n * f)))) for n in shape]
+    return tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(shape, side))
+
+
+def _intensity_range(x: np.ndarray) -> tuple[float, float]:
+    """The range ``segment_instances`` normalises one array by (``as_float_image``)."""
+    from napari_mae.preprocess import percentile_range
+
+    lo, hi = percentile_range(x[None], 1.0, 99.8)
+    return float(lo[0]), float(hi[0])
+
+
+def estimate_global_parameters(
+    image,
+    *,
+    spacing: Sequence[float] | None = None,
+    object_radius: float | None = None,
+    threshold: float | None = None,
+    bright_objects: bool | None = None,
+    sample_voxels: int = 2**22,
+    method: str | None = None,
+) -> tuple[GlobalParameters, dict]:
+    """Estimate normalisation, polarity, radius and threshold once for a whole volume.
+
+    Parameters
+    ----------
+    image : ndarray, zarr.Array or dask.array.Array, shape ``([Z,] Y, X)``
+        One channel; read lazily (a strided subsample for the range, a central crop).
+    spacing : sequence of float or None
+        Physical size per axis; None is isotropic 1.
+    object_radius, threshold, bright_objects
+        Given values are kept; the others are estimated. ``threshold`` is in units of the
+        volume's normalised intensity (:attr:`GlobalParameters.threshold`).
+    sample_voxels : int
+        Size of the central crop (full resolution) that ``segment_instances`` estimates
+        the radius, polarity and threshold on.
+    method : str or None
+        Passed to ``segment_instances`` (None: its default).
+
+    Returns
+    -------
+    params : GlobalParameters
+    info : dict
+        The sample's ``segment_instances`` info, ``sample`` (its slices as lists).
+
+    Raises
+    ------
+    ValueError
+        If the image is not 2D/3D, has no finite pixel, or the sample has no object and
+        no ``object_radius``/``threshold`` were given.
+    """
+    from napari_mae.preprocess import percentile_range
+    from napari_mae.segmentation import segment_instances
+
+    ndim = len(image.shape)
+    if ndim not in (2, 3):
+        raise ValueError(
+            f"block-wise segmentation needs a 2D image or 3D volume, got shape {tuple(image.shape)}"
+        )
+    sp = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * ndim
+    if len(sp) != ndim:
+        raise ValueError(f"spacing must have {ndim} values, got {sp}")
+    lo, hi = percentile_range(_as_dask(image)[None], 1.0, 99.8)
+    lo_g, hi_g = float(lo[0]), float(hi[0])
+    crop = _central_crop(image.shape, sample_voxels)
+    sample = _read(image, crop).astype(np.float32, copy=False)
+    _, info = segment_instances(
+        sample,
+        spacing=sp,
+        object_radius=object_radius,
+        bright_objects=bright_objects,
+        **_method_kwargs(method),
+    )
+    lo_s, hi_s = _intensity_range(sample)
+    radius = float(object_radius if object_radius is not None else info["radius"])
+    if threshold is None:
+        thr_s = float(info.get("threshold", float("nan")))
+        if not (math.isfinite(thr_s) and math.isfinite(radius)) or info.get("n_objects", 0) == 0:
+            raise ValueError(
+                f"the central sample {tuple(s.stop - s.start for s in crop)} of the volume has no object "
+                f"({info.get('message') or 'none found'}); give the object radius and threshold "
+                "(--radius, --threshold) or a larger sample"
+            )
+        # The sample was normalised by its own range; the same cut in the volume's units.
+        threshold = thr_s * (hi_s - lo_s) / (hi_g - lo_g)
+    if not math.isfinite(radius) or radius <= 0:
+        raise ValueError(f"no object radius could be estimated from the sample (got {radius}); give --radius")
+    params = GlobalParameters(
+        intensity_range=(lo_g, hi_g),
+        object_radius=radius,
+        bright_objects=bool(info["bright_objects"] if bright_objects is None else bright_objects),
+        threshold=float(threshold),
+        spacing=sp,
+    )
+    info = dict(info, sample=[[s.start, s.stop] for s in crop])
+    return params, info
+
+
+def _method_kwargs(method: str | None) -> dict:
+    # segment_instances(method=...) is passed only when asked for, so this module works
+    # with versions of it that have a single (classical) method.
+    return {} if method is None else {"method": method}
+
+
+def segment_block(block: np.ndarray, params: GlobalParameters, *, method: str | None = None) -> np.ndarray:
+    """Segment one block with the global parameters.
+
+    ``segment_instances`` normalises its input by the input's own 1st/99.8th percentiles;
+    the classical pipeline is equivariant to that affine map (smoothing, top-hat and
+    polarity inversion are linear), so the global threshold ``t`` on the volume's
+    normalisation becomes ``t * (hi_g - lo_g) / (hi_b - lo_b)`` on the block's: the same cut
+    in absolute intensity in every block. (Not exact only for the isolated hot/dead pixel
+    repair, which looks at values beyond the normalised range.) For other methods the
+    threshold is passed unchanged.
+
+    Parameters
+    ----------
+    block : ndarray, shape ``([Z,] Y, X)``
+    params : GlobalParameters
+    method : str or None
+
+    Returns
+    -------
+    labels : ndarray of uint32, shape ``block.shape``
+    """
+    from napari_mae.segmentation import segment_instances
+
+    x = np.asarray(block, dtype=np.float32)
+    if not np.isfinite(x).any() or np.nanmax(x) == np.nanmin(x):
+        return np.zeros(x.shape, np.uint32)
+    thr = params.threshold
+    if method in (None, "classical"):
+        lo_b, hi_b = _intensity_range(x)
+        lo_g, hi_g = params.intensity_range
+        thr = thr * (hi_g - lo_g) / (hi_b - lo_b)
+    labels, _ = segment_instances(
+        x,
+        spacing=params.spacing,
+        object_radius=params.object_radius,
+        threshold=thr,
+        bright_objects=params.bright_objects,
+        **_method_kwargs(method),
+    )
+    return labels.astype(np.uint32, copy=False)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def default_block_shape(shape: Sequence[int], radius_px: Sequence[float]) -> tuple[int, ...]:
+    """Cores of 256^3 voxels (3D) or 2048^2 pixels (2D), at least 4 object diameters wide."""
+    side = 256 if len(shape) == 3 else 2048
+    return tuple(int(min(n, max(side, math.ceil(8 * r)))) for n, r in zip(shape, radius_px))
+
+
+def block_overlap(radius_px: Sequence[float]) -> tuple[int, ...]:
+    """Overlap per side: two object diameters (4 radii) + 2 pixels."""
+    return tuple(int(math.ceil(4 * r)) + 2 for r in radius_px)
+
+
+def block_grid(shape: Sequence[int], block_shape: Sequence[int], overlap: Sequence[int]):
+    """Every block of the grid: ``(index, core slices, outer slices, core within outer)``."""
+    counts = [-(-n // b) for n, b in zip(shape, block_shape)]
+    for index in itertools.product(*[range(c) for c in counts]):
+        core, outer, inner = [], [], []
+        for i, b, m, n in zip(index, block_shape, overlap, shape):
+            c0, c1 = i * b, min((i + 1) * b, n)
+            o0, o1 = max(c0 - m, 0), min(c1 + m, n)
+            core.append(slice(c0, c1))
+            outer.append(slice(o0, o1))
+            inner.append(slice(c0 - o0, c1 - o0))
+        yield index, tuple(core), tuple(outer), tuple(inner)
+
+
+def _consecutive(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    ids, inv = np.unique(labels, return_inverse=True)
+    if ids[0] != 0:
+        inv = inv + 1
+    return inv.reshape(labels.shape).astype(np.uint32), int(ids.size - (ids[0] == 0))
+
+
+def _shrunk(plane: np.ndarray) -> np.ndarray:
+    """A face plane with every label's footprint shrunk by 1 pixel (in the plane)."""
+    if plane.max() == 0:
+        return plane
+    same = ndi.minimum_filter(plane, size=3) == ndi.maximum_filter(plane, size=3)
+    return np.where(same, plane, 0).astype(plane.dtype)
+
+
+def _block_name(index) -> str:
+    return "b_" + "_".join(str(i) for i in index) + ".npz"
+
+
+def _run_block(image, index, outer, inner, core, raw_path: str, blocks_dir: str, params, method) -> int:
+    """Segment one block, write its core into the raw Zarr array and its record; return n."""
+    import zarr
+
+    labels = segment_block(_read(image, outer), params, method=method)
+    crop, n = _consecutive(labels[inner])
+    zarr.open_array(raw_path, mode="r+")[core] = crop
+    faces = {}
+    for d in range(crop.ndim):
+        faces[f"lo{d}"] = _shrunk(np.take(crop, 0, axis=d))
+        faces[f"hi{d}"] = _shrunk(np.take(crop, -1, axis=d))
+    final = Path(blocks_dir) / _block_name(index)
+    tmp = final.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez_compressed(tmp, n=np.int64(n), **faces)
+    os.replace(tmp, final)  # the record appears only once the chunk is written
+    return n
+
+
+def _load_record(path: Path) -> dict | None:
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    except Exception:
+        return None
+
+
+def _stitch(grid: list, records: dict, counts: Sequence[int]) -> tuple[np.ndarray, dict, int]:
+    """Global lookup table old -> final id from the block counts and face links.
+
+    Returns ``(lut, offsets, n_links)``: ``lut[offsets[index] + local]`` is the final id.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    offsets, total = {}, 0
+    for index, *_ in grid:
+        offsets[index] = total
+        total += int(records[index]["n"])
+    a_all, b_all = [], []
+    ndim = len(counts)
+    for index, *_ in grid:
+        for d in range(ndim):
+            if index[d] + 1 >= counts[d]:
+                continue
+            nb = tuple(i + (k == d) for k, i in enumerate(index))
+            pa, pb = records[index][f"hi{d}"], records[nb][f"lo{d}"]
+            both = (pa > 0) & (pb > 0)
+            if not both.any():
+                continue
+            pairs = np.unique(np.stack([pa[both], pb[both]], axis=1), axis=0).astype(np.int64)
+            a_all.append(pairs[:, 0] + offsets[index])
+            b_all.append(pairs[:, 1] + offsets[nb])
+    n_nodes = total + 1
+    if a_all:
+        a = np.concatenate(a_all)
+        b = np.concatenate(b_all)
+        graph = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(n_nodes, n_nodes))
+        _, comp = connected_components(graph, directed=False)
+    else:
+        a = np.zeros(0)
+        comp = np.arange(n_nodes)
+    # Node 0 (background) is alone in component 0; components are numbered in order of
+    # their smallest node, so the final ids are consecutive and follow the block order.
+    return comp.astype(np.uint32), offsets, int(a.size)
+
+
+def _relabel_chunk(raw_path: str, core, lut_slice: np.ndarray) -> np.ndarray:
+    import zarr
+
+    raw = zarr.open_array(raw_path, mode="r")[core]
+    return lut_slice[raw]
+
+
+# --------------------------------------------------------------------------- clients
+
+
+@contextlib.contextmanager
+def dask_client(
+    n_workers: int | None = None,
+    scheduler: str | None = None,
+    *,
+    memory_limit: str | int | None = None,
+    processes: bool = True,
+    timeout: float = 5.0,
+):
+    """A ``dask.distributed.Client``: on ``scheduler`` (an address) or a new LocalCluster.
+
+    Parameters
+    ----------
+    n_workers : int or None
+        Workers of the LocalCluster (one thread each); None: one per core.
+    scheduler : str or None
+        Address of a running scheduler, e.g. ``"tcp://host:8786"``.
+    memory_limit : str, int or None
+        Per worker (LocalCluster only), e.g. ``"2GB"``; None: dask's default share.
+    processes : bool
+        Worker processes (True) or threads in this process.
+    timeout : float
+        Seconds to wait for the scheduler to answer.
+
+    Raises
+    ------
+    SchedulerError
+        If no scheduler answers at ``scheduler`` within ``timeout`` seconds.
+    ValueError
+        If ``n_workers`` is not positive.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise SchedulerError(
+                f"no dask scheduler answered at {scheduler} within {timeout:g} s ({exc}); "
+                "start one (dask scheduler) or leave out --scheduler to use local workers"
+            ) from exc
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    if n_workers is not None and n_workers < 1:
+        raise ValueError(f"n_workers must be at least 1, got {n_workers}")
+    kwargs: dict[str, Any] = {"memory_limit": memory_limit} if memory_limit is not None else {}
+    with LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=processes,
+        dashboard_address=None,
+        **kwargs,
+    ) as cluster, Client(cluster) as client:  # fmt: skip
+        yield client
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def work_dir_for(out: str | os.PathLike) -> Path:
+    """Where a run keeps its finished blocks until the labels are written."""
+    out = Path(out)
+    return out.parent / (out.name + _WORK_SUFFIX)
+
+
+def check_output(out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> str:
+    """Decide what to do with an existing output; return "new", "resume" or "done".
+
+    Raises
+    ------
+    FileExistsError
+        If the output (or an unfinished run's work folder) exists and neither
+        ``overwrite`` nor ``resume`` is set.
+    ValueError
+        If both are set.
+    """
+    if overwrite and resume:
+        raise ValueError("give either --overwrite or --resume, not both")
+    out = Path(out)
+    work = work_dir_for(out)
+    if not out.exists() and not work.exists():
+        return "new"
+    if overwrite:
+        for p in (out, work):
+            if p.exists():
+                shutil.rmtree(p)
+        return "new"
+    if not resume:
+        what = "an unfinished run" if work.exists() else "labels"
+        raise FileExistsError(
+            f"{out} exists ({what}); pass --resume to continue it or --overwrite to start again"
+        )
+    return "resume" if work.exists() else "done"
+
+
+def segment_blockwise(
+    image,
+    out: str | os.PathLike,
+    *,
+    spacing: Sequence[float] | None = None,
+    unit: str | None = None,
+    axes: str | None = None,
+    block_shape: Sequence[int] | None = None,
+    overlap: Sequence[int] | None = None,
+    object_radius: float | None = None,
+    threshold: float | None = None,
+    bright_objects: bool | None = None,
+    method: str | None = None,
+    sample_voxels: int = 2**22,
+    client=None,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: ProgressCallback | None = None,
+) -> dict:
+    """Segment a volume block by block and write its labels as OME-Zarr labels at ``out``.
+
+    Parameters
+    ----------
+    image : zarr.Array, dask.array.Array or ndarray, shape ``([Z,] Y, X)``
+        One channel. Workers read their blocks from it (a Zarr or dask-on-Zarr array is
+        read by each worker itself; a numpy array travels with every task: small inputs).
+    out : path
+        The label image group to write, e.g. ``IMAGE.zarr/labels/napari-mae`` (beside the
+        image, the OME-Zarr convention); its parent group gets the ``labels`` metadata.
+    spacing, unit, axes
+        Physical size per axis, its unit, axis letters (default ``"ZYX"[-ndim:]``).
+    block_shape : sequence of int or None
+        Block cores = the output's chunks; default :func:`default_block_shape`.
+    overlap : sequence of int or None
+        Pixels per side; at least :func:`block_overlap` (2 object diameters) is used.
+    object_radius, threshold, bright_objects, method, sample_voxels
+        See :func:`estimate_global_parameters`.
+    client : distributed.Client or None
+        Where the blocks run; None: one after the other in this process.
+    overwrite, resume
+        What to do with an existing ``out`` (:func:`check_output`). A resumed run uses
+        the parameters and grid stored by the first one and skips its finished blocks.
+    progress : callable or None
+        ``progress(done, total, message)`` per finished block; raise
+        :class:`napari_mae._progress.Cancelled` from it to stop (finished blocks stay).
+
+    Returns
+    -------
+    dict
+        ``out``, ``n_objects``, ``blocks``, ``blocks_computed`` (this run),
+        ``blocks_reused``, ``links`` (face links), ``block_shape``, ``overlap``,
+        ``parameters`` (:class:`GlobalParameters` as a dict), ``seconds``.
+
+    Raises
+    ------
+    FileExistsError
+        See :func:`check_output`.
+    BlockwiseError
+        If a worker died (the finished blocks are kept: rerun with ``resume=True``).
+    ValueError
+        Bad shapes or parameters (see :func:`estimate_global_parameters`).
+    """
+    import zarr
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    ndim = len(image.shape)
+    state = check_output(out, overwrite=overwrite, resume=resume)
+    if state == "done":
+        attrs = dict(zarr.open_group(str(out), mode="r").attrs).get("napari-mae", {})
+        return dict(attrs, out=str(out), blocks_computed=0, seconds=time.perf_counter() - t0)
+    work = work_dir_for(out)
+    blocks_dir = work / "blocks"
+    raw_path = str(work / "raw.zarr")
+    run_file = work / "run.json"
+    if state == "resume" and run_file.is_file():
+        run = json.loads(run_file.read_text())
+        params = GlobalParameters(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in run["parameters"].items()}
+        )
+        bshape, ov = tuple(run["block_shape"]), tuple(run["overlap"])
+        if tuple(run["shape"]) != tuple(image.shape):
+            raise ValueError(f"--resume: {out} was started on shape {run['shape']}, not {tuple(image.shape)}")
+    else:
+        report(progress, 0, 1, "estimating parameters on a sample")
+        params, _ = estimate_global_parameters(
+            image, spacing=spacing, object_radius=object_radius, threshold=threshold,
+            bright_objects=bright_objects, sample_voxels=sample_voxels, method=method,
+        )  # fmt: skip
+        r_px = [params.object_radius / s for s in params.spacing]
+        need = block_overlap(r_px)
+        ov = tuple(need) if overlap is None else tuple(max(int(o), m) for o, m in zip(overlap, need))
+        if block_shape is not None and len(block_shape) != ndim:
+            raise ValueError(f"block_shape must have {ndim} values, got {tuple(block_shape)}")
+        bshape = tuple(
+            int(min(n, b)) for n, b in zip(image.shape, block_shape or default_block_shape(image.shape, r_px))
+        )
+        blocks_dir.mkdir(parents=True, exist_ok=True)
+        zarr.create_array(
+            raw_path, shape=tuple(image.shape), chunks=bshape, dtype="uint32", fill_value=0, overwrite=True
+        )
+        run = {"parameters": asdict(params), "block_shape": bshape, "overlap": ov, "shape": list(image.shape)}
+        run_file.write_text(json.dumps(run))
+    grid = list(block_grid(image.shape, bshape, ov))
+    counts = [-(-n // b) for n, b in zip(image.shape, bshape)]
+    records: dict = {}
+    todo = []
+    for index, core, outer, inner in grid:
+        rec = _load_record(blocks_dir / _block_name(index))
+        if rec is not None:
+            records[index] = rec
+        else:
+            todo.append((index, core, outer, inner))
+    n_reused = len(records)
+    total = len(grid)
+    report(progress, n_reused, total, "segmenting blocks")
+    if client is None:
+        for index, core, outer, inner in todo:
+            _run_block(image, index, outer, inner, core, raw_path, str(blocks_dir), params, method)
+            records[index] = _load_record(blocks_dir / _block_name(index))
+            report(progress, len(records), total, "segmenting blocks")
+    elif todo:
+        _run_distributed(client, image, todo, raw_path, blocks_dir, params, method, records, total, progress)
+    report(progress, total, total, "stitching block faces")
+    lut, offsets, n_links = _stitch(grid, records, counts)
+    n_objects = int(lut.max()) if lut.size else 0
+    _write_final(out, image.shape, grid, records, lut, offsets, raw_path, bshape, params, unit, axes, client)
+    result = {
+        "out": str(out),
+        "n_objects": n_objects,
+        "blocks": total,
+        "blocks_computed": total - n_reused,
+        "blocks_reused": n_reused,
+        "links": n_links,
+        "block_shape": list(bshape),
+        "overlap": list(ov),
+        "parameters": asdict(params),
+    }
+    group = zarr.open_group(str(out), mode="r+")
+    group.attrs["napari-mae"] = json.loads(json.dumps({k: v for k, v in result.items() if k != "out"}))
+    shutil.rmtree(work, ignore_errors=True)
+    report(progress, total, total, "done")
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _run_distributed(client, image, todo, raw_path, blocks_dir, params, method, records, total, progress):
+    from distributed import as_completed
+    from distributed.client import FutureCancelledError
+
+    try:
+        from distributed.scheduler import KilledWorker
+    except ImportError:  # pragma: no cover
+        from distributed import KilledWorker
+
+    if not hasattr(image, "__dask_graph__") and isinstance(image, np.ndarray):
+        [image_f] = client.scatter([image], broadcast=True)
+    else:
+        image_f = image
+    futures = {}
+    for index, core, outer, inner in todo:
+        f = client.submit(
+            _run_block, image_f, index, outer, inner, core, raw_path, str(blocks_dir), params, method,
+            key=f"napari-mae-block-{'-'.join(map(str, index))}-{os.getpid()}-{time.time_ns()}",
+            pure=False,
+        )  # fmt: skip
+        futures[f] = index
+    try:
+        for f in as_completed(futures):
+            index = futures[f]
+            try:
+                f.result()
+            except (KilledWorker, FutureCancelledError) as exc:
+                done = sum(1 for _ in Path(blocks_dir).glob("b_*.npz"))
+                raise BlockwiseError(
+                    f"a dask worker died while segmenting block {index} ({type(exc).__name__}: {exc}); "
+                    f"{done} of {total} blocks are finished and kept: rerun with --resume to continue"
+                ) from exc
+            records[index] = _load_record(Path(blocks_dir) / _block_name(index))
+            report(progress, len(records), total, "segmenting blocks")
+    except BaseException:  # Cancelled, Ctrl-C, a failed block: stop the others
+        client.cancel(list(futures))
+        raise
+
+
+def _write_final(out, shape, grid, records, lut, offsets, raw_path, bshape, params, unit, axes, client):
+    import dask
+    import dask.array as da
+
+    from napari_mae.io.omezarr import write_ome_labels
+
+    counts = [-(-n // b) for n, b in zip(shape, bshape)]
+    pieces = np.empty(counts, dtype=object)
+    for index, core, _, _ in grid:
+        off, n = offsets[index], int(records[index]["n"])
+        lut_slice = np.zeros(n + 1, np.uint32)
+        lut_slice[1:] = lut[off + 1 : off + n + 1]
+        piece = dask.delayed(_relabel_chunk, pure=True)(raw_path, core, lut_slice)
+        pieces[index] = da.from_delayed(piece, shape=tuple(s.stop - s.start for s in core), dtype=np.uint32)
+    labels = da.block(pieces.tolist())
+    ndim = len(shape)
+    out = Path(out)
+    if out.parent.name != "labels":
+        raise ValueError(f"{out}: OME-Zarr labels live in a 'labels' group: name it IMAGE.zarr/labels/NAME")
+    jobs = write_ome_labels(
+        out.parent.parent,
+        labels,
+        name=out.name,
+        axes=axes or "ZYX"[-ndim:],
+        spacing=params.spacing,
+        unit=unit,
+        chunks=tuple(bshape),
+        compute=False,
+    )
+    if client is None:
+        dask.compute(*jobs, scheduler="synchronous")
+    else:
+        client.compute(jobs, sync=True)
