@@ -45,7 +45,7 @@ CASES = [
     ("singleton", np.random.default_rng(0).random((1, 48, 40)), {"scale": (7.0, 2.0, 2.0)}, {}, (48, 40), (2, 2)),
     ("rgb", (np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8), {"rgb": True}, {}, (48, 40, 3), (1, 1)),
     ("channels-first", np.random.default_rng(0).random((2, 48, 40)), {"scale": (1, 0.3, 0.3)}, {"channel": "0"}, (2, 48, 40), (1, 0.3, 0.3)),
-    ("4d-current", np.random.default_rng(0).random((3, 8, 32, 32)), {"scale": (10, 2, 1, 1)}, {}, (8, 32, 32), (2, 1, 1)),
+    ("4d-current", np.random.default_rng(0).random((3, 8, 32, 32)), {"scale": (10, 2, 1, 1)}, {}, (1, 8, 32, 32), (10, 2, 1, 1)),
     ("4d-all", np.random.default_rng(0).random((3, 8, 32, 32)), {"scale": (10, 2, 1, 1)}, {"time": "all time points"}, (3, 8, 32, 32), (10, 2, 1, 1)),
     ("dask", da.from_array(np.random.default_rng(0).random((48, 40)), chunks=16), {}, {}, (48, 40), (1, 1)),
 ]  # fmt: skip
@@ -65,12 +65,36 @@ def test_masking_inputs(viewer, add_widget, qtbot, notifications, name, data, kw
         viewer.dims.set_current_step(0, 2)  # the time point shown is the one masked
     _mask(qtbot, widget)
     assert not errors(notifications), notifications
-    if name == "4d-current":
-        assert any("time point 2" in text for _, text in notifications)
     out = viewer.layers[f"{name} masked"]
     assert out.data.shape == shape
     np.testing.assert_allclose(out.scale, scale)
     assert viewer.layers[f"{name} mask"].data.max() == 1
+    if name == "4d-current":
+        # Issue 12.5: drawn at the time point masked (t = 2, 20 s), not over every time point.
+        assert any("time point 2" in text for _, text in notifications)
+        for layer in (out, viewer.layers[f"{name} mask"]):
+            assert layer.data.shape[0] == 1
+            np.testing.assert_allclose(layer.translate, (20, 0, 0, 0))
+
+
+def test_masking_outputs_keep_units(viewer, add_widget, qtbot, notifications):
+    """Issue 12.4: outputs keep the input's scale and units; a scaled layer without units says
+    'scale units', not 'px'."""
+    layer = viewer.add_image(np.random.default_rng(0).random((3, 8, 32, 32)), scale=(5, 2, 1, 1),
+                             units=("s", "um", "um", "um"), name="timed")  # fmt: skip
+    widget = add_widget("Masking")
+    widget.image.set_value(layer)
+    widget.time_mode.setCurrentText("all time points")
+    widget.patch_size.set_value((4, 8, 8))
+    _mask(qtbot, widget)
+    assert not errors(notifications), notifications
+    for name in ("timed masked", "timed mask"):
+        out = viewer.layers[name]
+        assert tuple(map(str, out.units))[-3:] == ("micrometer",) * 3, name
+    assert tuple(map(str, viewer.layers["timed masked"].units)) == tuple(map(str, layer.units))
+    viewer.add_image(np.zeros((32, 32)), scale=(0.5, 0.5), name="scaled")
+    widget.image.set_value("scaled")
+    assert widget.patch_size.physical.text().endswith("scale units")
 
 
 def test_masking_multiscale_and_nan(viewer, add_widget, qtbot, notifications):

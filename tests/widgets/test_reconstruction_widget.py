@@ -7,6 +7,7 @@ import pytest
 from widget_helpers import errors, small_nuclei_2d, wait_done
 
 from napari_mae.widgets._model_picker import CHECKPOINT_TEXT
+from napari_mae.widgets._reconstruction import viewer_grid
 from napari_mae.widgets._registry import registry
 
 
@@ -164,3 +165,99 @@ def test_reconstruction_awkward_inputs(viewer, add_widget, qtbot, notifications,
         assert viewer.layers[f"{name} reconstruction"].data.shape == (64, 64), name
     assert np.isnan(viewer.layers["nan error"].data[:4, :4]).all()  # unknown where the input is
     np.testing.assert_allclose(viewer.layers["singleton reconstruction"].scale, (2, 2))
+
+
+def test_reconstruction_defaults_to_the_original_after_masking(
+    viewer, add_widget, qtbot, notifications, tiny_checkpoints
+):
+    """Issue 12.2: after Masking, the original image with its mask is offered (not '<name> masked'
+    with a new random mask), the mask made later is followed, and choosing the masked output warns."""
+    image, kwargs = small_nuclei_2d(64)
+    layer = viewer.add_image(image, **kwargs)
+    widget_first = add_widget("Reconstruction")  # opened before masking: follows the new mask
+    masking = add_widget("Masking")
+    masking.run()
+    wait_done(qtbot, masking)
+    assert widget_first.image.currentText() == layer.name
+    assert widget_first.mask.currentText() == f"{layer.name} mask"
+    viewer.window.remove_dock_widget("all")
+    widget = add_widget("Reconstruction")  # opened after masking
+    assert widget.image.currentText() == layer.name
+    assert widget.mask.currentText() == f"{layer.name} mask"
+    _use_checkpoint(widget, tiny_checkpoints["tiny-2d"])
+    widget.image.set_value(f"{layer.name} masked")
+    assert widget.mask.currentText() == f"{layer.name} mask"
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    assert any(level == "warning" and "Masking widget's output" in text for level, text in notifications)
+
+
+def test_masking_patch_size_follows_the_model(viewer, add_widget, tiny_checkpoints):
+    """Issue 12.13: the Masking widget's patch size is the chosen model's (bundled: 8 x 8 / 4 x 8 x 8),
+    so the Reconstruction widget does not resample it; a size the user set is kept."""
+    image, _ = small_nuclei_2d(128)
+    viewer.add_image(image, name="img")
+    masking = add_widget("Masking")
+    assert masking.patch_size.value() == (8, 8)
+    recon = add_widget("Reconstruction")
+    registry.add_model("trained: 16 px", str(tiny_checkpoints["tiny-2d"]), patch_size=(16, 16))
+    assert recon.model.combo.currentText() == "trained: 16 px"
+    assert masking.patch_size.value() == (16, 16)
+    recon.model.combo.setCurrentText("default-2d")
+    assert masking.patch_size.value() == (8, 8)
+    masking.patch_size.set_value((4, 4))  # the user's choice wins from now on
+    recon.model.combo.setCurrentText("trained: 16 px")
+    assert masking.patch_size.value() == (4, 4)
+    viewer.add_image(np.zeros((10, 64, 64), np.float32), name="volume")
+    masking.image.set_value("volume")
+    assert masking.patch_size.ndim == 3
+
+
+def test_bundled_patch_sizes_match_the_checkpoints():
+    from napari_mae._names import bundled_weights_path
+    from napari_mae.io.checkpoint import load_checkpoint
+    from napari_mae.widgets._registry import BUNDLED_PATCH_SIZES
+
+    for name, patch_size in BUNDLED_PATCH_SIZES.items():
+        path = bundled_weights_path(name)
+        if path.is_file():
+            assert tuple(load_checkpoint(path)["config"]["patch_size"]) == patch_size
+
+
+@pytest.mark.parametrize("grid", [False, True])
+def test_reconstruction_shows_the_result(viewer, add_widget, qtbot, notifications, tiny_checkpoints, grid):
+    """Issue 12.14: only the reconstruction is visible, or the four layers side by side in a grid."""
+    image, kwargs = small_nuclei_2d(64)
+    layer = viewer.add_image(image, **kwargs)
+    masking = add_widget("Masking")
+    masking.run()
+    wait_done(qtbot, masking)
+    widget = add_widget("Reconstruction")
+    _use_checkpoint(widget, tiny_checkpoints["tiny-2d"])
+    widget.grid.setChecked(grid)
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    names = [f"{layer.name}{s}" for s in ("", " masked", " reconstruction", " error")]
+    visible = {n: viewer.layers[n].visible for n in names}
+    assert not viewer.layers[f"{layer.name} mask"].visible
+    if grid:
+        assert viewer_grid(viewer).enabled and all(visible.values())
+    else:
+        assert not viewer_grid(viewer).enabled
+        assert visible == {n: n.endswith("reconstruction") for n in names}
+    assert viewer.layers.selection.active.name == f"{layer.name} reconstruction"
+
+
+def test_reconstruction_keeps_units(viewer, add_widget, qtbot, notifications, tiny_checkpoints):
+    """Issue 12.4: outputs keep the input's units (no 'Inconsistent units' from napari)."""
+    image, _ = small_nuclei_2d(64)
+    layer = viewer.add_image(image, name="um", scale=(0.5, 0.5), units=("um", "um"))
+    widget = add_widget("Reconstruction")
+    _use_checkpoint(widget, tiny_checkpoints["tiny-2d"])
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    for name in ("um reconstruction", "um error"):
+        assert tuple(map(str, viewer.layers[name].units)) == tuple(map(str, layer.units)), name

@@ -65,5 +65,5 @@ def test_masking_follows_the_first_image(viewer, add_widget):
     assert widget.patch_size.ndim == 2
     viewer.add_image(np.zeros((10, 64, 64)), scale=(2.0, 0.5, 0.5), units="um")
     assert widget.patch_size.ndim == 3
-    assert widget.patch_size.value() == (5, 16, 16)  # Z kept within the 10 slices
-    assert widget.patch_size.physical.text() == "= 10 x 8 x 8 µm"
+    assert widget.patch_size.value() == (4, 8, 8)  # the bundled default-3d's patches
+    assert widget.patch_size.physical.text() == "= 8 x 4 x 4 µm"

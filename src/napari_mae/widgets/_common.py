@@ -212,8 +212,41 @@ def torch_threads_leaving_a_core():
 # --------------------------------------------------------------------------- widgets
 
 
+def magic_field(value, widget_type: str | None = None, *, tooltip: str, **options):
+    """A magicgui value widget (``magicgui.widgets.create_widget``) with a tooltip.
+
+    Parameters
+    ----------
+    value : object
+        Initial value; its type chooses the widget unless ``widget_type`` does.
+    widget_type : str, optional
+        A magicgui widget name (``"FloatSlider"``, ...).
+    tooltip : str
+        Shown on the whole field, also over the slider's read-out box.
+    **options
+        Widget options (``min``, ``max``, ``step``, ``choices``, ...).
+
+    Returns
+    -------
+    magicgui.widgets.ValueWidget
+        Read and set through ``.value``; ``.native`` is the Qt widget to place.
+    """
+    from magicgui.widgets import create_widget
+
+    widget = create_widget(value=value, widget_type=widget_type, options={**options, "tooltip": tooltip})
+    widget.native.setToolTip(tooltip)
+    return widget
+
+
 class LayerCombo(QComboBox):
     """A combo box of the viewer's layers of some types, kept in sync.
+
+    Hand-built rather than magicgui's layer-annotated ComboBox: magicgui fills
+    its choices only when napari calls ``reset_choices`` on a docked magicgui
+    ``Container`` (our dock widgets are QWidgets with a job area under the
+    form), and here the choice also follows renames, keeps "none" as an
+    explicit first entry that is never picked silently, and filters by a
+    predicate (e.g. only mask layers made by the Masking widget).
 
     Parameters
     ----------
@@ -224,14 +257,20 @@ class LayerCombo(QComboBox):
         If given, a first entry meaning "no layer".
     predicate : callable, optional
         Extra filter on layers.
+    avoid : callable, optional
+        Layers listed but not chosen by default (e.g. the Masking widget's
+        masked output, where its original is there); the user may still pick them.
     """
 
-    def __init__(self, viewer, layer_types: tuple, none_text: str | None = None, predicate=None) -> None:
+    def __init__(
+        self, viewer, layer_types: tuple, none_text: str | None = None, predicate=None, avoid=None
+    ) -> None:
         super().__init__()
         self._viewer = viewer
         self._types = layer_types
         self._none_text = none_text
         self._predicate = predicate
+        self._avoid = avoid or (lambda layer: False)
         self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.setMinimumContentsLength(12)
         events = viewer.layers.events
@@ -250,8 +289,14 @@ class LayerCombo(QComboBox):
     def refresh(self, event=None) -> None:
         """Re-list the layers, keeping the current choice if it still exists."""
         previous = current = self.currentText()
-        names = [ly.name for ly in self.layers()]
+        layers = self.layers()
+        names = [ly.name for ly in layers]
         inserted = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
+        if inserted is not None and self._avoid(inserted):
+            inserted = None
+        if current not in names and self._none_text is None:
+            preferred = [ly.name for ly in layers if not self._avoid(ly)]
+            current = preferred[0] if preferred else current
         for ly in self.layers():  # follow renames
             with _suppress_runtime():
                 ly.events.name.connect(self.refresh)

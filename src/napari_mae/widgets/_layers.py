@@ -48,9 +48,19 @@ class PreparedImage:
     translate : tuple of float
         Physical offset of the first spatial pixel.
     time_scale, time_translate : float or None
-        Scale and offset of the time axis when all time points are processed.
+        Scale and offset of the layer's time axis (4D layers).
+    time_point : int or None
+        The time point processed in "current time point" mode: outputs get a
+        singleton T axis translated to it, so they are drawn at that time point
+        only (not over every time point, as a 3D layer would be).
     units : str
-        Name of the spatial unit (``"px"`` when the layer has none).
+        Name of the spatial unit for labels: the layer's (``"µm"``), ``"px"``
+        for a layer with neither units nor a scale, ``"scale units"`` for a
+        scaled layer without units.
+    axis_units : dict
+        The layer's napari ``units`` by role: ``"spatial"`` (tuple), ``"time"``
+        and ``"channel"``; outputs take them (napari warns about inconsistent
+        units across layers otherwise).
     notes : list of str
         What was done to fit the input (singleton axes dropped, ...).
     """
@@ -63,7 +73,9 @@ class PreparedImage:
     translate: tuple[float, ...]
     time_scale: float | None = None
     time_translate: float | None = None
+    time_point: int | None = None
     units: str = "px"
+    axis_units: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     rgb: bool = False
     channel_pos: int | None = None
@@ -113,6 +125,20 @@ class PreparedImage:
         """Whether several time points are processed (outputs get a T axis)."""
         return len(self.frames) > 1
 
+    @property
+    def timed(self) -> bool:
+        """Whether outputs get a T axis: all time points, or a singleton one at :attr:`time_point`."""
+        return self.stacked or self.time_point is not None
+
+    def _units(self, spatial_only: bool = False) -> tuple | None:
+        spatial = self.axis_units.get("spatial")
+        if spatial is None:
+            return None
+        units = list(spatial)
+        if self.timed and not spatial_only:
+            units.insert(0, self.axis_units.get("time", "pixel"))
+        return tuple(units)
+
     def output_kwargs(self, with_channels: bool = False) -> dict:
         """``scale``/``translate`` keyword arguments for an output layer.
 
@@ -121,34 +147,55 @@ class PreparedImage:
         original place (last, as RGB, for RGB input).
         """
         scale, translate = list(self.spacing), list(self.translate)
-        if self.stacked:
+        units = list(self._units() or ())
+        if self.timed:
+            t0 = self.time_point or 0
             scale.insert(0, self.time_scale)
-            translate.insert(0, self.time_translate)
+            translate.insert(0, self.time_translate + t0 * self.time_scale)
         kwargs: dict = {}
         if with_channels and self.channel_axis is not None:
             if self.rgb:
                 kwargs["rgb"] = True
             else:
-                pos = self.channel_pos_stacked if self.stacked else self.channel_pos
+                pos = self.channel_pos_stacked if self.timed else self.channel_pos
                 scale.insert(pos, self.channel_scale[0])
                 translate.insert(pos, self.channel_scale[1])
+                if units:
+                    units.insert(pos, self.axis_units.get("channel", "pixel"))
         kwargs.update(scale=tuple(scale), translate=tuple(translate))
+        if units:
+            kwargs["units"] = tuple(units)
         return kwargs
 
     def spatial_kwargs(self) -> dict:
-        """``scale``/``translate`` for an output with the spatial axes only."""
-        return {"scale": tuple(self.spacing), "translate": tuple(self.translate)}
+        """``scale``/``translate``/``units`` for an output with the spatial axes only (drawn at every t)."""
+        kwargs = {"scale": tuple(self.spacing), "translate": tuple(self.translate)}
+        units = self._units(spatial_only=True)
+        if units:
+            kwargs["units"] = units
+        return kwargs
+
+    def place_spatial(self, array: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Data and kwargs for one spatial-only output ``(*spatial)`` shared by every frame.
+
+        At the processed time point only in "current time point" mode, else on
+        the spatial axes (so drawn at every time point).
+        """
+        if self.time_point is not None:
+            return array[None], self.output_kwargs()
+        return array, self.spatial_kwargs()
 
     def to_layer_layout(self, frames: list[np.ndarray]) -> np.ndarray:
         """Stack per-frame outputs ``(*spatial[, C])`` into the output layer's layout.
 
         Channels go back to their place in the input layer (see
-        :meth:`output_kwargs`); 2 or more frames get a leading T axis.
+        :meth:`output_kwargs`); 2 or more frames get a leading T axis, and the
+        one frame of a "current time point" run a singleton T axis.
         """
-        out = np.stack(frames) if self.stacked else frames[0]
-        has_channels = out.ndim == (self.spatial_dims + int(self.stacked) + 1)
+        out = np.stack(frames) if self.timed else frames[0]
+        has_channels = out.ndim == (self.spatial_dims + int(self.timed) + 1)
         if has_channels and self.channel_axis is not None and not self.rgb:
-            pos = self.channel_pos_stacked if self.stacked else self.channel_pos
+            pos = self.channel_pos_stacked if self.timed else self.channel_pos
             out = np.moveaxis(out, -1, pos)
         return out
 
@@ -177,9 +224,15 @@ def _detect_channel_axis(shape: tuple[int, ...]) -> int | None:
 def _unit_name(layer) -> str:
     units = getattr(layer, "units", None)
     if not units or str(units[-1]) == "pixel":
-        return "px"
+        scale = getattr(layer, "scale", ())
+        return "scale units" if any(float(s) != 1.0 for s in scale[-2:]) else "px"
     name = str(units[-1])
     return {"micrometer": "µm", "millimeter": "mm", "nanometer": "nm"}.get(name, name)
+
+
+def _layer_units(layer) -> tuple[str, ...] | None:
+    units = getattr(layer, "units", None)
+    return None if units is None else tuple(str(u) for u in units)
 
 
 def prepare_image(
@@ -270,11 +323,11 @@ def prepare_image(
     spacing = tuple(scale[a] for a in axes)
     offset = tuple(translate[a] for a in axes)
 
-    time_scale = time_translate = None
+    time_scale = time_translate = time_point = None
     time_points: list[int | None] = [None]
     if time_axis is not None:
+        time_scale, time_translate = scale[time_axis], translate[time_axis]
         if time_mode == TIME_MODES[1]:
-            time_scale, time_translate = scale[time_axis], translate[time_axis]
             time_points = list(range(shape[time_axis]))
         else:
             t = 0
@@ -283,6 +336,7 @@ def prepare_image(
                 t = int(round(float(data_pos[time_axis])))
             t = min(max(t, 0), shape[time_axis] - 1)
             time_points = [t]
+            time_point = t
             notes.append(f"4D layer: time point {t} only.")
 
     # Channels must end up last: move them there with a (lazy) transpose.
@@ -316,9 +370,24 @@ def prepare_image(
         translate=offset,
         time_scale=time_scale,
         time_translate=time_translate,
+        time_point=time_point,
         units=_unit_name(layer),
+        axis_units=_axis_units(layer, spatial_axes, time_axis, c_axis_orig),
         notes=notes,
     )
+
+
+def _axis_units(layer, spatial_axes, time_axis, c_axis) -> dict:
+    """The layer's napari units of the spatial, time and channel axes (empty if it has none)."""
+    units = _layer_units(layer)
+    if units is None or len(units) != len(layer.scale):
+        return {}
+    out: dict = {"spatial": tuple(units[a] for a in spatial_axes)}
+    if time_axis is not None:
+        out["time"] = units[time_axis]
+    if c_axis is not None and not layer.rgb:
+        out["channel"] = units[c_axis]
+    return out
 
 
 def as_lazy(array):
@@ -347,7 +416,7 @@ def add_or_update(viewer, kind: str, data, name: str, **kwargs):
     )
     if reusable:
         existing.data = data
-        for key in ("scale", "translate"):
+        for key in ("scale", "translate", "units"):
             if key in kwargs:
                 setattr(existing, key, kwargs[key])
         if "metadata" in kwargs:

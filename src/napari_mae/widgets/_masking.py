@@ -3,25 +3,44 @@
 Reads an image layer, builds a patch mask with :func:`napari_mae.masking.make_mask`
 and applies it with :func:`napari_mae.masking.apply_mask` in a worker thread, then
 adds ``"<name> masked"`` (Image) and ``"<name> mask"`` (Labels, 1 = removed) with the
-input's scale and translate. The patch-grid mask is kept in the mask layer's
-metadata (and :data:`~._registry.registry`) for the Reconstruction widget.
+input's scale, translate and units. The patch-grid mask is kept in the mask layer's
+metadata (and :data:`~._registry.registry`) for the Reconstruction widget; the
+masked image's metadata names its source (:data:`~._registry.MASKED_KEY`), so the
+Reconstruction widget can offer the original instead.
+
+The patch size follows the model chosen in the Reconstruction widget (else the
+bundled ``default-2d``/``default-3d`` one, :func:`~._registry.model_patch_size`)
+until the user sets it.
+
+The value fields are magicgui widgets (``create_widget``); the layer picker is
+:class:`~._common.LayerCombo` and the per-axis patch size a small Qt row (see
+their docstrings for why).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from napari.layers import Image
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QSpinBox, QWidget
-from superqt import QLabeledDoubleSlider
+from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QSpinBox, QWidget
 
-from ._common import JobWidget, LayerCombo, channel_axis_combo, parse_channel_axis, time_mode_combo
+from ._common import (
+    JobWidget,
+    LayerCombo,
+    channel_axis_combo,
+    magic_field,
+    parse_channel_axis,
+    time_mode_combo,
+)
 from ._layers import UserInputError, add_or_update, as_rgb_dtype, prepare_image
-from ._registry import MASK_KEY, MaskRecord, registry
+from ._registry import MASK_KEY, MASKED_KEY, MaskRecord, model_patch_size, registry
 
 
 class PatchSizeEdit(QWidget):
-    """Patch size in pixels per spatial axis (Z, Y, X), with its physical size."""
+    """Patch size in pixels per spatial axis (Z, Y, X), with its physical size.
+
+    Hand-built Qt rather than a magicgui tuple: it hides the Z box for 2D
+    images and shows the physical size beside the boxes as they change.
+    """
 
     def __init__(self, default: int = 16) -> None:
         super().__init__()
@@ -33,7 +52,10 @@ class PatchSizeEdit(QWidget):
             spin.setRange(1, 512)
             spin.setValue(default)
             spin.setPrefix(f"{axis} ")
-            spin.setToolTip(f"Patch size along {axis}, in pixels")
+            spin.setToolTip(
+                f"Patch size along {axis}, in pixels: the image is cut into patches of this size "
+                "and a share of them is hidden (set to the model's patch size by default)"
+            )
             spin.valueChanged.connect(self._update_label)
             lay.addWidget(spin)
             self.spins.append(spin)
@@ -84,37 +106,65 @@ class MaskingWidget(JobWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__(napari_viewer, run_text="Mask")
+        self.run_button.setToolTip("Hide patches of the chosen image as the MAE sees it")
         form = QFormLayout()
         self.image = LayerCombo(napari_viewer, (Image,))
+        self.image.setToolTip("The image to mask")
         self.channel = channel_axis_combo()
         self.time_mode = time_mode_combo()
-        self.patch_size = PatchSizeEdit()
-        self.mask_ratio = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
-        self.mask_ratio.setRange(0.0, 0.95)
-        self.mask_ratio.setDecimals(2)
-        self.mask_ratio.setValue(0.75)
+        self.patch_size = PatchSizeEdit(8)
         from napari_mae.masking import FILLS, STRATEGIES  # numpy only
 
-        self.strategy = QComboBox()
-        self.strategy.addItems(STRATEGIES)
-        self.fill = QComboBox()
-        self.fill.addItems(FILLS)
-        self.seed = QSpinBox()
-        self.seed.setRange(-1, 2**31 - 1)
-        self.seed.setSpecialValueText("random")
-        self.seed.setValue(0)
+        self.mask_ratio = magic_field(
+            0.75,
+            "FloatSlider",
+            min=0.0,
+            max=0.95,
+            step=0.01,
+            tooltip="Share of the patches hidden (0.75 = three of every four, as in the MAE paper)",
+        )
+        self.strategy = magic_field(
+            STRATEGIES[0],
+            choices=STRATEGIES,
+            tooltip="Which patches are hidden: 'random' anywhere, 'grid' a regular pattern, "
+            "'block' whole rectangular groups of patches",
+        )
+        self.fill = magic_field(
+            FILLS[0],
+            choices=FILLS,
+            tooltip="What hidden patches show: 'zero' black, 'noise' random values, 'mean' the image's mean",
+        )
+        self.seed = magic_field(
+            0,
+            min=-1,
+            max=2**31 - 1,
+            tooltip="Number that fixes the random choice of patches (same number, same mask); "
+            "-1 = a new mask every run",
+        )
+        self.seed.native.setSpecialValueText("random")
         form.addRow("image", self.image)
         form.addRow("channel axis", self.channel)
         form.addRow("4D input", self.time_mode)
         form.addRow("patch size", self.patch_size)
-        form.addRow("mask ratio", self.mask_ratio)
-        form.addRow("strategy", self.strategy)
-        form.addRow("fill", self.fill)
-        form.addRow("seed", self.seed)
+        form.addRow("mask ratio", self.mask_ratio.native)
+        form.addRow("strategy", self.strategy.native)
+        form.addRow("fill", self.fill.native)
+        form.addRow("seed", self.seed.native)
         self.form_layout.addLayout(form)
+        # The patch size follows the model until the user sets it.
+        self.patch_size_set_by_user = False
+        self._setting_patch_size = False
+        for spin in self.patch_size.spins:
+            spin.valueChanged.connect(self._patch_size_edited)
         self.image.currentIndexChanged.connect(self._image_changed)
         self.channel.currentIndexChanged.connect(self._image_changed)
+        registry.model_chosen.connect(self._image_changed)
+        self.destroyed.connect(lambda *_: _disconnect_signal(registry.model_chosen, self._image_changed))
         self._image_changed()
+
+    def _patch_size_edited(self, *_) -> None:
+        if not self._setting_patch_size:
+            self.patch_size_set_by_user = True
 
     def _image_changed(self, *_) -> None:
         try:
@@ -123,15 +173,16 @@ class MaskingWidget(JobWidget):
             )
         except (UserInputError, ValueError):
             return
-        self.patch_size.set_dims(prep.spatial_dims, prep.spacing, prep.units)
-        # Keep patches a few per axis on small/thin axes (e.g. 30 CT slices).
-        shape = prep.spatial_shape
-        self.patch_size.set_value(
-            [
-                min(s.value(), max(1, n // 2))
-                for s, n in zip(self.patch_size.spins[3 - len(shape) :], shape, strict=True)
-            ]
-        )
+        self._setting_patch_size = True
+        try:
+            self.patch_size.set_dims(prep.spatial_dims, prep.spacing, prep.units)
+            shape = prep.spatial_shape
+            current = [s.value() for s in self.patch_size.spins[3 - len(shape) :]]
+            wanted = current if self.patch_size_set_by_user else model_patch_size(prep.spatial_dims)
+            # Keep patches a few per axis on small/thin axes (e.g. 30 CT slices).
+            self.patch_size.set_value([min(p, max(1, n // 2)) for p, n in zip(wanted, shape, strict=True)])
+        finally:
+            self._setting_patch_size = False
 
     def run(self) -> None:
         """Mask the chosen image in a worker thread."""
@@ -154,9 +205,9 @@ class MaskingWidget(JobWidget):
         except (UserInputError, ValueError) as exc:
             self.notify_error(str(exc))
             return
-        mask_ratio = float(self.mask_ratio.value())
-        strategy, fill = self.strategy.currentText(), self.fill.currentText()
-        seed = None if self.seed.value() < 0 else self.seed.value()
+        mask_ratio = float(self.mask_ratio.value)
+        strategy, fill = self.strategy.value, self.fill.value
+        seed = None if self.seed.value < 0 else int(self.seed.value)
 
         def work(progress):
             from napari_mae import masking
@@ -195,22 +246,33 @@ class MaskingWidget(JobWidget):
         else:
             kwargs["contrast_limits"] = layer.contrast_limits
             kwargs["colormap"] = layer.colormap.name
-        add_or_update(self.viewer, "image", data, f"{prep.name} masked", **kwargs)
+        add_or_update(
+            self.viewer, "image", data, f"{prep.name} masked", metadata={MASKED_KEY: prep.name}, **kwargs
+        )
         record = MaskRecord(
             mask=mask, patch_size=tuple(patch_size), spatial_shape=prep.spatial_shape, source=prep.name
         )
         registry.last_mask = record
+        # At the time point masked in "current time point" mode; else shared by all frames.
+        mask_data, mask_kwargs = prep.place_spatial(pixels)
         add_or_update(
             self.viewer,
             "labels",
-            pixels,
+            mask_data,
             f"{prep.name} mask",
             metadata={MASK_KEY: record.as_metadata()},
             opacity=0.3,
-            **prep.spatial_kwargs(),
+            **mask_kwargs,
         )
         self.notify_notes(prep.notes)
         self.status.setText(
             f"{int(mask.sum())} of {mask.size} patches removed ({mask.mean():.0%}, asked {mask_ratio:.0%}); "
             f"grid {tuple(mask.shape)} of {tuple(patch_size)} px."
         )
+
+
+def _disconnect_signal(signal, callback) -> None:
+    import contextlib
+
+    with contextlib.suppress(RuntimeError, TypeError, ValueError):
+        signal.disconnect(callback)

@@ -5,30 +5,39 @@ model trained in the Training widget) and calls
 :func:`napari_mae.reconstruction.reconstruct` over sliding windows in a worker
 thread. The mask is the one from the Masking widget (its mask layer) or a new
 random one. Adds ``"<name> reconstruction"`` and ``"<name> error"`` layers with
-the input's scale.
+the input's scale and units, and shows the reconstruction alone (the other
+layers hidden) or side by side in napari's grid view.
+
+After the Masking widget ran, the image offered is the original (not its
+``"<name> masked"`` output, which the model would mask again) with the mask the
+Masking widget made for it; choosing a masked output warns.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from napari.layers import Image, Labels
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QFormLayout, QSpinBox
-from superqt import QLabeledDoubleSlider
+from qtpy.QtWidgets import QCheckBox, QFormLayout
 
 from ._common import (
     JobWidget,
     LayerCombo,
     channel_axis_combo,
+    magic_field,
     parse_channel_axis,
     time_mode_combo,
     torch_threads_leaving_a_core,
 )
 from ._layers import UserInputError, add_or_update, as_rgb_dtype, prepare_image
 from ._model_picker import ModelPicker, device_combo
-from ._registry import MaskRecord
+from ._registry import MASKED_KEY, MaskRecord
 
 NEW_MASK_TEXT = "new random mask"
+
+
+def masked_source(layer) -> str | None:
+    """Name of the image a Masking-widget output was made from, or None for other layers."""
+    return (getattr(layer, "metadata", None) or {}).get(MASKED_KEY)
 
 
 def release_gpu_memory() -> None:
@@ -50,11 +59,23 @@ class ReconstructionWidget(JobWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__(napari_viewer, run_text="Reconstruct")
+        self.run_button.setToolTip("Let the model fill in the hidden patches of the chosen image")
         form = QFormLayout()
-        self.image = LayerCombo(napari_viewer, (Image,), predicate=lambda ly: not ly.name.endswith(" error"))
+        outputs = (" error", " reconstruction")
+        self.image = LayerCombo(
+            napari_viewer,
+            (Image,),
+            predicate=lambda ly: not ly.name.endswith(outputs),
+            # A masked output is listed but not offered first when its original is open.
+            avoid=lambda ly: masked_source(ly) in napari_viewer.layers,
+        )
+        self.image.setToolTip(
+            "The original image (not its 'masked' copy): the model hides the patches of the mask below "
+            "and fills them in"
+        )
         self.channel = channel_axis_combo()
         self.time_mode = time_mode_combo()
-        self.model = ModelPicker()
+        self.model = ModelPicker(report_choice=True)
         self.device = device_combo()
         self.mask = LayerCombo(
             napari_viewer,
@@ -62,36 +83,65 @@ class ReconstructionWidget(JobWidget):
             none_text=NEW_MASK_TEXT,
             predicate=lambda ly: MaskRecord.from_layer(ly) is not None,
         )
-        self.mask.setToolTip("A mask layer made by the Masking widget, or a new random mask")
-        self.mask_ratio = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
-        self.mask_ratio.setRange(0.0, 0.95)
-        self.mask_ratio.setDecimals(2)
-        self.mask_ratio.setValue(0.75)
-        self.seed = QSpinBox()
-        self.seed.setRange(0, 2**31 - 1)
-        self.batch_size = QSpinBox()
-        self.batch_size.setRange(1, 256)
-        self.batch_size.setValue(4)
-        self.batch_size.setToolTip("Windows per forward pass")
+        self.mask.setToolTip(
+            "Which patches to hide: the mask the Masking widget made for this image, or a new random one"
+        )
+        self.mask_ratio = magic_field(
+            0.75,
+            "FloatSlider",
+            min=0.0,
+            max=0.95,
+            step=0.01,
+            tooltip="Share of the patches a new random mask hides (0.75 = three of every four)",
+        )
+        self.seed = magic_field(
+            0,
+            min=0,
+            max=2**31 - 1,
+            tooltip="Number that fixes the new random mask (same number, same patches hidden)",
+        )
+        self.batch_size = magic_field(
+            4,
+            min=1,
+            max=256,
+            tooltip="Image windows the model processes at once: more is faster on a GPU but needs more memory",
+        )
+        self.grid = QCheckBox("side by side (grid view)")
+        self.grid.setToolTip(
+            "Show the original, masked image, reconstruction and error map side by side; "
+            "unchecked: only the reconstruction is shown, the others are hidden"
+        )
         form.addRow("image", self.image)
         form.addRow("channel axis", self.channel)
         form.addRow("4D input", self.time_mode)
         form.addRow("model", self.model)
         form.addRow("device", self.device)
         form.addRow("mask", self.mask)
-        form.addRow("new mask ratio", self.mask_ratio)
-        form.addRow("seed", self.seed)
-        form.addRow("batch size", self.batch_size)
+        form.addRow("new mask ratio", self.mask_ratio.native)
+        form.addRow("seed", self.seed.native)
+        form.addRow("batch size", self.batch_size.native)
+        form.addRow("", self.grid)
         self.form_layout.addLayout(form)
         self.mask.currentIndexChanged.connect(self._mask_changed)
         self.image.currentIndexChanged.connect(self._image_changed)
+        events = napari_viewer.layers.events
+        events.inserted.connect(self._layer_inserted)
+        self.destroyed.connect(lambda *_: _disconnect(events.inserted, self._layer_inserted))
         self._mask_changed()
         self._image_changed()
 
+    def _layer_inserted(self, event) -> None:
+        """A mask made for the chosen image after this widget opened: choose it."""
+        layer = event.value
+        record = MaskRecord.from_layer(layer)
+        current = self.image.value()
+        if record is not None and current is not None and record.source == current.name:
+            self.mask.set_value(layer)
+
     def _mask_changed(self, *_) -> None:
         new = self.mask.value() is None
-        self.mask_ratio.setEnabled(new)
-        self.seed.setEnabled(new)
+        self.mask_ratio.enabled = new
+        self.seed.enabled = new
 
     def _image_changed(self, *_) -> None:
         try:
@@ -101,11 +151,15 @@ class ReconstructionWidget(JobWidget):
         except (UserInputError, ValueError):
             return
         self.model.set_default_for_dims(prep.spatial_dims)
-        source = self.image.value().name
-        for ly in self.mask.layers():  # prefer the mask made for this image
+        layer = self.image.value()
+        # Prefer the mask made for this image (for a masked output: for its original).
+        source = masked_source(layer) or layer.name
+        for ly in self.mask.layers():
             if MaskRecord.from_layer(ly).source == source:
                 self.mask.set_value(ly)
                 break
+        else:
+            self.mask.setCurrentIndex(0)
 
     def run(self) -> None:
         """Reconstruct the chosen image in a worker thread."""
@@ -131,11 +185,19 @@ class ReconstructionWidget(JobWidget):
         except (UserInputError, ValueError) as exc:
             self.notify_error(str(exc))
             return
+        source = masked_source(layer)
+        if source is not None:
+            prep.notes.append(
+                f"'{layer.name}' is the Masking widget's output: its hidden patches are already blank, "
+                f"so the model sees them masked again and the error compares against a masked image. "
+                f"Choose '{source}' (with mask '{source} mask') to reconstruct the original."
+            )
+            self.notify_notes(prep.notes[-1:])
         device = self.device.currentText()
         mask_ratio, seed, batch_size = (
-            float(self.mask_ratio.value()),
-            self.seed.value(),
-            self.batch_size.value(),
+            float(self.mask_ratio.value),
+            int(self.seed.value),
+            int(self.batch_size.value),
         )
         n = len(prep.frames)
 
@@ -145,7 +207,7 @@ class ReconstructionWidget(JobWidget):
 
             progress(0, 1, "loading model")
             model = load_model(spec, device=device)
-            model_mask = _mask_for_model(mask, tuple(model.config.patch_size), prep)
+            model_mask = _mask_for_model(mask, tuple(model.config.patch_size), prep.notes)
             recon, error = [], []
             try:
                 with torch_threads_leaving_a_core():
@@ -173,13 +235,13 @@ class ReconstructionWidget(JobWidget):
             return recon, error
 
         def done(result) -> None:
-            self.show_result(layer, prep, *result)
+            self.show_result(layer, prep, *result, mask_layer=mask_layer)
 
         layers = [layer] if mask_layer is None else [layer, mask_layer]
         self.start_job(work, description="Reconstructing", on_returned=done, layers=layers)
 
-    def show_result(self, layer, prep, recon, error) -> None:
-        """Add the reconstruction and error layers (GUI thread)."""
+    def show_result(self, layer, prep, recon, error, mask_layer=None) -> None:
+        """Add the reconstruction and error layers and show them (GUI thread)."""
         kwargs = prep.output_kwargs(with_channels=True)
         if prep.rgb:
             data = as_rgb_dtype(prep.to_layer_layout(recon), layer.dtype)
@@ -187,14 +249,14 @@ class ReconstructionWidget(JobWidget):
             data = prep.to_layer_layout(recon)
             kwargs["contrast_limits"] = layer.contrast_limits
             kwargs["colormap"] = layer.colormap.name
-        add_or_update(self.viewer, "image", data, f"{prep.name} reconstruction", **kwargs)
+        recon_layer = add_or_update(self.viewer, "image", data, f"{prep.name} reconstruction", **kwargs)
         err = prep.to_layer_layout(error)
         err_kwargs = prep.output_kwargs(with_channels=err.ndim > prep.spatial_dims + int(prep.stacked))
         err_kwargs.pop("rgb", None)
         if err_kwargs.get("scale") is not None and len(err_kwargs["scale"]) != err.ndim:
             err = err.mean(axis=-1)  # RGB error: mean over colours
             err_kwargs = prep.output_kwargs()
-        add_or_update(
+        error_layer = add_or_update(
             self.viewer,
             "image",
             err,
@@ -203,6 +265,7 @@ class ReconstructionWidget(JobWidget):
             blending="additive",
             **err_kwargs,
         )
+        self._show(layer, recon_layer, error_layer, mask_layer)
         finite = err[np.isfinite(err)]
         self.status.setText(
             f"Reconstructed {prep.name} with {self.model.describe()}; mean error {finite.mean():.4g}"
@@ -211,30 +274,60 @@ class ReconstructionWidget(JobWidget):
         )
         self.notify_notes(prep.notes)
 
+    def _show(self, layer, recon_layer, error_layer, mask_layer) -> None:
+        """Only the reconstruction visible, or the four layers side by side in grid view."""
+        masked_name = f"{layer.name} masked"
+        masked = self.viewer.layers[masked_name] if masked_name in self.viewer.layers else None  # noqa: SIM401
+        compared = [ly for ly in (layer, masked, recon_layer, error_layer) if ly is not None]
+        if mask_layer is not None:
+            mask_layer.visible = False
+        if self.grid.isChecked():
+            for ly in compared:
+                ly.visible = True
+            grid = viewer_grid(self.viewer)
+            grid.enabled = True
+            grid.shape = (-1, 2)
+        else:
+            for ly in compared:
+                ly.visible = ly is recon_layer
+        self.viewer.layers.selection.active = recon_layer
 
-def _mask_for_model(record: MaskRecord | None, patch_size: tuple[int, ...], prep):
+
+def viewer_grid(viewer):
+    """The viewer's grid settings (``viewer.canvas.grid`` from napari 0.9, ``viewer.grid`` before)."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
+
+
+def _disconnect(emitter, callback) -> None:
+    import contextlib
+
+    with contextlib.suppress(RuntimeError, TypeError, ValueError):
+        emitter.disconnect(callback)
+
+
+def _mask_for_model(record: MaskRecord | None, patch_size: tuple[int, ...], notes: list[str]):
     """The Masking widget's mask on the model's patch grid (None: ``reconstruct`` draws one).
 
-    A mask made with another patch size is resampled: a model patch is removed
-    when most of its pixels were.
+    A mask made with another patch size is resampled by
+    :func:`napari_mae.masking.resample_mask` (a note is added to ``notes``).
+
+    Raises
+    ------
+    UserInputError
+        If the model's patches have another number of axes than the mask.
     """
     if record is None:
         return None
     if tuple(record.patch_size) == tuple(patch_size):
         return record.mask
-    from napari_mae.masking import mask_to_pixels, patch_grid_shape
+    from napari_mae.masking import resample_mask
 
     if len(patch_size) != len(record.spatial_shape):
         raise UserInputError(
             f"The model takes {len(patch_size)}D patches; the mask is {len(record.spatial_shape)}D."
         )
-    pixels = mask_to_pixels(record.mask, record.spatial_shape, record.patch_size).astype(np.float32)
-    grid = patch_grid_shape(record.spatial_shape, patch_size)
-    padded = np.zeros([g * p for g, p in zip(grid, patch_size, strict=True)], np.float32)
-    padded[tuple(slice(0, n) for n in record.spatial_shape)] = pixels
-    blocks = padded.reshape([v for g, p in zip(grid, patch_size, strict=True) for v in (g, p)])
-    fraction = blocks.mean(axis=tuple(range(1, 2 * len(grid), 2)))
-    prep.notes.append(
+    notes.append(
         f"Mask of {tuple(record.patch_size)} px patches resampled to the model's {tuple(patch_size)} px patches."
     )
-    return fraction > 0.5
+    return resample_mask(record.mask, record.spatial_shape, record.patch_size, patch_size)
