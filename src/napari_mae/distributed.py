@@ -15,10 +15,13 @@ unique, labels stitched across block faces), on :func:`napari_mae.segmentation.s
    with a small file per finished block (its object count and its face planes). Finished
    blocks are skipped on a rerun (``resume``): a run killed mid-way continues from them.
 3. **Stitching**: ids are made unique by the blocks' cumulative counts; on every face
-   between two blocks, each label's footprint is shrunk by 1 pixel and labels whose
-   shrunk footprints touch across the face are linked; connected components of those
-   links give the final, consecutive ids, which are written as OME-Zarr labels
-   (``ome_zarr.writer.write_labels``), chunk by chunk on the cluster.
+   between two blocks, the labels of the two blocks that cover the same object are linked:
+   each block has segmented the two planes on either side of the face (one in its core,
+   one in its margin), and a label of one and a label of the other that share at least
+   half of the smaller one's pixels there are the same object (:func:`_face_links`).
+   Connected components of those links give the final, consecutive ids, which are
+   written as OME-Zarr labels (``ome_zarr.writer.write_labels``), chunk by chunk on the
+   cluster.
 
 The blocks run on a ``dask.distributed`` client: a ``LocalCluster`` of ``n_workers``
 single-threaded worker processes by default, or any scheduler by address. ``client=None``
@@ -43,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from napari_mae._progress import ProgressCallback, report
 
@@ -116,6 +118,17 @@ def _read(image, slices) -> np.ndarray:
     if isinstance(image, da.Array):
         return np.asarray(image[slices].compute(scheduler="synchronous"))
     return np.asarray(image[slices])
+
+
+class _Source:
+    """A lazily read array (Zarr, dask on Zarr) that workers slice themselves."""
+
+    def __init__(self, array):
+        self.array = array
+        self.shape = tuple(array.shape)
+
+    def __getitem__(self, slices) -> np.ndarray:
+        return _read(self.array, slices)
 
 
 def _central_crop(shape: Sequence[int], max_voxels: int) -> tuple[slice, ...]:
@@ -301,12 +314,23 @@ def _consecutive(labels: np.ndarray) -> tuple[np.ndarray, int]:
     return inv.reshape(labels.shape).astype(np.uint32), int(ids.size - (ids[0] == 0))
 
 
-def _shrunk(plane: np.ndarray) -> np.ndarray:
-    """A face plane with every label's footprint shrunk by 1 pixel (in the plane)."""
-    if plane.max() == 0:
-        return plane
-    same = ndi.minimum_filter(plane, size=3) == ndi.maximum_filter(plane, size=3)
-    return np.where(same, plane, 0).astype(plane.dtype)
+def _face_links(va: np.ndarray, vb: np.ndarray, min_overlap: float = 0.5) -> np.ndarray:
+    """Pairs ``(a, b)`` of labels that two blocks' views of the same pixels agree on.
+
+    ``va``, ``vb``: the same pixels (the planes beside one face) as labelled by each block.
+    ``a`` and ``b`` are linked where they share at least ``min_overlap`` of the smaller
+    one's pixels. (Cellpose links labels shrunk by 1 pixel that touch across the face;
+    that leaves the thin cap of an object barely cut by a face as its own object, and
+    links two different objects that touch at the face.)
+    """
+    both = (va > 0) & (vb > 0)
+    if not both.any():
+        return np.zeros((0, 2), np.int64)
+    pairs, shared = np.unique(np.stack([va[both], vb[both]], axis=1), axis=0, return_counts=True)
+    n_a = np.bincount(va, minlength=int(va.max()) + 1)
+    n_b = np.bincount(vb, minlength=int(vb.max()) + 1)
+    smaller = np.minimum(n_a[pairs[:, 0]], n_b[pairs[:, 1]])
+    return pairs[shared >= min_overlap * smaller].astype(np.int64)
 
 
 def _block_name(index) -> str:
@@ -318,12 +342,26 @@ def _run_block(image, index, outer, inner, core, raw_path: str, blocks_dir: str,
     import zarr
 
     labels = segment_block(_read(image, outer), params, method=method)
-    crop, n = _consecutive(labels[inner])
+    ids = np.unique(labels[inner])
+    ids = ids[ids > 0]
+    lut = np.zeros(int(labels.max()) + 1, np.uint32)
+    lut[ids] = np.arange(1, ids.size + 1, dtype=np.uint32)  # core ids 1..n; margin-only ids 0
+    crop, n = lut[labels[inner]], int(ids.size)
     zarr.open_array(raw_path, mode="r+")[core] = crop
     faces = {}
     for d in range(crop.ndim):
-        faces[f"lo{d}"] = _shrunk(np.take(crop, 0, axis=d))
-        faces[f"hi{d}"] = _shrunk(np.take(crop, -1, axis=d))
+        # This block's view of the two planes on either side of each face: its core's
+        # first/last plane and the plane beyond it (in its margin), in core ids.
+        for side, k_in, k_out in (
+            ("lo", inner[d].start, inner[d].start - 1),
+            ("hi", inner[d].stop - 1, inner[d].stop),
+        ):
+            if not 0 <= k_out < labels.shape[d]:
+                continue  # the volume's edge: no face there
+            plane = tuple(slice(k_in, k_in + 1) if a == d else inner[a] for a in range(crop.ndim))
+            beyond = tuple(slice(k_out, k_out + 1) if a == d else inner[a] for a in range(crop.ndim))
+            faces[f"{side}{d}_in"] = lut[labels[plane]].squeeze(d)
+            faces[f"{side}{d}_out"] = lut[labels[beyond]].squeeze(d)
     final = Path(blocks_dir) / _block_name(index)
     tmp = final.with_suffix(f".tmp{os.getpid()}.npz")
     np.savez_compressed(tmp, n=np.int64(n), **faces)
@@ -358,13 +396,17 @@ def _stitch(grid: list, records: dict, counts: Sequence[int]) -> tuple[np.ndarra
             if index[d] + 1 >= counts[d]:
                 continue
             nb = tuple(i + (k == d) for k, i in enumerate(index))
-            pa, pb = records[index][f"hi{d}"], records[nb][f"lo{d}"]
-            both = (pa > 0) & (pb > 0)
-            if not both.any():
-                continue
-            pairs = np.unique(np.stack([pa[both], pb[both]], axis=1), axis=0).astype(np.int64)
-            a_all.append(pairs[:, 0] + offsets[index])
-            b_all.append(pairs[:, 1] + offsets[nb])
+            # Face at k: block A (below) saw planes k-1 (core) and k (margin); block B
+            # (above) saw k-1 (margin) and k (core). Where the two views agree about an
+            # object (a of A and b of B share at least half of the smaller one's pixels
+            # there), a and b are the same object.
+            rec_a, rec_b = records[index], records[nb]
+            va = np.concatenate([rec_a[f"hi{d}_in"].ravel(), rec_a[f"hi{d}_out"].ravel()])
+            vb = np.concatenate([rec_b[f"lo{d}_out"].ravel(), rec_b[f"lo{d}_in"].ravel()])
+            pairs = _face_links(va, vb)
+            if pairs.size:
+                a_all.append(pairs[:, 0] + offsets[index])
+                b_all.append(pairs[:, 1] + offsets[nb])
     n_nodes = total + 1
     if a_all:
         a = np.concatenate(a_all)
@@ -642,10 +684,12 @@ def _run_distributed(client, image, todo, raw_path, blocks_dir, params, method, 
     except ImportError:  # pragma: no cover
         from distributed import KilledWorker
 
-    if not hasattr(image, "__dask_graph__") and isinstance(image, np.ndarray):
+    if isinstance(image, np.ndarray):
         [image_f] = client.scatter([image], broadcast=True)
     else:
-        image_f = image
+        # Not a dask collection in the task's arguments (the client would compute it
+        # whole first): each worker reads its own block from the (Zarr-backed) array.
+        image_f = _Source(image)
     futures = {}
     for index, core, outer, inner in todo:
         f = client.submit(

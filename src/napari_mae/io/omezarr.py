@@ -19,6 +19,7 @@ No napari import here: :func:`napari_get_reader` returns plain layer-data tuples
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +140,14 @@ def read_ome_zarr(path: str | os.PathLike, *, plain: bool = False) -> OMEZarrIma
     image = None
     nodes: list = []
     if loc is not None:
-        nodes = list(Reader(loc)())
+        # The reader warns "no parent found" for every label image it visits on its own.
+        log = logging.getLogger("ome_zarr.reader")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            nodes = list(Reader(loc)())
+        finally:
+            log.setLevel(level)
         image = next(
             (
                 n

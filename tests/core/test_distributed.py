@@ -1,0 +1,252 @@
+"""OME-Zarr I/O and block-wise segmentation (napari_mae.io.omezarr, napari_mae.distributed).
+
+Tiny volumes; one LocalCluster test with 2 worker threads (processes=False), seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import zarr
+from scipy import ndimage as ndi
+
+from napari_mae.distributed import (
+    BlockwiseError,
+    GlobalParameters,
+    SchedulerError,
+    block_grid,
+    dask_client,
+    estimate_global_parameters,
+    segment_blockwise,
+    work_dir_for,
+)
+from napari_mae.io.omezarr import (
+    OMEZarrError,
+    read_layers,
+    read_ome_zarr,
+    read_ome_zarr_image,
+    write_ome_labels,
+)
+from napari_mae.segmentation import segment_instances
+
+
+def _spheres(shape=(32, 96, 96), step=14, r=5, seed=0):
+    """Bright spheres on a grid, ground truth; blocks of (16, 48, 48) cut some on every face."""
+    gt = np.zeros(shape, np.uint32)
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    k = 0
+    for c in np.ndindex(*[max(1, n // step) for n in shape]):
+        centre = [6 + i * step for i in c]
+        if any(ci + r >= n for ci, n in zip(centre, shape)):
+            continue
+        k += 1
+        gt[sum((g - ci) ** 2 for g, ci in zip(grids, centre)) < r * r] = k
+    rng = np.random.default_rng(seed)
+    img = ndi.gaussian_filter((gt > 0).astype(np.float32), 1) + 0.05 * rng.standard_normal(shape)
+    return img.astype(np.float32), gt
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to a renumbering of the labels."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+
+
+@pytest.fixture
+def ome_image(tmp_path):
+    from ome_zarr.writer import write_image
+
+    img, gt = _spheres()
+    path = tmp_path / "img.zarr"
+    write_image(
+        img,
+        str(path),
+        axes="zyx",
+        scale={"z": 2.0, "y": 0.5, "x": 0.5},
+        axes_units={a: "micrometer" for a in "zyx"},
+        scale_factors=(2,),
+        storage_options={"chunks": (16, 48, 48)},
+    )
+    return path, img, gt
+
+
+# --------------------------------------------------------------------------- OME-Zarr
+
+
+def test_read_ome_zarr_levels_axes_scale_units(ome_image):
+    path, img, _ = ome_image
+    im = read_ome_zarr(path)
+    assert im.axes == "ZYX" and len(im.levels) == 2
+    assert im.spacing(0) == (2.0, 0.5, 0.5) and im.spacing(1) == (2.0, 1.0, 1.0)
+    assert im.unit == "micrometer"
+    assert hasattr(im.levels[0], "dask")  # lazy
+    np.testing.assert_array_equal(np.asarray(im.levels[0]), img)
+    data, spacing, meta = read_ome_zarr_image(path, level=1)
+    assert data.shape == (32, 48, 48) and spacing == (2.0, 1.0, 1.0) and meta["axes"] == "ZYX"
+    with pytest.raises(OMEZarrError, match="level 2"):
+        read_ome_zarr_image(path, level=2)
+
+
+def test_labels_beside_the_image_and_reader_layers(ome_image):
+    path, img, gt = ome_image
+    write_ome_labels(
+        path, gt, name="truth", axes="ZYX", spacing=(2.0, 0.5, 0.5), unit="micrometer", chunks=(16, 48, 48)
+    )
+    assert json.loads((path / "labels" / "zarr.json").read_text())["attributes"]["ome"]["labels"] == ["truth"]
+    im = read_ome_zarr(path)
+    np.testing.assert_array_equal(np.asarray(im.labels["truth"][0]), gt)
+    layers = read_layers(str(path))
+    (data, kw, kind), (ldata, lkw, lkind) = layers
+    assert kind == "image" and kw["multiscale"] and len(data) == 2
+    assert kw["scale"] == [2.0, 0.5, 0.5] and kw["units"] == ["micrometer"] * 3
+    assert kw["axis_labels"] == ["z", "y", "x"]
+    assert lkind == "labels" and lkw["scale"] == [2.0, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("kind", ["no-metadata-group", "plain-array", "not-zarr"])
+def test_zarr_without_ome_metadata_is_a_clear_error(tmp_path, kind):
+    path = tmp_path / "x.zarr"
+    if kind == "no-metadata-group":
+        zarr.open_group(str(path), mode="w")
+    elif kind == "plain-array":
+        zarr.create_array(str(path), shape=(8, 8), dtype="f4")
+    else:
+        path.mkdir()
+    with pytest.raises(OMEZarrError, match="no OME-Zarr image|without OME metadata|not a Zarr"):
+        read_ome_zarr(path)
+    if kind == "plain-array":  # accepted with plain=True, spacing 1
+        im = read_ome_zarr(path, plain=True)
+        assert im.axes == "YX" and im.spacing() == (1.0, 1.0) and im.unit == "pixel"
+
+
+def test_npe2_reader_through_the_manifest(ome_image):
+    import npe2
+
+    path, _, _ = ome_image
+    npe2.PluginManager.instance().discover()
+    layers = npe2.read([str(path)], stack=False, plugin_name="napari-mae")
+    assert [kind for *_, kind in layers] == ["image"]
+    assert layers[0][1]["scale"] == [2.0, 0.5, 0.5]
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def test_block_grid_covers_the_volume_once():
+    shape, bs, ov = (10, 23), (4, 10), (2, 3)
+    cover = np.zeros(shape, int)
+    for _, core, outer, inner in block_grid(shape, bs, ov):
+        cover[core] += 1
+        assert all(o.start <= c.start and c.stop <= o.stop for c, o in zip(core, outer))
+        assert all(i.stop - i.start == c.stop - c.start for i, c in zip(inner, core))
+    assert (cover == 1).all()
+
+
+def test_global_parameters_from_the_whole_volume_match_segment_instances():
+    img, _ = _spheres()
+    params, _ = estimate_global_parameters(img, sample_voxels=img.size)
+    _, info = segment_instances(img)
+    assert params.object_radius == pytest.approx(info["radius"])
+    assert params.threshold == pytest.approx(info["threshold"], rel=1e-5)
+    assert params.bright_objects is True
+
+
+def test_sample_without_objects_is_a_clear_error():
+    with pytest.raises(ValueError, match="no object"):
+        estimate_global_parameters(
+            np.random.default_rng(0).normal(size=(16, 32, 32)).astype(np.float32) * 0 + 1
+        )
+
+
+def test_blockwise_equals_in_memory_and_stitches_faces(tmp_path):
+    img, gt = _spheres()
+    ref, info = segment_instances(img)
+    res = segment_blockwise(
+        img, tmp_path / "o.zarr" / "labels" / "seg", block_shape=(16, 48, 48), sample_voxels=img.size
+    )
+    assert res["blocks"] == 2 * 2 * 2 and res["links"] > 0
+    lab = np.asarray(zarr.open_array(str(tmp_path / "o.zarr" / "labels" / "seg" / "s0")))
+    assert lab.dtype == np.uint32 and lab.max() == res["n_objects"] == gt.max()
+    assert np.array_equal(np.unique(lab), np.arange(lab.max() + 1))  # consecutive
+    # Objects cut by block faces got one label each, and the labels are the in-memory ones.
+    assert _same_partition(lab, ref)
+    assert not work_dir_for(tmp_path / "o.zarr" / "labels" / "seg").exists()
+
+
+def test_existing_output_refused_then_resume_reuses_finished_blocks(tmp_path):
+    img, _ = _spheres()
+    out = tmp_path / "o.zarr" / "labels" / "seg"
+    kw = dict(block_shape=(16, 48, 48), object_radius=5.0)
+    segment_blockwise(img, out, **kw)
+    first = np.asarray(zarr.open_array(str(out / "s0")))
+    with pytest.raises(FileExistsError, match="--resume .* --overwrite"):
+        segment_blockwise(img, out, **kw)
+    assert segment_blockwise(img, out, resume=True, **kw)["blocks_computed"] == 0  # already complete
+
+    # A run that stopped after 3 blocks: the rerun computes only the other 5.
+    from napari_mae._progress import Cancelled
+
+    def stop_after_3(done, total, message):
+        if message == "segmenting blocks" and done >= 3:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        segment_blockwise(img, out, overwrite=True, progress=stop_after_3, **kw)
+    with pytest.raises(FileExistsError, match="unfinished run"):
+        segment_blockwise(img, out, **kw)
+    res = segment_blockwise(img, out, resume=True, **kw)
+    assert (res["blocks_reused"], res["blocks_computed"]) == (3, 5)
+    np.testing.assert_array_equal(np.asarray(zarr.open_array(str(out / "s0"))), first)
+
+
+def test_local_cluster_two_workers_same_labels(tmp_path, ome_image):
+    path, img, _ = ome_image
+    data, spacing, _ = read_ome_zarr_image(path)
+    kw = dict(
+        spacing=spacing, axes="ZYX", unit="micrometer", block_shape=(16, 48, 48), sample_voxels=img.size
+    )
+    ref = segment_blockwise(data, tmp_path / "a.zarr" / "labels" / "seg", **kw)
+    with dask_client(2, processes=False) as client:
+        res = segment_blockwise(data, path / "labels" / "napari-mae", client=client, **kw)
+    assert res["n_objects"] == ref["n_objects"] > 0
+    a = np.asarray(zarr.open_array(str(tmp_path / "a.zarr" / "labels" / "seg" / "s0")))
+    b = np.asarray(read_ome_zarr(path).labels["napari-mae"][0])
+    np.testing.assert_array_equal(a, b)
+    labels_meta = read_layers(str(path))[1][1]
+    assert labels_meta["scale"] == [2.0, 0.5, 0.5] and labels_meta["units"] == ["micrometer"] * 3
+
+
+def test_scheduler_that_does_not_answer_fails_within_seconds():
+    t0 = time.perf_counter()
+    with (
+        pytest.raises(SchedulerError, match="no dask scheduler answered"),
+        dask_client(scheduler="tcp://127.0.0.1:9", timeout=1),
+    ):
+        pass
+    assert time.perf_counter() - t0 < 10
+
+
+def test_method_is_passed_through(monkeypatch):
+    import napari_mae.segmentation as seg
+
+    seen = {}
+
+    def fake(image, **kw):
+        seen.update(kw)
+        return np.zeros(np.shape(image), np.uint32), {}
+
+    monkeypatch.setattr(seg, "segment_instances", fake)
+    from napari_mae.distributed import segment_block
+
+    params = GlobalParameters((0.0, 1.0), 2.0, True, 0.3, (1.0, 1.0))
+    segment_block(np.random.default_rng(0).random((16, 16)), params, method="learned")
+    assert seen["method"] == "learned" and seen["threshold"] == 0.3 and seen["object_radius"] == 2.0
+
+
+def test_blockwise_error_is_a_runtime_error():
+    assert issubclass(SchedulerError, BlockwiseError) and issubclass(BlockwiseError, RuntimeError)
