@@ -7,8 +7,20 @@ import pytest
 PLUGIN = "napari-mae"
 
 
+@pytest.fixture(autouse=True)
+def config_dir(tmp_path, monkeypatch):
+    """The registry of trained models lives in a temporary folder, never in the real home."""
+    from napari_mae.widgets._registry import CONFIG_DIR_ENV, registry
+
+    folder = tmp_path / "config"
+    monkeypatch.setenv(CONFIG_DIR_ENV, str(folder))
+    registry.clear()
+    yield folder
+    registry.clear()
+
+
 @pytest.fixture
-def viewer(make_napari_viewer):
+def viewer(make_napari_viewer, config_dir):
     """A napari viewer with the registry of trained models and masks cleared."""
     from napari_mae.widgets._registry import registry
 

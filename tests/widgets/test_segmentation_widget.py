@@ -24,12 +24,19 @@ def test_segmentation_samples(viewer, add_widget, qtbot, notifications, sample):
     assert n > 0
     size = "area" if image.ndim == 2 else "volume"
     assert len(labels.features) == len(np.unique(labels.data)) - 1
-    # Sizes are physical: pixels times the voxel size.
-    np.testing.assert_allclose(
-        labels.features[size], labels.features["pixels"] * np.prod(image.scale), rtol=1e-6
-    )
+    # Sizes are physical: pixels times the voxel size (no separate pixel column where uncalibrated).
+    pixels = np.bincount(labels.data.ravel())[labels.features["label"]]
+    np.testing.assert_allclose(labels.features[size], pixels * np.prod(image.scale), rtol=1e-6)
+    assert ("pixels" in labels.features) == bool(np.any(np.asarray(image.scale) != 1))
+    assert {"centroid_y", "centroid_x", "mean_intensity"} <= set(labels.features)
+    assert tuple(map(str, labels.units)) == tuple(map(str, image.units))  # issue 12.4
     assert widget.table.rowCount() == min(len(labels.features), 500)
     assert "objects" in widget.status.text() and "radius" in widget.status.text()
+    # Issue 12.15: automatic objects covering most of the image (CT: the body) are called out.
+    covers = np.count_nonzero(labels.data) / labels.data.size > 0.4
+    assert ("scribbles" in widget.status.text()) == covers
+    if sample == "ct_abdomen":
+        assert covers and "bright or dark" in widget.status.text()
     # The estimates can be kept and overridden.
     widget.use_estimates.click()
     assert widget.radius.value() == pytest.approx(widget.info["radius"], rel=1e-2)
@@ -104,7 +111,7 @@ def test_segmentation_polarity_override(viewer, add_widget, qtbot, notifications
     layer = viewer.add_image(image)
     widget = add_widget("Segmentation")
     widget.image.set_value(layer)
-    widget.polarity.setCurrentText("bright")
+    widget.polarity.value = "bright"
     widget.run()
     wait_done(qtbot, widget)
     assert not errors(notifications), notifications
@@ -205,3 +212,46 @@ def test_closing_the_widget_stops_its_job(viewer, add_widget, qtbot, notificatio
     assert job.cancelled and not job.running
     qtbot.waitUntil(lambda: not job.thread_running, timeout=20_000)
     assert "nuclei 3D labels" not in viewer.layers
+
+
+def test_segmentation_4d_current_time_point(viewer, add_widget, qtbot, notifications):
+    """Issue 12.5: the result of one time point is drawn at that time point only."""
+    image, _ = small_nuclei_2d(64)
+    stack = np.stack([np.stack([image] * 3)] * 2)  # (T, Z, Y, X)
+    layer = viewer.add_image(stack, scale=(5, 2, 1, 1), translate=(10, 0, 0, 0))
+    widget = add_widget("Segmentation")
+    widget.image.set_value(layer)
+    viewer.dims.set_current_step(0, 1)
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    labels = viewer.layers[f"{layer.name} labels"]
+    assert labels.data.shape == (1, 3, 64, 64)
+    np.testing.assert_allclose(labels.scale, (5, 2, 1, 1))
+    np.testing.assert_allclose(labels.translate, (15, 0, 0, 0))
+    assert set(labels.features["t"]) == {1}
+
+
+def test_segmentation_table_before_a_run_and_export(viewer, add_widget, qtbot, notifications, tmp_path):
+    """Issue 12.16: the empty table shows the real columns; 12.8: the table exports as CSV."""
+    image, kwargs = small_nuclei_2d(96)
+    viewer.add_image(image, name="um", scale=(0.5, 0.5), units=("um", "um"))
+    widget = add_widget("Segmentation")
+    headers = [widget.table.horizontalHeaderItem(c).text() for c in range(widget.table.columnCount())]
+    assert headers[:3] == ["label", "pixels", "area (µm²)"] and "1" not in headers
+    assert not widget.export_button.isEnabled()
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    path = widget.export_table(tmp_path / "objects.csv")
+    lines = path.read_text().splitlines()
+    features = viewer.layers["um labels"].features
+    assert lines[0].split(",") == list(features.columns)
+    assert len(lines) == len(features) + 1
+    # Uncalibrated 2D: one size column in pixels.
+    viewer.add_image(image, name="plain")
+    widget.image.set_value("plain")
+    widget.run()
+    wait_done(qtbot, widget)
+    headers = [widget.table.horizontalHeaderItem(c).text() for c in range(widget.table.columnCount())]
+    assert "pixels" not in headers and "area (px²)" in headers

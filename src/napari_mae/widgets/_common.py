@@ -383,6 +383,10 @@ class JobWidget(QWidget):
         layers_events = napari_viewer.layers.events
         layers_events.removed.connect(self._layer_removed)
         self.destroyed.connect(lambda *_: _disconnect_one(layers_events.removed, self._layer_removed))
+        self.stop_button.setToolTip("Stop the running job (shortcut Shift-X); nothing is added to the viewer")
+        from ._shortcuts import register
+
+        register(napari_viewer, self)
 
     # ----------------------------------------------------------------- notifications
     def notify_error(self, message: str) -> None:

@@ -5,8 +5,15 @@ a scribbles Labels layer (1 = background, 2 = foreground) the classifier is
 trained from the strokes; without one the image is segmented automatically. The
 object radius and threshold it chose are shown and can be overridden. Live mode
 re-runs (debounced) whenever the scribbles change. The result is a Labels layer
-``"<name> labels"`` with the input's scale, whose ``features`` table (also shown
-in the widget) gives each object's size in physical units.
+``"<name> labels"`` with the input's scale and units, whose ``features`` table
+(:func:`napari_mae.measure.object_table`, also shown in the widget and exported
+as CSV) gives each object's size, centroid and mean intensity in physical units.
+
+Shortcuts (:data:`~._shortcuts.SHORTCUTS`): Shift-S segments, Shift-N switches
+the scribble label between background (1) and objects (2), Shift-X stops.
+
+The radius and threshold boxes stay hand-built Qt: their "auto (last: ...)"
+special value text has no magicgui equivalent.
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ from napari.layers import Image, Labels
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
-    QComboBox,
     QDoubleSpinBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QPushButton,
@@ -29,10 +36,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_mae.measure import object_table, write_table_csv
+
 from ._common import (
     JobWidget,
     LayerCombo,
     channel_axis_combo,
+    magic_field,
     parse_channel_axis,
     time_mode_combo,
 )
@@ -45,6 +55,9 @@ BACKGROUND, FOREGROUND = 1, 2
 #: Rows shown in the objects table (the layer's ``features`` holds them all).
 MAX_TABLE_ROWS = 500
 
+#: Share of the image covered by automatic objects above which the status warns (issue 12.15).
+COVERAGE_WARNING = 0.4
+
 
 def _auto_spin(decimals: int, maximum: float, tooltip: str) -> QDoubleSpinBox:
     spin = QDoubleSpinBox()
@@ -54,35 +67,6 @@ def _auto_spin(decimals: int, maximum: float, tooltip: str) -> QDoubleSpinBox:
     spin.setValue(0.0)
     spin.setToolTip(tooltip)
     return spin
-
-
-def object_table(labels: np.ndarray, spacing, t: int | None = None) -> dict[str, np.ndarray]:
-    """Per-object sizes of a label image, in physical units.
-
-    Parameters
-    ----------
-    labels : ndarray of int, shape ``([Z,] Y, X)``
-        0 = background, objects 1..n.
-    spacing : sequence of float
-        Physical pixel size per axis.
-    t : int, optional
-        Time point, added as a column ``t``.
-
-    Returns
-    -------
-    dict of str to ndarray
-        ``label``, ``pixels`` and ``area`` (2D) or ``volume`` (3D) in units of
-        ``spacing`` squared/cubed, one row per object present.
-    """
-    counts = np.bincount(labels.ravel().astype(np.int64))
-    ids = np.nonzero(counts)[0]
-    ids = ids[ids > 0]
-    pixel_size = float(np.prod(spacing))
-    table = {"label": ids, "pixels": counts[ids]}
-    table["area" if labels.ndim == 2 else "volume"] = counts[ids] * pixel_size
-    if t is not None:
-        table = {"t": np.full(len(ids), t), **table}
-    return table
 
 
 class SegmentationWidget(JobWidget):
@@ -95,13 +79,21 @@ class SegmentationWidget(JobWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__(napari_viewer, run_text="Segment")
+        self.run_button.setToolTip("Find and label every object of the chosen image (shortcut Shift-S)")
         form = QFormLayout()
         self.image = LayerCombo(napari_viewer, (Image,))
+        self.image.setToolTip("The image to segment")
         self.channel = channel_axis_combo()
         self.time_mode = time_mode_combo()
         self.scribbles = LayerCombo(napari_viewer, (Labels,), none_text="none (automatic)")
+        self.scribbles.setToolTip(
+            "Optional strokes that teach the segmenter: paint label 1 on background and 2 on objects; "
+            "'none' segments automatically"
+        )
         self.new_scribbles = QPushButton("New scribbles")
-        self.new_scribbles.setToolTip("Add a Labels layer to paint: 1 = background, 2 = objects")
+        self.new_scribbles.setToolTip(
+            "Add an empty layer to paint on: 1 = background, 2 = objects (Shift-N switches the label)"
+        )
         self.new_scribbles.clicked.connect(self.add_scribbles_layer)
         row = QWidget()
         row_layout = QHBoxLayout(row)
@@ -109,24 +101,41 @@ class SegmentationWidget(JobWidget):
         row_layout.addWidget(self.scribbles, 1)
         row_layout.addWidget(self.new_scribbles)
         self.use_model = QCheckBox("MAE features")
-        self.use_model.setToolTip("Add MAE encoder features to the scribble classifier")
+        self.use_model.setToolTip(
+            "Also let the scribble classifier use what the trained network sees in the image "
+            "(slower; helps on textured objects)"
+        )
         self.model = ModelPicker()
         self.model.setEnabled(False)
         self.use_model.toggled.connect(self.model.setEnabled)
-        self.radius = _auto_spin(3, 1e6, "Typical object radius in physical units ('auto' = estimated)")
-        self.threshold = _auto_spin(4, 1e6, "Foreground threshold ('auto' = Otsu / 0.5 with scribbles)")
-        self.polarity = QComboBox()
-        self.polarity.addItems(["auto", "bright", "dark"])
-        self.polarity.setToolTip(
-            "Objects brighter (fluorescence) or darker (brightfield, stained tissue) than the "
-            "background; 'auto' detects it (set it when objects cover most of the image)"
+        self.radius = _auto_spin(
+            3,
+            1e6,
+            "Typical object radius in the image's units (e.g. µm); 'auto' estimates it from the image",
+        )
+        self.threshold = _auto_spin(
+            4,
+            1e6,
+            "How bright a pixel must be to belong to an object (on the normalised image); "
+            "'auto' chooses it (Otsu's method, or 0.5 of the classifier's score with scribbles)",
+        )
+        self.polarity = magic_field(
+            "auto",
+            choices=("auto", "bright", "dark"),
+            tooltip="Objects brighter (fluorescence) or darker (brightfield, stained tissue) than the "
+            "background; 'auto' detects it (set it when objects cover most of the image)",
         )
         self.use_estimates = QPushButton("Keep estimates")
         self.use_estimates.setToolTip("Copy the last estimated radius and threshold into the boxes above")
         self.use_estimates.clicked.connect(self._keep_estimates)
         self.use_estimates.setEnabled(False)
         self.live = QCheckBox("live: re-run when scribbles change")
+        self.live.setToolTip("Segment again a moment after each stroke you paint")
         self.live.toggled.connect(self._live_toggled)
+        self.export_button = QPushButton("Export table...")
+        self.export_button.setToolTip("Save the object table (size, centroid, mean intensity) as a CSV file")
+        self.export_button.clicked.connect(self.export_table)
+        self.export_button.setEnabled(False)
         form.addRow("image", self.image)
         form.addRow("channel axis", self.channel)
         form.addRow("4D input", self.time_mode)
@@ -134,12 +143,15 @@ class SegmentationWidget(JobWidget):
         form.addRow(self.use_model, self.model)
         form.addRow("object radius", self.radius)
         form.addRow("threshold", self.threshold)
-        form.addRow("objects", self.polarity)
+        form.addRow("objects", self.polarity.native)
         form.addRow(self.use_estimates, self.live)
         self.form_layout.addLayout(form)
-        self.table = QTableWidget(0, 3)
+        self.table = QTableWidget(0, 0)
         self.table.setMinimumHeight(220)
+        self.table.setToolTip("One row per object; the Labels layer's features hold the same table")
         self.results_layout.addWidget(self.table)
+        self.results_layout.addWidget(self.export_button)
+        self.labels_layer = None
         self.info: dict = {}
         self.features: dict = {}
         self.debounce = QTimer(self)
@@ -157,6 +169,32 @@ class SegmentationWidget(JobWidget):
         if layer is not None:
             spatial = layer.ndim - int(layer.ndim == 4)  # a 4D layer is (T, Z, Y, X)
             self.model.set_default_for_dims(3 if spatial >= 3 and min(layer.data.shape[-3:]) > 6 else 2)
+        if self.table.rowCount() == 0:
+            self._show_empty_table()
+
+    def _show_empty_table(self) -> None:
+        """The columns a run will fill, for the chosen image (no numbered placeholder columns)."""
+        try:
+            prep = prepare_image(
+                self.image.value(), self.viewer, channel_axis=parse_channel_axis(self.channel.currentText())
+            )
+        except (UserInputError, ValueError):
+            prep = None
+        ndim = prep.spatial_dims if prep is not None else 2
+        spacing = prep.spacing if prep is not None else None
+        table = object_table(np.zeros((1,) * ndim, np.int32), np.zeros((1,) * ndim), spacing=spacing)
+        self._fill_table(table, *_size_header(ndim, prep.units if prep is not None else "px"))
+
+    # ----------------------------------------------------------------- shortcuts
+    def next_scribble_label(self) -> None:
+        """Switch the scribbles layer's label between background (1) and objects (2) (Shift-N)."""
+        layer = self.scribbles.value()
+        if layer is None:
+            self.status.setText("No scribbles layer: press 'New scribbles' first.")
+            return
+        layer.selected_label = BACKGROUND if layer.selected_label == FOREGROUND else FOREGROUND
+        name = "background" if layer.selected_label == BACKGROUND else "objects"
+        self.status.setText(f"Painting label {layer.selected_label} ({name}).")
 
     # ----------------------------------------------------------------- scribbles
     def add_scribbles_layer(self) -> Labels | None:
@@ -247,7 +285,7 @@ class SegmentationWidget(JobWidget):
             return
         radius = self.radius.value() or None
         threshold = self.threshold.value() or None
-        polarity = self.polarity.currentText()
+        polarity = self.polarity.value
         bright_objects = None if polarity == "auto" else polarity == "bright"
         n = len(prep.frames)
 
@@ -275,7 +313,15 @@ class SegmentationWidget(JobWidget):
                 )
                 labels.append(lab)
                 infos.append(info)
-            tables = [object_table(lab, prep.spacing, t=i if n > 1 else None) for i, lab in enumerate(labels)]
+            tables = [
+                object_table(
+                    lab,
+                    prep.frame(i),
+                    spacing=prep.spacing,
+                    t=(i if n > 1 else prep.time_point),
+                )
+                for i, lab in enumerate(labels)
+            ]
             features = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
             return labels, infos, features
 
@@ -289,8 +335,12 @@ class SegmentationWidget(JobWidget):
         """Add the labels layer and fill the estimates and the objects table (GUI thread)."""
         data = prep.to_layer_layout(labels)
         features_df = _to_dataframe(features)
-        kwargs = prep.output_kwargs() if prep.stacked else prep.spatial_kwargs()
-        add_or_update(self.viewer, "labels", data, f"{prep.name} labels", features=features_df, **kwargs)
+        # A "current time point" result has a singleton T axis at its time point (drawn there only).
+        kwargs = prep.output_kwargs()
+        self.labels_layer = add_or_update(
+            self.viewer, "labels", data, f"{prep.name} labels", features=features_df, **kwargs
+        )
+        self.export_button.setEnabled(True)
         info = infos[0]
         self.info = info
         self.radius.setSpecialValueText(f"auto (last: {_fmt(info.get('radius'))})")
@@ -298,7 +348,7 @@ class SegmentationWidget(JobWidget):
         self.features = features
         self.use_estimates.setEnabled(True)
         n_objects = sum(int(i.get("n_objects", 0)) for i in infos)
-        size_key = "area" if prep.spatial_dims == 2 else "volume"
+        size_key, size_header = _size_header(prep.spatial_dims, prep.units)
         sizes = features[size_key]
         unit = prep.units
         power = "²" if prep.spatial_dims == 2 else "³"
@@ -314,13 +364,37 @@ class SegmentationWidget(JobWidget):
             text += f"; segmented on a {' x '.join(str(n) for n in work)} grid"
         if info.get("message"):
             text += f". {info['message']}"
+        coverage = float(np.mean([np.count_nonzero(lab) / max(lab.size, 1) for lab in labels]))
+        if info.get("mode") == "automatic" and coverage > COVERAGE_WARNING:
+            text += (
+                f". The {n_objects} object{'s' if n_objects != 1 else ''} cover {coverage:.0%} of the image: "
+                "automatic mode probably took the background or the whole body/tissue for objects. "
+                "Paint scribbles (New scribbles: 2 on objects, 1 on background), or set 'objects' to "
+                "bright or dark"
+            )
         self.status.setText(text)
         self.notify_notes(prep.notes)
-        self._fill_table(features, f"{size_key} ({unit}{power})")
+        self._fill_table(features, size_key, size_header)
 
-    def _fill_table(self, features: dict, size_header: str) -> None:
+    def export_table(self, path=None):
+        """Save the last result's object table as CSV (asks for a file name unless ``path`` is given)."""
+        layer = self.labels_layer
+        if layer is None or layer not in self.viewer.layers:
+            self.notify_error("Nothing to export: segment an image first.")
+            return None
+        if not path:
+            default = f"{layer.name.replace(' ', '_')}.csv"
+            path, _ = QFileDialog.getSaveFileName(self, "Export object table", default, "CSV (*.csv)")
+            if not path:
+                return None
+        table = {k: layer.features[k].to_numpy() for k in layer.features.columns}
+        written = write_table_csv(path, table)
+        self.notify_info(f"Wrote {len(layer.features)} objects to {written}")
+        return written
+
+    def _fill_table(self, features: dict, size_key: str, size_header: str) -> None:
         keys = list(features)
-        headers = [size_header if k in ("area", "volume") else k for k in keys]
+        headers = [size_header if k == size_key else k for k in keys]
         n = min(len(features[keys[0]]), MAX_TABLE_ROWS) if keys else 0
         self.table.clear()
         self.table.setColumnCount(len(keys))
@@ -331,6 +405,13 @@ class SegmentationWidget(JobWidget):
                 v = features[k][r]
                 text = f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v)
                 self.table.setItem(r, c, QTableWidgetItem(text))
+
+
+def _size_header(spatial_dims: int, units: str) -> tuple[str, str]:
+    """(column key, header with its unit), e.g. ``("area", "area (µm²)")``."""
+    key, power = ("area", "²") if spatial_dims == 2 else ("volume", "³")
+    unit = f"{units}{power}" if units != "scale units" else f"scale units{power}"
+    return key, f"{key} ({unit})"
 
 
 def _fmt(value) -> str:
