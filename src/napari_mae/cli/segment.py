@@ -37,12 +37,19 @@ def register(subparsers) -> None:
             "as NIfTI (int32, placed in the input scan's world space) and prints what was estimated as JSON."
         ),
     )
-    p.add_argument("image", metavar="IMAGE", help="2D image or 3D volume (TIFF, NIfTI, NRRD)")
+    p.add_argument(
+        "image",
+        metavar="IMAGE",
+        help="2D image or 3D volume (TIFF, NIfTI, NRRD); a folder or a quoted glob ('data/*.tif') of them "
+        "(batch mode); or an OME-Zarr volume (block-wise on dask, larger than memory)",
+    )
     p.add_argument(
         "--out",
-        required=True,
-        metavar="LABELS.tif",
-        help="labels to write: .tif (OME-TIFF with spacing) or .nii/.nii.gz (NIfTI in the input scan's space)",
+        default=None,
+        metavar="LABELS.tif|OUTDIR|OUT.zarr",
+        help="labels to write: .tif (OME-TIFF with spacing) or .nii/.nii.gz (NIfTI in the input scan's space); "
+        "batch mode: a folder (labels per file + objects.csv); OME-Zarr: labels beside the image "
+        "(IMAGE.zarr/labels/napari-mae, the default) or in OUT.zarr/labels/napari-mae",
     )
     p.add_argument(
         "--scribbles",
@@ -83,6 +90,9 @@ def register(subparsers) -> None:
         "(default: detected; give it when objects cover most of the image)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    from napari_mae.cli._many import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -95,17 +105,25 @@ def _read(path: str):
 def run(args: argparse.Namespace) -> int:
     """Run ``segment``; return the exit code."""
     from napari_mae._json import to_jsonable
-    from napari_mae.cli import CLIError, check_output_path
+    from napari_mae.cli import CLIError, _many, check_output_path
     from napari_mae.io.writers import write_image
     from napari_mae.segmentation import segment_instances
 
-    out = check_output_path(args.out, "--out", OUT_SUFFIXES, what="TIFF or NIfTI")
     for name in ("radius", "threshold"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise CLIError(f"--{name} must be a finite number, got {value}")
     if args.radius is not None and args.radius <= 0:
         raise CLIError(f"--radius must be positive (physical units), got {args.radius}")
+    if _many.is_zarr_input(args.image):
+        return _many.run_zarr(args)
+    if args.out is None:
+        raise CLIError("--out is required (a .tif/.nii.gz file, or a folder for a folder of images)")
+    if _many.is_folder_or_glob(args.image):
+        return _many.run_folder(args)
+    if args.workers is not None or args.scheduler is not None or args.block_size is not None:
+        raise CLIError("--workers, --scheduler and --block-size are for OME-Zarr input")
+    out = check_output_path(args.out, "--out", OUT_SUFFIXES, what="TIFF or NIfTI")
     image, spacing, meta = _read(args.image)
     axes = str(meta.get("axes", ""))
     if "T" in axes:

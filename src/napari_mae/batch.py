@@ -1,0 +1,339 @@
+"""Segment a whole folder (or glob) of images: labels per file, one CSV of objects.
+
+:func:`segment_folder` is a generator (the careamics pattern): it yields one
+:class:`BatchUpdate` per file, so the CLI drives a progress bar from it and the Batch
+widget runs it in napari's ``thread_worker`` (Stop = quitting the generator between
+files). Per file it writes:
+
+* ``OUTDIR/<name>_labels.tif`` (OME-TIFF with the voxel spacing; ``.nii.gz`` in the
+  scanner's space for NIfTI/NRRD inputs), written under a temporary name and renamed,
+  so a file interrupted mid-way is never taken for done;
+* ``OUTDIR/.napari-mae-batch/<name>.json`` and ``<name>.csv``: what was estimated, and
+  the file's object table (:func:`napari_mae.measure.object_table`:
+  ``skimage.measure.regionprops_table`` with ``spacing``);
+
+and at the end (also after Stop or an error) ``OUTDIR/objects.csv``: every file's
+objects, with a ``file`` column. With ``resume`` the files already done are skipped
+(their tables still go into the CSV), so a run stopped by Ctrl-C continues where it
+was. A file that fails is reported in its update and the others go on.
+
+No Qt or napari import here.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["BatchUpdate", "list_images", "output_name", "segment_folder", "check_batch_output"]
+
+RECORD_DIR = ".napari-mae-batch"
+TABLE_NAME = "objects.csv"
+
+
+@dataclass
+class BatchUpdate:
+    """One file's outcome.
+
+    Attributes
+    ----------
+    index, total : int
+        Position of the file (0-based) and number of files.
+    path : Path
+    status : str
+        "done", "skipped" (done by an earlier run) or "failed".
+    n_objects : int
+    seconds : float
+    error : str
+        The failure, one line ("" unless failed).
+    out : Path or None
+        The labels written.
+    info : dict
+        ``segment_instances``' info (radius, threshold, ...) for a done file.
+    """
+
+    index: int
+    total: int
+    path: Path
+    status: str
+    n_objects: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    out: Path | None = None
+    info: dict = field(default_factory=dict)
+
+
+def _suffixes() -> tuple[str, ...]:
+    from napari_mae.io.readers import SUPPORTED_SUFFIXES
+
+    return SUPPORTED_SUFFIXES
+
+
+def _is_image(p: Path) -> bool:
+    from napari_mae.io.omezarr import is_zarr
+
+    name = p.name.lower()
+    if p.is_dir():
+        return is_zarr(p)
+    return p.is_file() and name.endswith(_suffixes())
+
+
+def list_images(source: str | os.PathLike, *, exclude: str | os.PathLike | None = None) -> list[Path]:
+    """The images of a folder (not recursive) or a glob pattern (``**`` recursive), sorted.
+
+    Images are TIFF, NIfTI and NRRD files and OME-Zarr folders; anything inside
+    ``exclude`` (the output folder) is left out.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``source`` is neither an existing folder nor a pattern matching anything.
+    """
+    src = str(source)
+    if any(ch in src for ch in "*?["):
+        paths = [Path(p) for p in glob.glob(src, recursive=True)]
+    else:
+        folder = Path(src)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"{src}: no such folder (give a folder or a glob pattern like 'data/*.tif')"
+            )
+        paths = list(folder.iterdir())
+    ex = Path(exclude).resolve() if exclude is not None else None
+    images = []
+    for p in sorted(paths):
+        if ex is not None and (p.resolve() == ex or ex in p.resolve().parents):
+            continue
+        if _is_image(p):
+            images.append(p)
+    if not images and any(ch in src for ch in "*?[") and not paths:
+        raise FileNotFoundError(f"{src}: the pattern matches no file")
+    return images
+
+
+def output_name(path: Path) -> str:
+    """``<name>_labels`` without the image suffix (``a.nii.gz`` -> ``a_labels``)."""
+    name = path.name
+    for suffix in sorted(
+        (*_suffixes(), ".ome.tif", ".ome.tiff", ".ome.zarr", ".zarr"), key=len, reverse=True
+    ):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return f"{name}_labels"
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    """Output stems, made unique for equal names in different folders (``a__b_labels``)."""
+    names = [output_name(p) for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    common = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
+    out = []
+    for p in paths:
+        rel = p.resolve().relative_to(common)
+        out.append(output_name(Path("__".join(rel.parts))))
+    return out
+
+
+def check_batch_output(out_dir: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse an output folder with an earlier run's files unless ``overwrite``/``resume``.
+
+    Raises
+    ------
+    FileExistsError
+        If ``out_dir`` holds an earlier batch run (or is not empty) and neither flag is set.
+    NotADirectoryError
+        If ``out_dir`` is a file.
+    ValueError
+        If both flags are set.
+    """
+    if overwrite and resume:
+        raise ValueError("give either --overwrite or --resume, not both")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        raise FileExistsError(
+            f"--out {out_dir} exists and is not empty; pass --resume to skip the files already done "
+            "or --overwrite to segment them all again"
+        )
+
+
+def _segment_one(path: Path, *, spacing, object_radius, threshold, bright_objects, method, progress):
+    """Read and segment one file; return (labels, image, spacing, meta, channel_axis, info)."""
+    from napari_mae.segmentation import segment_instances
+
+    if path.is_dir():
+        from napari_mae.io.omezarr import read_ome_zarr_image
+
+        image, sp, meta = read_ome_zarr_image(path, plain=spacing is not None)
+        image = np.asarray(image)
+    else:
+        from napari_mae.io.readers import read_image
+
+        image, sp, meta = read_image(path)
+    axes = str(meta.get("axes", ""))
+    if "T" in axes:
+        raise ValueError(f"has a time axis (axes {axes}, shape {image.shape}); save one time point per file")
+    channel_axis = image.ndim - 1 if axes.endswith("C") else None
+    n_spatial = image.ndim - (channel_axis is not None)
+    if spacing is not None:
+        if len(spacing) != n_spatial:
+            raise ValueError(f"--spacing has {len(spacing)} values, the image has {n_spatial} spatial axes")
+        sp = tuple(spacing)
+    elif sp is not None and len(sp) != n_spatial:
+        sp = None
+    kwargs = {} if method is None else {"method": method}
+    labels, info = segment_instances(
+        image,
+        spacing=sp,
+        channel_axis=channel_axis,
+        object_radius=object_radius,
+        threshold=threshold,
+        bright_objects=bright_objects,
+        progress=progress,
+        **kwargs,
+    )
+    return labels, image, sp, meta, channel_axis, info
+
+
+def _jsonable(info: dict) -> dict:
+    from napari_mae._json import to_jsonable
+
+    return json.loads(json.dumps(to_jsonable(info), allow_nan=True))
+
+
+def segment_folder(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    spacing: Sequence[float] | None = None,
+    object_radius: float | None = None,
+    threshold: float | None = None,
+    bright_objects: bool | None = None,
+    method: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress=None,
+) -> Iterator[BatchUpdate]:
+    """Segment every image of a folder or glob; yield one :class:`BatchUpdate` per file.
+
+    Parameters
+    ----------
+    source : str or path
+        A folder (its images, not recursive) or a glob pattern (see :func:`list_images`).
+    out_dir : str or path
+        Output folder (created).
+    spacing : sequence of float or None
+        Voxel size for every file, (Z,) Y, X; None reads each file's own.
+    object_radius, threshold, bright_objects
+        As :func:`napari_mae.segmentation.segment_instances`; None estimates them per file.
+    method : str or None
+        ``segment_instances``' method, passed only when given.
+    resume : bool
+        Skip files done by an earlier run into ``out_dir``.
+    overwrite : bool
+        Segment every file again (an existing ``out_dir`` is otherwise refused).
+    progress : callable or None
+        ``progress(done, total, message)`` within the current file.
+
+    Yields
+    ------
+    BatchUpdate
+
+    Raises
+    ------
+    FileExistsError, NotADirectoryError, ValueError
+        See :func:`check_batch_output`; FileNotFoundError from :func:`list_images`.
+    """
+    from napari_mae.io.writers import write_image
+    from napari_mae.measure import object_table, write_table_csv
+
+    out = Path(out_dir)
+    check_batch_output(out, overwrite=overwrite, resume=resume)
+    paths = list_images(source, exclude=out)
+    records = out / RECORD_DIR
+    records.mkdir(parents=True, exist_ok=True)
+    names = _unique_names(paths)
+    total = len(paths)
+    try:
+        for k, (path, name) in enumerate(zip(paths, names)):
+            rec_json, rec_csv = records / f"{name}.json", records / f"{name}.csv"
+            if resume and not overwrite and rec_json.is_file() and rec_csv.is_file():
+                rec = json.loads(rec_json.read_text())
+                yield BatchUpdate(
+                    k, total, path, "skipped", n_objects=int(rec.get("n_objects", 0)),
+                    out=Path(rec["out"]) if rec.get("out") else None, info=rec,
+                )  # fmt: skip
+                continue
+            t0 = time.perf_counter()
+            try:
+                labels, image, sp, meta, channel_axis, info = _segment_one(
+                    path, spacing=spacing, object_radius=object_radius, threshold=threshold,
+                    bright_objects=bright_objects, method=method, progress=progress,
+                )  # fmt: skip
+                medical = str(meta.get("format", "")) != "ome-zarr" and "voxel_affine" in meta
+                suffix = ".nii.gz" if medical and labels.ndim == 3 else ".tif"
+                dest = out / f"{name}{suffix}"
+                tmp = out / f"{name}.partial{suffix}"
+                unit = meta.get("unit", "pixel")
+                if spacing is not None and unit == "pixel":
+                    unit = "um"
+                write_image(tmp, labels, spacing=sp, unit=unit, metadata=meta)
+                os.replace(tmp, dest)
+                table = object_table(labels, image, spacing=sp, channel_axis=channel_axis)
+                write_table_csv(rec_csv, table)
+                info = _jsonable(dict(info, out=str(dest), file=str(path), unit=unit))
+                rec_json.write_text(json.dumps(info))
+                yield BatchUpdate(
+                    k, total, path, "done", n_objects=int(labels.max()),
+                    seconds=time.perf_counter() - t0, out=dest, info=info,
+                )  # fmt: skip
+            except Exception as exc:  # a bad file is reported; the others go on
+                from napari_mae._progress import Cancelled
+
+                if isinstance(exc, Cancelled):
+                    raise
+                msg = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+                yield BatchUpdate(
+                    k, total, path, "failed", seconds=time.perf_counter() - t0, error=msg,
+                    info={"traceback": traceback.format_exc(limit=3)},
+                )  # fmt: skip
+    finally:
+        combine_tables(out, paths, names)
+
+
+def combine_tables(out_dir: Path, paths: Sequence[Path], names: Sequence[str]) -> Path | None:
+    """``out_dir/objects.csv``: the per-file tables of ``names`` done so far, with ``file``."""
+    import csv
+
+    rows, columns = [], ["file"]
+    for path, name in zip(paths, names):
+        rec = Path(out_dir) / RECORD_DIR / f"{name}.csv"
+        if not rec.is_file():
+            continue
+        with open(rec, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                for key in row:
+                    if key not in columns:
+                        columns.append(key)
+                rows.append({"file": str(path), **row})
+    if not rows and not any((Path(out_dir) / RECORD_DIR).glob("*.csv")):
+        return None
+    dest = Path(out_dir) / TABLE_NAME
+    tmp = dest.with_suffix(".partial.csv")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, dest)
+    return dest
