@@ -240,3 +240,64 @@ def test_nifti_output_overlays_the_input_scan(tmp_path, suffix):
         a, b = nib.as_closest_canonical(nib.load(src)), nib.as_closest_canonical(nib.load(out))
         np.testing.assert_allclose(a.affine, b.affine)
         np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+
+
+def test_tiff_4d_without_axis_metadata_keeps_the_array_order(tmp_path):
+    """Issue 12.3: (2, 8, 64, 64) written by tifffile without axes ("QQYX") reads as (T, Z, Y, X)
+    = (2, 8, 64, 64), in the reader and the napari reader."""
+    import tifffile
+
+    data = np.arange(2 * 8 * 64 * 64, dtype=np.uint16).reshape(2, 8, 64, 64)
+    path = tmp_path / "movie.tif"
+    tifffile.imwrite(path, data)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].axes == "QQYX"  # what the issue saw
+    image, spacing, meta = read_image(path)
+    assert meta["axes"] == "TZYX" and image.shape == (2, 8, 64, 64)
+    np.testing.assert_array_equal(image, data)
+    assert spacing == (1.0, 1.0, 1.0)
+    layer_data, kwargs, _ = napari_get_reader(str(path))(str(path))[0]
+    assert layer_data.shape == (2, 8, 64, 64) and len(kwargs["scale"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("axes", "shape", "expected_axes", "expected_shape"),
+    [
+        ("ZTYX", (8, 2, 32, 32), "TZYX", (2, 8, 32, 32)),  # metadata says Z first: followed
+        ("TZYX", (2, 8, 32, 32), "TZYX", (2, 8, 32, 32)),
+        ("TQYX", (2, 8, 32, 32), "TZYX", (2, 8, 32, 32)),  # a named T, a generic axis: Z
+        ("ZQYX", (8, 2, 32, 32), "TZYX", (2, 8, 32, 32)),  # a named Z, a generic axis: T
+    ],
+)
+def test_tiff_4d_with_axis_metadata_follows_it(tmp_path, axes, shape, expected_axes, expected_shape):
+    import tifffile
+
+    data = np.random.default_rng(0).integers(0, 1000, shape, dtype=np.uint16)
+    path = tmp_path / "stack.ome.tif"
+    tifffile.imwrite(path, data, ome="Q" not in axes, metadata={"axes": axes})
+    image, _, meta = read_image(path)
+    assert meta["axes"] == expected_axes and image.shape == expected_shape
+    order = [axes.replace("Q", "Z" if "Z" not in axes else "T").index(a) for a in expected_axes]
+    np.testing.assert_array_equal(image, np.transpose(data, order))
+
+
+def test_tiff_with_too_many_unnamed_axes_is_a_clear_error(tmp_path):
+    import tifffile
+
+    path = tmp_path / "five.tif"
+    tifffile.imwrite(path, np.zeros((2, 2, 2, 8, 8), np.uint8))
+    with pytest.raises(ImageReadError, match="cannot interpret TIFF axes"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("name", ["text.nii.gz", "text.nii", "text.nrrd"])
+def test_text_named_like_a_medical_volume(tmp_path, name, capfd):
+    """Issue 12.9: a text file named .nii.gz says 'not a NIfTI file', without MONAI's reader list."""
+    path = tmp_path / name
+    path.write_text("patient,volume\n1,2\n" * 20)
+    with pytest.raises(ImageReadError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert message.startswith("not a NIfTI file" if ".nii" in name else "not an NRRD file")
+    assert name in message and "install" not in message and "<monai" not in message
+    assert "Traceback" not in capfd.readouterr().err

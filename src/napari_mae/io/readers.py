@@ -117,6 +117,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], 
         if suffix in TIFF_SUFFIXES:
             return read_tiff(path)
         if suffix in NIFTI_SUFFIXES + NRRD_SUFFIXES:
+            _check_medical_header(path, suffix)
             return read_medical(path)
     except ImageReadError:
         raise
@@ -174,19 +175,20 @@ def _ome_spacing(ome_xml: str) -> tuple[dict[str, float], str]:
 
 
 def _canonical_tiff_axes(axes: str) -> list[str]:
-    """Map tifffile axis letters to T, Z, Y, X, C (I/Q pages become Z, or T if Z exists)."""
-    mapped = []
-    for letter in axes:
-        if letter in "YX":
-            mapped.append(letter)
-        elif letter in "CS":
-            mapped.append("C")
-        elif letter == "T":
-            mapped.append("T")
-        elif letter == "Z":
-            mapped.append("Z")
-        else:  # I, Q, E, R, ... : a generic page stack
-            mapped.append("Z" if "Z" not in axes and "Z" not in mapped else "T")
+    """Map tifffile axis letters to T, Z, Y, X, C, keeping the array's order for unnamed axes.
+
+    Generic page axes (I, Q, E, R, ...: a file without axis metadata) take the
+    names T and Z that named axes leave free, so that the array's own order reads
+    ``[T,] [Z,] Y, X``: the generic axis nearest Y/X becomes Z, one before it T.
+    A (2, 8, 64, 64) array written without metadata (``"QQYX"``) is (T, Z, Y, X).
+    More generic axes than free names stay generic (``"Q"``) and are rejected by
+    the caller.
+    """
+    named = {"Y": "Y", "X": "X", "C": "C", "S": "C", "T": "T", "Z": "Z"}
+    mapped = [named.get(letter, "?") for letter in axes]
+    free = [a for a in "TZ" if a not in mapped]
+    for i in reversed([i for i, a in enumerate(mapped) if a == "?"]):
+        mapped[i] = free.pop() if free else "Q"
     return mapped
 
 
@@ -228,8 +230,11 @@ def read_tiff(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], d
     keep = [i for i, a in enumerate(letters) if not (a in "TC" and image.shape[i] == 1)]
     image = image.reshape([image.shape[i] for i in keep]) if len(keep) != image.ndim else image
     letters = [letters[i] for i in keep]
-    if letters.count("Z") > 1 or letters.count("T") > 1 or letters.count("C") > 1:
-        raise ImageReadError(f"{path}: cannot interpret TIFF axes {axes!r}")
+    if letters.count("Z") > 1 or letters.count("T") > 1 or letters.count("C") > 1 or "Q" in letters:
+        raise ImageReadError(
+            f"{path}: cannot interpret TIFF axes {axes!r} (shape {image.shape}): at most time, "
+            "Z, Y, X and channels are read"
+        )
     order = [letters.index(a) for a in "TZYXC" if a in letters]
     image = np.transpose(image, order)
     out_axes = "".join(a for a in "TZYXC" if a in letters)
@@ -276,6 +281,39 @@ _NRRD_TYPES = {
     np.float32: ("float",),
     np.float64: ("double",),
 }
+
+
+def _check_medical_header(path: Path, suffix: str) -> None:
+    """Raise a one-line ``ImageReadError`` for a ``.nii``/``.nii.gz``/``.nrrd`` that is not one.
+
+    Checked before MONAI, which would otherwise try each of its readers, log a
+    traceback for each and end with "Please install the reader libraries".
+    NIfTI-1/2 headers start with their size, 348 or 540, in either byte order;
+    NRRD files start with ``NRRD``.
+    """
+    import gzip
+    import struct
+
+    try:
+        with open(path, "rb") as raw:
+            start = raw.read(4)
+            if suffix == ".nii.gz":
+                if start[:2] != b"\x1f\x8b":
+                    raise ImageReadError(
+                        f"not a NIfTI file: {path} (a .nii.gz file is gzip-compressed; this is not)"
+                    )
+                raw.seek(0)
+                with gzip.open(raw) as unzipped:
+                    start = unzipped.read(4)
+    except (OSError, EOFError) as exc:
+        raise ImageReadError(f"not a NIfTI file: {path} (broken gzip data: {exc})") from exc
+    if suffix in NRRD_SUFFIXES:
+        if start != b"NRRD":
+            raise ImageReadError(f"not an NRRD file: {path} (it does not start with 'NRRD')")
+        return
+    sizes = set(struct.unpack("<i", start) + struct.unpack(">i", start)) if len(start) == 4 else set()
+    if not sizes & {348, 540}:
+        raise ImageReadError(f"not a NIfTI file: {path} (no NIfTI-1 or NIfTI-2 header)")
 
 
 def _nrrd_dtype(path: str | os.PathLike):
