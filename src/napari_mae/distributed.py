@@ -101,14 +101,15 @@ class GlobalParameters:
 
 
 def _as_dask(image):
+    """A dask view of a numpy, Zarr or any sliceable array (``shape``, ``dtype``, ``[]``)."""
     import dask.array as da
 
     if isinstance(image, da.Array):
         return image
-    chunks = getattr(image, "chunks", None)
-    if chunks is not None and not isinstance(image, np.ndarray):
-        return da.from_array(image, chunks=chunks)
-    return da.from_array(np.asarray(image), chunks=tuple(min(256, n) for n in np.shape(image)))
+    chunks = getattr(image, "chunks", None)  # a Zarr array's own chunks
+    if chunks is None or isinstance(image, np.ndarray):
+        chunks = tuple(min(256, n) for n in image.shape)
+    return da.from_array(image, chunks=chunks)
 
 
 def _read(image, slices) -> np.ndarray:

@@ -250,3 +250,46 @@ def test_method_is_passed_through(monkeypatch):
 
 def test_blockwise_error_is_a_runtime_error():
     assert issubclass(SchedulerError, BlockwiseError) and issubclass(BlockwiseError, RuntimeError)
+
+
+class _KillsItsWorker:
+    """An array whose block at ``kill_at`` (outer start) ends the worker process reading it."""
+
+    def __init__(self, array, kill_at):
+        self.array, self.kill_at = array, tuple(kill_at)
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, slices):
+        if tuple(s.start for s in slices) == self.kill_at:
+            import os
+
+            os._exit(1)  # what the kernel's OOM killer does to a worker
+        return self.array[slices]
+
+
+@pytest.mark.slow  # ~20 s: worker processes start and restart
+def test_worker_killed_is_reported_and_rerun_resumes(tmp_path):
+    import cloudpickle
+    import dask
+    import distributed  # noqa: F401  (its config defaults, before dask.config.set)
+
+    img, _ = _spheres()
+    out = tmp_path / "o.zarr" / "labels" / "seg"
+    kw = dict(block_shape=(16, 48, 48), object_radius=5.0, threshold=0.3)
+    grid = list(block_grid(img.shape, (16, 48, 48), (22, 22, 22)))
+    last_outer = tuple(s.start for s in grid[-1][2])
+    cloudpickle.register_pickle_by_value(__import__(__name__))
+    try:
+        with (
+            dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+            dask_client(1) as client,
+            pytest.raises(BlockwiseError, match="worker died.*rerun with --resume"),
+        ):
+            segment_blockwise(_KillsItsWorker(img, last_outer), out, client=client, **kw)
+    finally:
+        cloudpickle.unregister_pickle_by_value(__import__(__name__))
+    res = segment_blockwise(img, out, resume=True, **kw)
+    assert res["blocks_reused"] >= 1 and res["blocks_computed"] >= 1
+    assert res["blocks_reused"] + res["blocks_computed"] == 8
+    ref = segment_blockwise(img, tmp_path / "r.zarr" / "labels" / "seg", **kw)
+    assert res["n_objects"] == ref["n_objects"]
