@@ -60,6 +60,9 @@ def read_files(path) -> list[tuple]:
         axes = meta["axes"]
         scale = [1.0] * ("T" in axes) + list(spacing)
         kwargs: dict = {"name": _layer_name(p), "metadata": {"path": str(p), "axes": axes}}
+        if meta.get("voxel_affine") is not None:
+            # Kept so that results saved as NIfTI (napari_mae._writer) overlay the scan.
+            kwargs["metadata"]["voxel_affine"] = np.asarray(meta["voxel_affine"])
         if meta.get("unit") not in (None, "pixel"):
             kwargs["units"] = meta["unit"]
         is_channel = axes.endswith("C")

@@ -27,6 +27,7 @@ def write_tiff(
     spacing: Sequence[float] | None = None,
     unit: str | None = None,
     channel_axis: int | None = None,
+    time_axis: int | None = None,
 ) -> Path:
     """Write ``array`` as a zlib-compressed OME-TIFF with its voxel spacing, atomically.
 
@@ -34,14 +35,17 @@ def write_tiff(
     ----------
     path : str or PathLike
         Must end in ``.tif`` or ``.tiff``; parent folders are created.
-    array : ndarray, shape ``([Z,] Y, X)`` or with one channel axis
+    array : ndarray, shape ``([Z,] Y, X)``, with at most one channel and one time axis
         Any dtype tifffile writes (uint32 labels, float32 images, ...).
     spacing : sequence of float, optional
         Physical size per spatial axis, (Z, Y, X) or (Y, X).
     unit : {"um", "mm", "nm", "pixel"}, optional
         Unit of ``spacing``; ``None`` or ``"pixel"`` writes no calibration.
     channel_axis : int, optional
-        Axis of ``array`` holding channels (moved first, OME axis ``C``).
+        Axis of ``array`` holding channels (OME axis ``C``).
+    time_axis : int, optional
+        Axis of ``array`` holding time points (OME axis ``T``); the file's axes
+        are ``[T,] [C,] [Z,] Y, X``.
 
     Returns
     -------
@@ -61,13 +65,17 @@ def write_tiff(
     if path.suffix.lower() not in TIFF_SUFFIXES:
         raise ValueError(f"{path}: only TIFF output is written; use a .tif name")
     array = np.asarray(array)
-    if channel_axis is not None:
-        array = np.moveaxis(array, channel_axis, 0)
-    n_spatial = array.ndim - (channel_axis is not None)
+    lead = [a % array.ndim for a in (time_axis, channel_axis) if a is not None]
+    if len(set(lead)) != len(lead):
+        raise ValueError(f"time_axis={time_axis} and channel_axis={channel_axis} are the same axis")
+    if lead:
+        array = np.moveaxis(array, lead, list(range(len(lead))))
+    n_spatial = array.ndim - len(lead)
     if n_spatial not in (2, 3):
         raise ValueError(f"expected 2 or 3 spatial axes, got array of shape {array.shape}")
     spatial_axes = "ZYX"[3 - n_spatial :]
-    metadata: dict = {"axes": ("C" if channel_axis is not None else "") + spatial_axes}
+    lead_axes = ("T" if time_axis is not None else "") + ("C" if channel_axis is not None else "")
+    metadata: dict = {"axes": lead_axes + spatial_axes}
     if spacing is not None and unit not in (None, "pixel"):
         if len(spacing) != n_spatial:
             raise ValueError(f"spacing {tuple(spacing)} does not match {n_spatial} spatial axes")
@@ -105,7 +113,8 @@ def write_nifti(
     voxel_affine : ndarray of float, shape (4, 4), optional
         ``metadata["voxel_affine"]`` from :func:`~napari_mae.io.readers.read_image`, so
         the result overlays the original scan in ITK-SNAP, 3D Slicer or napari. Without
-        it, ``diag(spacing[::-1], 1)`` (no orientation known).
+        it, ``diag(-sx, -sy, sz, 1)``: the array's axes taken as read_image returns them,
+        (Z, Y, X) = (S, P, L), so the file reads back as the same array.
     spacing : sequence of float, optional
         (Z, Y, X) voxel size in millimetres, used only without ``voxel_affine``.
 
@@ -127,7 +136,8 @@ def write_nifti(
     if array.ndim != 3:
         raise ValueError(f"NIfTI output needs a (Z, Y, X) volume, got shape {array.shape}")
     if voxel_affine is None:
-        voxel_affine = np.diag([*(list(spacing)[::-1] if spacing is not None else [1.0] * 3), 1.0])
+        sx, sy, sz = list(spacing)[::-1] if spacing is not None else [1.0] * 3
+        voxel_affine = np.diag([-sx, -sy, sz, 1.0])  # (X, Y, Z) = (L, P, S) in RAS world
     voxel_affine = np.asarray(voxel_affine, dtype=float)
     if voxel_affine.shape != (4, 4):
         raise ValueError(f"voxel_affine must be 4 x 4, got {voxel_affine.shape}")

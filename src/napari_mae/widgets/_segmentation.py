@@ -325,20 +325,29 @@ class SegmentationWidget(JobWidget):
             features = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
             return labels, infos, features
 
+        # The scan's voxel-to-world affine goes with the labels, so File > Save as NIfTI overlays it.
+        affine = (layer.metadata or {}).get("voxel_affine")
+
         def done(result) -> None:
-            self.show_result(prep, *result)
+            self.show_result(prep, *result, metadata={} if affine is None else {"voxel_affine": affine})
 
         layers = [layer] if scribbles_layer is None else [layer, scribbles_layer]
         self.start_job(work, description="Segmenting", on_returned=done, layers=layers)
 
-    def show_result(self, prep, labels, infos, features) -> None:
+    def show_result(self, prep, labels, infos, features, metadata=None) -> None:
         """Add the labels layer and fill the estimates and the objects table (GUI thread)."""
         data = prep.to_layer_layout(labels)
         features_df = _to_dataframe(features)
         # A "current time point" result has a singleton T axis at its time point (drawn there only).
         kwargs = prep.output_kwargs()
         self.labels_layer = add_or_update(
-            self.viewer, "labels", data, f"{prep.name} labels", features=features_df, **kwargs
+            self.viewer,
+            "labels",
+            data,
+            f"{prep.name} labels",
+            features=features_df,
+            metadata=dict(metadata or {}),
+            **kwargs,
         )
         self.export_button.setEnabled(True)
         info = infos[0]
