@@ -96,8 +96,8 @@ def training(app, out: Path, state: dict) -> None:
     widget.output.setText(str(run_dir / "run"))
     widget.dims.setCurrentText("2D")
     widget.start_from.setCurrentText("tiny-2d (from scratch)")
-    widget.epochs.setValue(state.get("epochs", 40))
-    widget.batch_size.setValue(8)
+    widget.epochs.value = state.get("epochs", 40)
+    widget.batch_size.value = 8
     widget.device.setCurrentText("auto")
     widget.run()
     _wait(app, widget, timeout=1800)

@@ -114,6 +114,11 @@ def test_training_stop_then_resume(viewer, add_widget, qtbot, notifications, nuc
     widget.stop_button.click()
     wait_done(qtbot, widget, timeout=10_000)
     assert widget.last_update.kind == "stopped"
+    # Issue 12.16: the bar says "stopped", and the epoch bar and the label agree.
+    assert widget.progress_bar.format().startswith("stopped")
+    epoch = widget.last_update.epoch
+    assert widget.epoch_bar.value() == epoch - 1
+    assert f"epoch {epoch}/4 ({epoch - 1} complete)" in widget.eta.text()
     assert (tmp_path / "run" / "last.pt").is_file()
     assert widget.model_name in registry.models  # a stopped run's model is offered too
     n_train = len(widget.plot.train[0])
@@ -124,3 +129,68 @@ def test_training_stop_then_resume(viewer, add_widget, qtbot, notifications, nuc
     assert widget.epoch_bar.value() == 4
     assert len(widget.plot.train[0]) > n_train
     assert np.isfinite(widget.plot.train[1]).all()
+
+
+def test_training_again_on_a_folder_with_a_run(
+    viewer, add_widget, qtbot, notifications, nuclei_folder, tmp_path
+):
+    """Issue 12.7: Start on a folder that holds a run offers overwrite / new folder / resume
+    (no '--overwrite' error, no 'done in 0.1 s', the loss plot kept)."""
+    widget = add_widget("Training")
+    out = tmp_path / "run"
+    setup_training(widget, nuclei_folder, out, epochs=1)
+    widget.run()
+    wait_done(qtbot, widget, timeout=120_000)
+    first_job, n_points = widget.job, len(widget.plot.train[0])
+    bar_text = widget.progress_bar.format()
+    widget.run()  # again, same folder
+    assert widget.existing_run.isVisibleTo(widget) and widget.job is first_job
+    assert not errors(notifications), notifications
+    assert "--overwrite" not in widget.status.text() and widget.progress_bar.format() == bar_text
+    assert len(widget.plot.train[0]) == n_points
+    widget.new_folder_button.click()
+    wait_done(qtbot, widget, timeout=120_000)
+    assert widget.job is not first_job and not errors(notifications), notifications
+    assert widget.output.text() == str(tmp_path / "run-2") and (tmp_path / "run-2" / "last.pt").is_file()
+    before = (out / "last.pt").stat().st_mtime_ns
+    widget.output.setText(str(out))
+    widget.run()
+    widget.overwrite_button.click()
+    wait_done(qtbot, widget, timeout=120_000)
+    assert not errors(notifications), notifications
+    assert widget.last_update.kind == "finished" and (out / "last.pt").stat().st_mtime_ns != before
+
+
+def test_training_defaults_are_the_cli_defaults(viewer, add_widget, nuclei_folder):
+    """Issue 12.16: one set of defaults (TrainConfig's, which napari-mae train uses too)."""
+    import argparse
+
+    from napari_mae.cli import train as cli_train
+    from napari_mae.training import TrainConfig
+
+    widget = add_widget("Training")
+    widget.folder.setText(str(nuclei_folder))
+    config = widget.build_config()
+    reference = TrainConfig(data_dir=str(nuclei_folder), output_dir="x")
+    for key in ("epochs", "samples_per_image", "batch_size", "lr", "mask_ratio", "patterns"):
+        assert getattr(config, key) == getattr(reference, key), key
+    parser = argparse.ArgumentParser()
+    cli_train.register(parser.add_subparsers())
+    args = parser.parse_args(["train", str(nuclei_folder), "--out", "x"])
+    assert (args.epochs, args.samples_per_image, args.batch_size, args.lr, args.mask_ratio, args.pattern) == (
+        config.epochs, config.samples_per_image, config.batch_size, config.lr, config.mask_ratio, config.patterns
+    )  # fmt: skip
+
+
+def test_loss_plot_legend_is_outside_the_curves(viewer, add_widget):
+    """Issue 12.16: the legend sits above the axes, not over the curves."""
+    widget = add_widget("Training")
+    plot = widget.plot
+    for i in range(20):
+        plot.add("train", i / 10, 2.0 - i / 20)
+    plot.redraw(force=True)
+    plot.canvas.draw()
+    renderer = plot.canvas.get_renderer()
+    legend_box = plot.axes.get_legend().get_window_extent(renderer)
+    axes_box = plot.axes.get_window_extent(renderer)
+    assert legend_box.y0 >= axes_box.y1 - 1

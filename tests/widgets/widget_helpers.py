@@ -40,7 +40,7 @@ def setup_training(widget, folder, out, epochs: int = 2, crops_per_image: int = 
     widget.pattern.setText("*.tif")
     widget.dims.setCurrentText("2D")
     widget.start_from.setCurrentText("tiny-2d (from scratch)")
-    widget.epochs.setValue(epochs)
-    widget.crops_per_image.setValue(crops_per_image)
-    widget.batch_size.setValue(4)
+    widget.epochs.value = epochs
+    widget.crops_per_image.value = crops_per_image
+    widget.batch_size.value = 4
     widget.device.setCurrentText("cpu")

@@ -37,7 +37,15 @@ class LossPlot(QWidget):
         ax.set_ylabel("loss", color="#dddddd", fontsize=8)
         (self.train_line,) = ax.plot([], [], color="#4fc3f7", lw=1.2, label="train")
         (self.val_line,) = ax.plot([], [], "o-", color="#ffb74d", lw=1.2, ms=3, label="validation")
-        legend = ax.legend(fontsize=7, facecolor="#262930", edgecolor="#555555", loc="upper right")
+        # Above the axes, not over the curves (a falling loss curve runs through "upper right").
+        legend = ax.legend(
+            fontsize=7,
+            loc="lower right",
+            bbox_to_anchor=(1.0, 1.0),
+            ncol=2,
+            frameon=False,
+            borderaxespad=0.2,
+        )
         for text in legend.get_texts():
             text.set_color("#dddddd")
         self.train: tuple[list[float], list[float]] = ([], [])

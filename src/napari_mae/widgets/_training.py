@@ -12,19 +12,24 @@ As ``napari-mae train``, it starts by default from the bundled model for the
 data's dimensionality (:func:`napari_mae.training.default_model`): choosing a
 folder reads its first image in a worker thread
 (:func:`napari_mae.training.guess_spatial_dims`) and sets 2D/3D, unless the
-user already chose the dimensions or the start model.
+user already chose the dimensions or the start model. Its defaults (all image
+formats, epochs, crops, batch size, learning rate, mask ratio) are
+:class:`~napari_mae.training.TrainConfig`'s, the CLI's too.
+
+Start on an output folder that holds a run offers "overwrite", "new folder" or
+"resume" instead of failing. The number fields are magicgui widgets; the
+folder rows stay Qt (a line edit with a browse button that also guesses 2D/3D).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from pathlib import Path
 
-from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -32,12 +37,12 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QWidget,
 )
-from superqt import QLabeledDoubleSlider
 
-from ._common import JobWidget, torch_threads_leaving_a_core
+from napari_mae._names import LAST
+
+from ._common import JobWidget, magic_field, torch_threads_leaving_a_core
 from ._masking import PatchSizeEdit
 from ._model_picker import CHECKPOINT_TEXT, device_combo
 from ._reconstruction import release_gpu_memory
@@ -55,8 +60,10 @@ def _path_row(placeholder: str, directory: bool = True) -> tuple[QWidget, QLineE
     lay.setContentsMargins(0, 0, 0, 0)
     edit = QLineEdit()
     edit.setPlaceholderText(placeholder)
+    edit.setToolTip(placeholder[0].upper() + placeholder[1:])
     button = QPushButton("...")
     button.setMaximumWidth(30)
+    button.setToolTip("Browse")
 
     def browse() -> None:
         if directory:
@@ -93,12 +100,24 @@ class TrainingWidget(JobWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__(napari_viewer, run_text="Start")
+        from napari_mae.training import TrainConfig  # torch-free
+
         from ._loss_plot import LossPlot  # matplotlib only when the widget opens
 
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        self.run_button.setToolTip("Start training a new model on the folder's images")
+        self.stop_button.setToolTip(
+            "Stop after the current step (shortcut Shift-X); the last checkpoint is kept for Resume"
+        )
         form = QFormLayout()
         folder_row, self.folder = _path_row("folder of training images")
-        self.pattern = QLineEdit("*.tif")
-        self.pattern.setToolTip("Glob pattern(s), comma separated, e.g. '*.tif, *.nii.gz'")
+        self.folder.setToolTip("Folder with your images (its subfolders are searched too)")
+        self.pattern = QLineEdit("")
+        self.pattern.setPlaceholderText("all image formats")
+        self.pattern.setToolTip(
+            "Which files to use, e.g. '*.tif, *.nii.gz' (comma separated); empty = every image file "
+            "(tif, png, jpg, nii, nii.gz, nrrd), as napari-mae train"
+        )
         self.dims = QComboBox()
         self.dims.addItems(["2D", "3D"])
         self.dims.setToolTip("Set from the first image of the folder until you choose")
@@ -123,29 +142,49 @@ class TrainingWidget(JobWidget):
         self.patch_size.setToolTip(
             "Patch size of a preset trained from scratch (a trained model keeps its own)"
         )
-        self.mask_ratio = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
-        self.mask_ratio.setRange(0.0, 0.95)
-        self.mask_ratio.setDecimals(2)
-        self.mask_ratio.setValue(0.75)
-        self.epochs = QSpinBox()
-        self.epochs.setRange(1, 100000)
-        self.epochs.setValue(20)
-        self.crops_per_image = QSpinBox()
-        self.crops_per_image.setRange(1, 1000)
-        self.crops_per_image.setValue(4)
-        self.crops_per_image.setToolTip(
-            "Random crops taken from each image per epoch (more for small folders)"
+        self.mask_ratio = magic_field(
+            float(defaults["mask_ratio"]),
+            "FloatSlider",
+            min=0.0,
+            max=0.95,
+            step=0.01,
+            tooltip="Share of each image's patches hidden while the model learns to fill them in "
+            "(0.75 as in the MAE paper)",
         )
-        self.batch_size = QSpinBox()
-        self.batch_size.setRange(1, 4096)
-        self.batch_size.setValue(8)
-        self.lr = QDoubleSpinBox()
-        self.lr.setDecimals(6)
-        self.lr.setRange(1e-6, 1.0)
-        self.lr.setSingleStep(1e-4)
-        self.lr.setValue(1e-3)
+        self.epochs = magic_field(
+            int(defaults["epochs"]),
+            min=1,
+            max=100000,
+            tooltip="How many times training goes through all the images (more: better model, longer)",
+        )
+        self.crops_per_image = magic_field(
+            int(defaults["samples_per_image"]),
+            min=1,
+            max=1000,
+            tooltip="Random crops taken from each image per epoch (more for small folders)",
+        )
+        self.batch_size = magic_field(
+            int(defaults["batch_size"]),
+            min=1,
+            max=4096,
+            tooltip="Crops the model learns from at once: larger is faster on a GPU but needs more memory",
+        )
+        self.lr = magic_field(
+            float(defaults["lr"]),
+            "FloatSpinBox",
+            min=1e-6,
+            max=1.0,
+            step=1e-4,
+            tooltip="Learning rate: how big each learning step is (1e-3 suits most runs; lower it to "
+            "fine-tune gently)",
+        )
+        self.lr.native.setDecimals(6)
         self.device = device_combo()
         out_row, self.output = _path_row("output folder for checkpoints")
+        self.output.setToolTip(
+            "Where checkpoints (last.pt, best.pt) and the loss log go; default: a folder "
+            "'napari-mae-training' inside the image folder"
+        )
         for label, widget in [
             ("images", folder_row),
             ("pattern", self.pattern),
@@ -153,11 +192,11 @@ class TrainingWidget(JobWidget):
             ("start from", self.start_from),
             ("", ckpt_row),
             ("patch size", self.patch_size),
-            ("mask ratio", self.mask_ratio),
-            ("epochs", self.epochs),
-            ("crops per image", self.crops_per_image),
-            ("batch size", self.batch_size),
-            ("learning rate", self.lr),
+            ("mask ratio", self.mask_ratio.native),
+            ("epochs", self.epochs.native),
+            ("crops per image", self.crops_per_image.native),
+            ("batch size", self.batch_size.native),
+            ("learning rate", self.lr.native),
             ("device", self.device),
             ("output", out_row),
         ]:
@@ -167,11 +206,14 @@ class TrainingWidget(JobWidget):
         self.resume_button.setToolTip("Continue from the last checkpoint in the output folder")
         self.resume_button.clicked.connect(self.resume)
         self.button_layout.addWidget(self.resume_button)
+        self.existing_run = self._existing_run_row()
+        self.results_layout.addWidget(self.existing_run)
         self.epoch_bar = QProgressBar()
         self.epoch_bar.setFormat("epoch %v/%m")
-        self.epoch_bar.setRange(0, self.epochs.value())
+        self.epoch_bar.setToolTip("Epochs completed")
+        self.epoch_bar.setRange(0, self.epochs.value)
         self.epoch_bar.setValue(0)
-        self.epochs.valueChanged.connect(self._epochs_changed)
+        self.epochs.changed.connect(self._epochs_changed)
         self.results_layout.addWidget(self.epoch_bar)
         self.eta = QLabel("")
         self.results_layout.addWidget(self.eta)
@@ -182,6 +224,40 @@ class TrainingWidget(JobWidget):
         self.checkpoint_path: Path | None = None
         self.model_name: str | None = None
         self._dims_changed(self.dims.currentText())
+
+    def _existing_run_row(self) -> QWidget:
+        """Hidden until Start meets a folder that holds a run: overwrite / new folder / resume."""
+        row = QWidget()
+        lay = QHBoxLayout(row)
+        lay.setContentsMargins(0, 0, 0, 0)
+        self.existing_label = QLabel("")
+        self.existing_label.setWordWrap(True)
+        lay.addWidget(self.existing_label, 1)
+        self.overwrite_button = QPushButton("Overwrite")
+        self.overwrite_button.setToolTip("Start afresh in this folder; its checkpoints are replaced")
+        self.overwrite_button.clicked.connect(lambda: self._answer_existing("overwrite"))
+        self.new_folder_button = QPushButton("New folder")
+        self.new_folder_button.setToolTip("Start afresh in a new folder beside it (name-2, name-3, ...)")
+        self.new_folder_button.clicked.connect(lambda: self._answer_existing("new folder"))
+        self.resume_existing_button = QPushButton("Resume")
+        self.resume_existing_button.setToolTip("Continue the run in this folder from its last checkpoint")
+        self.resume_existing_button.clicked.connect(lambda: self._answer_existing("resume"))
+        for button in (self.overwrite_button, self.new_folder_button, self.resume_existing_button):
+            lay.addWidget(button)
+        row.setVisible(False)
+        return row
+
+    def _answer_existing(self, choice: str) -> None:
+        """Act on the existing-run question: ``"overwrite"``, ``"new folder"`` or ``"resume"``."""
+        self.existing_run.setVisible(False)
+        if choice == "resume":
+            self.run(resume=True)
+            return
+        if choice == "new folder":
+            self.output.setText(str(_free_folder(Path(self._pending_output))))
+            self.run()
+            return
+        self.run(overwrite=True)
 
     def _dims_changed(self, text: str) -> None:
         from napari_mae.training import bundled_model_available, default_model
@@ -234,7 +310,7 @@ class TrainingWidget(JobWidget):
         self.patch_size.setEnabled(text.endswith(SCRATCH_SUFFIX))
 
     # ----------------------------------------------------------------- config
-    def build_config(self, resume: bool = False):
+    def build_config(self, resume: bool = False, overwrite: bool = False):
         """The :class:`~napari_mae.training.TrainConfig` the form describes.
 
         Raises
@@ -267,25 +343,43 @@ class TrainingWidget(JobWidget):
             spatial_dims=3 if self.dims.currentText() == "3D" else 2,
             patch_size=patch_size,
             patterns=patterns,
-            mask_ratio=float(self.mask_ratio.value()),
-            epochs=self.epochs.value(),
-            samples_per_image=self.crops_per_image.value(),
-            batch_size=self.batch_size.value(),
-            lr=float(self.lr.value()),
+            mask_ratio=float(self.mask_ratio.value),
+            epochs=int(self.epochs.value),
+            samples_per_image=int(self.crops_per_image.value),
+            batch_size=int(self.batch_size.value),
+            lr=float(self.lr.value),
             device=self.device.currentText(),
             resume=resume,
+            overwrite=overwrite,
         )
 
     # ----------------------------------------------------------------- run
-    def run(self, resume: bool = False) -> None:
-        """Start (or resume) training in a worker thread."""
+    def run(self, resume: bool = False, overwrite: bool = False) -> None:
+        """Start (or resume) training in a worker thread.
+
+        An output folder that already holds a run is not an error: the widget
+        asks (overwrite / new folder / resume) and nothing else changes.
+        """
+        if self.busy:
+            self.notify_error("Training is running; press Stop first.")
+            return
+        self.existing_run.setVisible(False)
         try:
-            config = self.build_config(resume=bool(resume))
+            config = self.build_config(resume=bool(resume), overwrite=bool(overwrite))
             config.validate()
-            if resume and not (Path(config.output_dir) / "last.pt").is_file():
-                raise ValueError(f"Nothing to resume: no last.pt in {config.output_dir}.")
+            last = Path(config.output_dir) / LAST
+            if resume and not last.is_file():
+                raise ValueError(f"Nothing to resume: no {LAST} in {config.output_dir}.")
         except (ValueError, TypeError, FileNotFoundError) as exc:
             self.notify_error(str(exc))
+            return
+        if not resume and not overwrite and last.is_file():
+            self._pending_output = str(config.output_dir)
+            self.existing_label.setText(f"{config.output_dir} already holds a training run.")
+            self.existing_run.setVisible(True)
+            self.status.setText(
+                f"{config.output_dir} already holds a run: overwrite it, start in a new folder, or resume it."
+            )
             return
         self.stop_flag.clear()
         stop_flag = self.stop_flag
@@ -324,6 +418,12 @@ class TrainingWidget(JobWidget):
         if job is not self.job:
             return
         self.resume_button.setEnabled(True)
+        update = self.last_update
+        if update is not None and update.kind in ("stopped", "failed"):
+            # The run ended early by the stop flag (or a failure), not "done".
+            self.progress_bar.setRange(0, max(int(update.n_steps), 1))
+            self.progress_bar.setValue(int(update.step))
+            self.progress_bar.setFormat(f"{update.kind} at step %v/%m")
 
     def on_update(self, update) -> None:
         """Show one :class:`~napari_mae.training.TrainUpdate` (GUI thread)."""
@@ -354,8 +454,15 @@ class TrainingWidget(JobWidget):
             self.status.setText(update.message)
         if kind == "failed":
             self.notify_error(update.message)
-        if kind in ("finished", "stopped"):
-            self.eta.setText(f"{kind} at epoch {update.epoch}/{update.n_epochs}, step {update.step}")
+        if kind == "finished":
+            self.eta.setText(f"finished: {update.n_epochs}/{update.n_epochs} epochs, step {update.step}")
+        if kind == "stopped":
+            # The bar counts completed epochs; say which one was under way, so both agree.
+            done = max(update.epoch - 1, 0)
+            self.eta.setText(
+                f"stopped during epoch {update.epoch}/{update.n_epochs} ({done} complete), step {update.step}; "
+                "Resume continues from here"
+            )
 
     def _trained(self, _result=None) -> None:
         kind = getattr(self.last_update, "kind", "finished")
@@ -367,7 +474,22 @@ class TrainingWidget(JobWidget):
         if path is None:
             self.notify_error("Training ended without writing a checkpoint.")
             return
-        self.model_name = registry.add_model(f"trained: {self.output_dir.name}/{Path(path).name}", str(path))
+        patch_size = None
+        with contextlib.suppress(Exception):  # the list works without it (Masking then uses the default)
+            from napari_mae.io.checkpoint import load_checkpoint
+
+            patch_size = tuple(load_checkpoint(path)["config"]["patch_size"])
+        self.model_name = registry.add_model(
+            f"trained: {self.output_dir.name}/{Path(path).name}", str(path), patch_size=patch_size
+        )
         self.notify_info(
             f"Training {kind}; model '{self.model_name}' is offered in the Reconstruction and Segmentation widgets."
         )
+
+
+def _free_folder(path: Path) -> Path:
+    """``path-2``, ``path-3``, ...: the first that holds no training run."""
+    i = 2
+    while (candidate := path.with_name(f"{path.name}-{i}")).exists() and (candidate / LAST).is_file():
+        i += 1
+    return candidate
