@@ -400,6 +400,14 @@ class _Dist:
             return cls()
         created = False
         if not dist.is_initialized():
+            # torch._dynamo, imported lazily by the first optimiser or DDP wrapper, keeps a
+            # reference to a process group that exists when it is imported; that group then
+            # survives destroy_process_group, its gloo threads outlive the interpreter, and one
+            # that frees a collective's tensor during finalisation aborts the process
+            # ("terminate called without an active exception", issue 12). Imported first, it
+            # holds nothing, and close() joins every gloo thread.
+            import torch._dynamo  # noqa: F401
+
             if want_cuda:  # NCCL needs each process on its own GPU before the group forms
                 import torch
 
@@ -419,11 +427,19 @@ class _Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     def close(self) -> None:
+        """Destroy the process group this object created, joining its threads."""
         if self.created:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+            self.created = False
 
 
 def _stop_requested(stop) -> bool:
@@ -626,6 +642,7 @@ def train(config: TrainConfig, *, stop: Any = None) -> Iterator[TrainUpdate]:
     dist = _Dist.from_env(want_cuda=(cfg.device in ("auto", "cuda") and torch.cuda.is_available()))
     try:
         yield from _train(cfg, out, dist, stop)
+        dist.barrier()  # no process tears down its connections while another is in a collective
     finally:
         dist.close()
 

@@ -11,6 +11,25 @@ from pathlib import Path
 import pytest
 import tifffile
 
+# Launched with torchrun: the process group is created by training._Dist as in a real run,
+# then an optimiser is made (its lazy import of torch._dynamo used to keep that group alive
+# after destroy_process_group, so gloo's threads outlived the interpreter and rank 1 aborted
+# at exit in about 1 run in 12: "terminate called without an active exception").
+_GLOO_THREADS_SCRIPT = """
+import os, sys
+import torch
+from napari_mae.training import _Dist
+
+d = _Dist.from_env(want_cuda=False)
+torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
+print(d.all_reduce_sum([1.0], torch.device("cpu")))
+d.barrier()
+d.close()
+left = sorted({open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")})
+print("rank", os.environ["RANK"], "threads", left, file=sys.stderr)
+sys.exit(1 if any(name.startswith(("gloo", "pt_gloo")) for name in left) else 0)
+"""
+
 
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
@@ -23,6 +42,25 @@ def image_folder(tmp_path: Path) -> Path:
     for i in range(6):
         tifffile.imwrite(folder / f"cell{i}.tif", cell[i * 100 : i * 100 + 48, i * 80 : i * 80 + 64])
     return folder
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
+def test_process_group_threads_end_before_exit(tmp_path):
+    script = tmp_path / "gloo_threads.py"
+    script.write_text(_GLOO_THREADS_SCRIPT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("threads ['python']") == 2, proc.stderr[-3000:]
 
 
 def test_torchrun_two_cpu_processes(image_folder, tmp_path):
