@@ -85,7 +85,7 @@ def bench_training(preset: str, batch_size: int, steps: int, device_name: str, t
     """Median step time at mask_ratio 0.75 and 0.0, interleaved so both see the same load."""
     import torch
 
-    from napari_mae.model import build_model, resolve_device
+    from napari_mae.models.mae import build_model, resolve_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -143,7 +143,7 @@ def _recon_case(args: tuple) -> dict:
     preset, shape, device_name, batch_size, threads = args
     import torch
 
-    from napari_mae.model import load_model, resolve_device
+    from napari_mae.models.mae import load_model, resolve_device
     from napari_mae.reconstruction import reconstruct
 
     if threads:

@@ -95,7 +95,7 @@ def baseline_trainable(image: np.ndarray, scribbles: np.ndarray, spacing=None) -
 
 def _model_spec(ndim: int):
     """Bundled default model if present, else a fresh (untrained) preset."""
-    from napari_mae.model import load_model
+    from napari_mae.models.mae import load_model
 
     name = f"default-{ndim}d"
     try:

@@ -93,7 +93,7 @@ def bench_preset(name: str, *, steps: int, warmup: int, num_workers: list[int]) 
     from torch.utils.data import DataLoader
 
     from napari_mae.data import make_datasets
-    from napari_mae.model import build_model
+    from napari_mae.models.mae import build_model
 
     torch.manual_seed(0)
     model = build_model(name)

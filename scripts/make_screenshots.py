@@ -108,7 +108,7 @@ def training(app, out: Path, state: dict) -> None:
 
 
 def reconstruction(app, out: Path, state: dict) -> None:
-    from napari_mae.model import MODELS_DIR
+    from napari_mae.models.mae import MODELS_DIR
 
     viewer = _viewer("napari-mae: Reconstruction")
     image = _open_nuclei_2d(viewer)

@@ -76,7 +76,7 @@ SPECS = {
 def train_default(which: str, *, quick: bool = False, max_minutes: float = 15.0) -> dict:
     """Train one default model and save it into the package; return a summary."""
     from napari_mae.io.checkpoint import save_checkpoint
-    from napari_mae.model import load_model
+    from napari_mae.models.mae import load_model
     from napari_mae.training import TrainConfig, train
 
     spec = SPECS[which]
@@ -89,7 +89,7 @@ def train_default(which: str, *, quick: bool = False, max_minutes: float = 15.0)
     if spec.get("overrides"):
         from dataclasses import replace
 
-        from napari_mae.model import PRESETS
+        from napari_mae.models.mae import PRESETS
 
         model_spec = replace(PRESETS[spec["model"]], **spec["overrides"])
     config = TrainConfig(
@@ -166,7 +166,7 @@ def make_figure(path: Path = FIGURE) -> Path:
     import numpy as np
 
     from napari_mae.io.readers import read_image
-    from napari_mae.model import load_model
+    from napari_mae.models.mae import load_model
     from napari_mae.reconstruction import reconstruct
 
     samples = [

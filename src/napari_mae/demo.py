@@ -157,7 +157,7 @@ def run_demo(
     """
     from napari_mae.io.writers import write_tiff
     from napari_mae.masking import make_mask
-    from napari_mae.model import load_model
+    from napari_mae.models.mae import load_model
     from napari_mae.reconstruction import reconstruct
     from napari_mae.scribbles import ct_bone_labels, simulate_scribbles
 

@@ -275,14 +275,14 @@ def model_features(
     reduced by PCA (:class:`sklearn.decomposition.PCA`, fitted per depth and scale on
     the tokens, before upsampling) to about ``n_components`` channels in all. The encoder
     runs in reduced precision where that is native (bfloat16/float16 on GPUs, bfloat16 on
-    CPUs with AVX512-BF16 or AMX; see :func:`napari_mae.model.autocast`).
+    CPUs with AVX512-BF16 or AMX; see :func:`napari_mae.models.mae.autocast`).
 
     Parameters
     ----------
     x : ndarray of float32, shape ``(C, [Z,] Y, X)``
         Percentile-normalised image (about ``[0, 1]``).
     model : MaskedAutoencoder
-        Loaded model (see :func:`napari_mae.model.load_model`); its ``config`` gives
+        Loaded model (see :func:`napari_mae.models.mae.load_model`); its ``config`` gives
         ``img_size``, ``in_channels`` and ``spatial_dims``.
     depths : sequence of int or None
         Encoder blocks whose outputs are taken; default: evenly spaced over the depth.
@@ -356,7 +356,7 @@ def _model_features(x, model, device, depths, scales, n_components, batch_size, 
     from sklearn.decomposition import PCA
 
     from napari_mae._progress import report
-    from napari_mae.model import autocast
+    from napari_mae.models.mae import autocast
 
     cfg = model.config
     ndim = x.ndim - 1
@@ -448,7 +448,7 @@ def multiscale_features(
         median before filtering.
     model : MaskedAutoencoder, str, path or None
         If given (a loaded model, a bundled name such as ``"default-2d"``, or a
-        checkpoint path, resolved by :func:`napari_mae.model.load_model`), MAE encoder
+        checkpoint path, resolved by :func:`napari_mae.models.mae.load_model`), MAE encoder
         features (PCA-reduced, see :func:`model_features`) are appended.
     sigmas : sequence of float or None
         Filter-bank scales in physical units of ``spacing`` (pixels without spacing);
@@ -482,7 +482,7 @@ def multiscale_features(
         sigmas = default_sigmas(spacing, ndim)
     feats = filter_bank(x, sigmas, spacing, progress=progress)
     if model is not None:
-        from napari_mae.model import load_model
+        from napari_mae.models.mae import load_model
 
         if isinstance(model, str | bytes) or hasattr(model, "__fspath__"):
             model = load_model(model)

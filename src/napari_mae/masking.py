@@ -8,7 +8,7 @@ multiple of the patch keeps its partial edge patches. A mask is a boolean
 array over that grid with the convention of He et al. 2021 ("Masked
 Autoencoders Are Scalable Vision Learners", sec. 3): **True / 1 = removed**,
 False / 0 = kept (visible). Flattened in C order the grid is the token order of
-MONAI's ``PatchEmbeddingBlock`` (and of :mod:`napari_mae.model`).
+MONAI's ``PatchEmbeddingBlock`` (and of :mod:`napari_mae.models.mae`).
 
 Strategies (paper sec. 3 and fig. 6; BEiT, Bao et al. 2021, Algorithm 1):
 
@@ -94,7 +94,7 @@ def n_removed(n_patches: int, mask_ratio: float) -> int:
     """Number of patches removed: ``round(mask_ratio * n_patches)``, halves rounded up.
 
     The model's own masking uses the same count, so a mask drawn here and one
-    drawn by :meth:`napari_mae.model.MaskedAutoencoder.forward` remove as many.
+    drawn by :meth:`napari_mae.models.mae.MaskedAutoencoder.forward` remove as many.
     """
     return int(math.floor(check_mask_ratio(mask_ratio) * n_patches + 0.5))
 

@@ -327,7 +327,7 @@ def reconstruct(
         are not a multiple of the patch or smaller than one patch. NaN and inf
         pixels are fed to the model as the lower percentile and predicted.
     model : MaskedAutoencoder, preset name, ``"default-2d"``/``"default-3d"`` or checkpoint path
-        See :func:`napari_mae.model.load_model`. A model object is moved to
+        See :func:`napari_mae.models.mae.load_model`. A model object is moved to
         ``device`` (in place, as ``nn.Module.to`` does) and run in eval mode.
     mask : array_like of bool, optional
         Patch mask over the whole image, shape
@@ -382,8 +382,8 @@ def reconstruct(
     import torch
     from monai.inferers import sliding_window_inference
 
-    from napari_mae.model import MaskedAutoencoder, check_compatible, load_model, resolve_device
-    from napari_mae.model import autocast as model_autocast
+    from napari_mae.models.mae import MaskedAutoencoder, check_compatible, load_model, resolve_device
+    from napari_mae.models.mae import autocast as model_autocast
 
     ratio = check_mask_ratio(mask_ratio)
     if strategy not in STRATEGIES:

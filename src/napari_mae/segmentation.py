@@ -1033,7 +1033,7 @@ def _scribble_probabilities(img, auto_fg, scrib, sp, r, model, progress):
     feats = filter_bank(img[None], sigmas, sp, progress=_sub_progress(progress, 0, 400))
     if model is not None:
         from napari_mae.features import model_features
-        from napari_mae.model import load_model
+        from napari_mae.models.mae import load_model
 
         m = load_model(model) if not hasattr(model, "encoder_features") else model
         # Show the model objects at a size where one patch spans about one diameter (one

@@ -465,7 +465,7 @@ def _resolve_device(name: str, dist: _Dist):
 
 def _build_model(cfg: TrainConfig, resume_path: Path | None):
     """Return ``(model, spec description)``."""
-    from napari_mae import model as mae
+    from napari_mae.models import mae
 
     if resume_path is not None:
         return mae.load_model(str(resume_path), device="cpu"), str(resume_path)

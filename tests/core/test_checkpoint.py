@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from napari_mae.io import checkpoint as ckpt
-from napari_mae.io.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from napari_mae.model import MAEConfig, build_model, load_model
+from napari_mae.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from napari_mae.models.mae import MAEConfig, build_model, load_model, model_from_checkpoint
 
 MICRO = MAEConfig(img_size=(32, 32), patch_size=(8, 8), embed_dim=32, depth=1, num_heads=2,
                   decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, name="micro")  # fmt: skip

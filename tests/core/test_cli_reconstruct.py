@@ -11,7 +11,7 @@ import torch
 
 from napari_mae.cli import main
 from napari_mae.io.checkpoint import save_checkpoint
-from napari_mae.model import PRESETS, build_model
+from napari_mae.models.mae import PRESETS, build_model
 
 SAMPLE_2D = "nuclei_2d/images/10ba6cbee4873b32.tif"
 SAMPLE_3D = "nuclei_3d/image.tif"

@@ -91,7 +91,7 @@ def test_not_2d_or_3d():
 
 def test_model_features_appended():
     pytest.importorskip("monai")
-    from napari_mae.model import load_model
+    from napari_mae.models.mae import load_model
 
     model = load_model("tiny-2d")
     img = _blobs((70, 90))

@@ -1,4 +1,4 @@
-"""The masked autoencoder (napari_mae.model)."""
+"""The masked autoencoder (napari_mae.models.mae)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mae import model as mae
 from napari_mae.masking import make_mask
-from napari_mae.model import PRESETS, MAEConfig, build_discriminator, build_model, load_model, resolve_device
+from napari_mae.models import mae
+from napari_mae.models.mae import (
+    PRESETS,
+    MAEConfig,
+    build_discriminator,
+    build_model,
+    load_model,
+    resolve_device,
+)
 
 # Small enough to build and run in milliseconds.
 MICRO_2D = MAEConfig(img_size=(32, 32), patch_size=(8, 8), embed_dim=32, depth=2, num_heads=2,
@@ -326,7 +333,7 @@ def test_autocast_is_float32_on_cpu_unless_asked():
 
     import torch
 
-    from napari_mae.model import autocast
+    from napari_mae.models.mae import autocast
 
     assert isinstance(autocast(torch.device("cpu")), contextlib.nullcontext)
     assert isinstance(autocast(torch.device("cpu"), enabled=False, cpu_bf16=True), contextlib.nullcontext)

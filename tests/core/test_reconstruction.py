@@ -11,7 +11,7 @@ import torch
 from napari_mae import reconstruction as rec
 from napari_mae._progress import Cancelled
 from napari_mae.masking import make_mask, mask_to_pixels, patch_grid_shape
-from napari_mae.model import MAEConfig, MaskedAutoencoder, build_model
+from napari_mae.models.mae import MAEConfig, MaskedAutoencoder, build_model
 from napari_mae.reconstruction import reconstruct, window_layout
 
 MICRO_2D = MAEConfig(img_size=(32, 32), patch_size=(8, 8), embed_dim=32, depth=1, num_heads=2,

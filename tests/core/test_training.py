@@ -13,7 +13,7 @@ import tifffile
 import torch
 
 from napari_mae import training
-from napari_mae.model import MAEConfig
+from napari_mae.models.mae import MAEConfig
 from napari_mae.training import TrainConfig, lr_at_step, train
 
 # A very small MAE: 16x16 crops, 16 patches of 4x4, one block each side.
@@ -67,7 +67,7 @@ def _read_log(path: Path) -> list[dict]:
 
 
 def _state(path: Path) -> dict:
-    from napari_mae.model import load_model
+    from napari_mae.models.mae import load_model
 
     return load_model(str(path)).state_dict()
 
@@ -214,7 +214,7 @@ def test_setup_errors(image_folder, tmp_path):
 
 
 def test_weight_decay_groups():
-    from napari_mae.model import build_model
+    from napari_mae.models.mae import build_model
 
     groups = training._param_groups(build_model(TINY), 0.05)
     decayed = {id(p) for p in groups[0]["params"]}

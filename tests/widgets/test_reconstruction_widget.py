@@ -17,7 +17,7 @@ def tiny_checkpoints(tmp_path_factory):
     import torch
 
     from napari_mae.io.checkpoint import save_checkpoint
-    from napari_mae.model import build_model
+    from napari_mae.models.mae import build_model
 
     folder = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def test_reconstruction_3d_anisotropic_new_mask(viewer, add_widget, qtbot, notif
 
 
 def test_reconstruction_rgb_with_registry_model(viewer, add_widget, qtbot, notifications):
-    from napari_mae.model import build_model
+    from napari_mae.models.mae import build_model
 
     rgb = (np.random.default_rng(0).random((64, 72, 3)) * 255).astype(np.uint8)
     layer = viewer.add_image(rgb, rgb=True, name="rgb")

@@ -181,7 +181,7 @@ def test_segmentation_with_mae_features(viewer, add_widget, qtbot, notifications
     """Scribbles plus the encoder features of a model offered by the Training widget."""
     import torch
 
-    from napari_mae.model import build_model
+    from napari_mae.models.mae import build_model
     from napari_mae.widgets._registry import registry
 
     torch.manual_seed(0)

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     from napari_mae.cli import check_output_path
     from napari_mae.io.readers import read_image
-    from napari_mae.model import PRESETS, load_model
+    from napari_mae.models.mae import PRESETS, load_model
     from napari_mae.reconstruction import reconstruct
 
     out = check_output_path(args.out, "--out", TIFF_SUFFIXES)

@@ -12,6 +12,9 @@ A checkpoint is a ``torch.save`` of a plain dict::
         "extra": {...} | None,
     }
 
+This module imports nothing from the rest of the package: it writes and reads
+dicts. :func:`napari_mae.models.mae.model_from_checkpoint` turns one into a model.
+
 Only builtins and tensors are stored, so :func:`load_checkpoint` can use
 ``torch.load(weights_only=True)``, whose restricted unpickler refuses any
 pickle that would import or call code; such a file raises
@@ -32,7 +35,6 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
     "load_checkpoint",
-    "model_from_checkpoint",
     "save_checkpoint",
 ]
 
@@ -65,9 +67,10 @@ def save_checkpoint(
     ----------
     path : str or path-like
         Destination, conventionally ``*.pt``; parent directories are created.
-    model : MaskedAutoencoder
-        Anything with ``config`` (an ``MAEConfig``) and ``state_dict()``; a
-        ``DistributedDataParallel`` wrapper is unwrapped.
+    model : torch.nn.Module
+        Anything with ``config`` (whose ``to_dict()`` gives builtins, e.g. an
+        ``MAEConfig``) and ``state_dict()``; a ``DistributedDataParallel``
+        wrapper is unwrapped.
     normalization : mapping, optional
         Intensity normalisation of the training data; defaults to
         ``model.normalization``.
@@ -210,49 +213,3 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("normalization", "training_state", "extra"):
         out.setdefault(key, None)
     return out
-
-
-def model_from_checkpoint(
-    checkpoint: Mapping[str, Any],
-    *,
-    source: str = "checkpoint",
-    spatial_dims: int | None = None,
-    in_channels: int | None = None,
-) -> Any:
-    """Build the model a checkpoint describes and load its weights.
-
-    Parameters
-    ----------
-    checkpoint : mapping
-        From :func:`load_checkpoint`.
-    source : str
-        How to name it in error messages (a path).
-    spatial_dims, in_channels : int, optional
-        If given, the kind of image it must take; a mismatch raises.
-
-    Returns
-    -------
-    MaskedAutoencoder
-        On the CPU, in eval mode, with ``normalization`` from the checkpoint.
-
-    Raises
-    ------
-    CheckpointError
-        If the config is invalid or the weights do not fit it.
-    ValueError
-        If the model does not fit ``spatial_dims`` / ``in_channels``.
-    """
-    from napari_mae.model import DEFAULT_NORMALIZATION, MAEConfig, MaskedAutoencoder, check_compatible
-
-    try:
-        config = MAEConfig.from_dict(checkpoint["config"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source} has an invalid model config: {exc}") from None
-    check_compatible(config, spatial_dims=spatial_dims, in_channels=in_channels, source=source)
-    model = MaskedAutoencoder(config)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{source}: weights do not fit its config: {exc}") from None
-    model.normalization = dict(checkpoint.get("normalization") or DEFAULT_NORMALIZATION)
-    return model.eval()

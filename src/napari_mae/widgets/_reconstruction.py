@@ -202,7 +202,7 @@ class ReconstructionWidget(JobWidget):
         n = len(prep.frames)
 
         def work(progress):
-            from napari_mae.model import load_model
+            from napari_mae.models.mae import load_model
             from napari_mae.reconstruction import reconstruct
 
             progress(0, 1, "loading model")

@@ -45,6 +45,7 @@ __all__ = [
     "build_model",
     "check_compatible",
     "load_model",
+    "model_from_checkpoint",
     "resolve_device",
 ]
 
@@ -940,6 +941,52 @@ def check_compatible(
         )
 
 
+def model_from_checkpoint(
+    checkpoint: Mapping[str, Any],
+    *,
+    source: str = "checkpoint",
+    spatial_dims: int | None = None,
+    in_channels: int | None = None,
+) -> Any:
+    """Build the model a checkpoint describes and load its weights.
+
+    Parameters
+    ----------
+    checkpoint : mapping
+        From :func:`napari_mae.io.checkpoint.load_checkpoint`.
+    source : str
+        How to name it in error messages (a path).
+    spatial_dims, in_channels : int, optional
+        If given, the kind of image it must take; a mismatch raises.
+
+    Returns
+    -------
+    MaskedAutoencoder
+        On the CPU, in eval mode, with ``normalization`` from the checkpoint.
+
+    Raises
+    ------
+    CheckpointError
+        If the config is invalid or the weights do not fit it.
+    ValueError
+        If the model does not fit ``spatial_dims`` / ``in_channels``.
+    """
+    from napari_mae.io.checkpoint import CheckpointError
+
+    try:
+        config = MAEConfig.from_dict(checkpoint["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source} has an invalid model config: {exc}") from None
+    check_compatible(config, spatial_dims=spatial_dims, in_channels=in_channels, source=source)
+    model = MaskedAutoencoder(config)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: weights do not fit its config: {exc}") from None
+    model.normalization = dict(checkpoint.get("normalization") or DEFAULT_NORMALIZATION)
+    return model.eval()
+
+
 def load_model(spec: Any, device: str | torch.device = "cpu") -> MaskedAutoencoder:
     """Get a model in eval mode from a model, preset name, bundled name or checkpoint.
 
@@ -985,7 +1032,7 @@ def load_model(spec: Any, device: str | torch.device = "cpu") -> MaskedAutoencod
                 f"no checkpoint file at {path}, and {str(spec)!r} is not a preset "
                 f"({', '.join(sorted(PRESETS))}) or bundled model ({', '.join(BUNDLED_MODELS)})"
             )
-    from napari_mae.io.checkpoint import load_checkpoint, model_from_checkpoint
+    from napari_mae.io.checkpoint import load_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(path), source=str(path))
     if isinstance(spec, str) and spec in BUNDLED_MODELS:
