@@ -581,7 +581,8 @@ def segment_blockwise(
     dict
         ``out``, ``n_objects``, ``blocks``, ``blocks_computed`` (this run),
         ``blocks_reused``, ``links`` (face links), ``block_shape``, ``overlap``,
-        ``parameters`` (:class:`GlobalParameters` as a dict), ``seconds``.
+        ``parameters`` (:class:`GlobalParameters` as a dict), ``seconds``, ``stage_seconds``
+        (parameters, blocks, stitch, write).
 
     Raises
     ------
@@ -633,6 +634,7 @@ def segment_blockwise(
         )
         run = {"parameters": asdict(params), "block_shape": bshape, "overlap": ov, "shape": list(image.shape)}
         run_file.write_text(json.dumps(run))
+    stages = {"parameters": time.perf_counter() - t0}
     grid = list(block_grid(image.shape, bshape, ov))
     counts = [-(-n // b) for n, b in zip(image.shape, bshape)]
     records: dict = {}
@@ -653,10 +655,13 @@ def segment_blockwise(
             report(progress, len(records), total, "segmenting blocks")
     elif todo:
         _run_distributed(client, image, todo, raw_path, blocks_dir, params, method, records, total, progress)
+    stages["blocks"] = time.perf_counter() - t0 - sum(stages.values())
     report(progress, total, total, "stitching block faces")
     lut, offsets, n_links = _stitch(grid, records, counts)
     n_objects = int(lut.max()) if lut.size else 0
+    stages["stitch"] = time.perf_counter() - t0 - sum(stages.values())
     _write_final(out, image.shape, grid, records, lut, offsets, raw_path, bshape, params, unit, axes, client)
+    stages["write"] = time.perf_counter() - t0 - sum(stages.values())
     result = {
         "out": str(out),
         "n_objects": n_objects,
@@ -673,6 +678,7 @@ def segment_blockwise(
     shutil.rmtree(work, ignore_errors=True)
     report(progress, total, total, "done")
     result["seconds"] = time.perf_counter() - t0
+    result["stage_seconds"] = stages
     return result
 
 
