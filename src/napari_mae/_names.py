@@ -8,13 +8,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["BEST", "BUNDLED_MODELS", "LAST", "PRESET_NAMES", "WEIGHTS_DIR", "bundled_weights_path"]
+__all__ = [
+    "BEST",
+    "BUNDLED_MODELS",
+    "BUNDLED_SEGMENTERS",
+    "LAST",
+    "PRESET_NAMES",
+    "WEIGHTS_DIR",
+    "bundled_segmenter_path",
+    "bundled_weights_path",
+]
 
 #: Folder of the bundled checkpoints (``default-2d.pt``, ``default-3d.pt``).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 #: Bundled model names understood by :func:`napari_mae.models.mae.load_model`.
 BUNDLED_MODELS = ("default-2d", "default-3d")
+
+#: Bundled segmentation models (MAE encoder + instance decoder) and their files in
+#: :data:`WEIGHTS_DIR`, for :func:`napari_mae.models.decoder.load_segmenter`.
+BUNDLED_SEGMENTERS = {"default-2d": "default-2d-nuclei.pt"}
 
 #: Architecture presets (:data:`napari_mae.models.mae.PRESETS`) per number of spatial dimensions.
 PRESET_NAMES: dict[int, tuple[str, ...]] = {2: ("tiny-2d", "small-2d"), 3: ("tiny-3d", "small-3d")}
@@ -35,3 +48,9 @@ def bundled_weights_path(name: str) -> Path:
     if name not in BUNDLED_MODELS:
         raise ValueError(f"unknown bundled model {name!r}; bundled models are {BUNDLED_MODELS}")
     return WEIGHTS_DIR / f"{name}.pt"
+
+
+def bundled_segmenter_path(name: str) -> Path | None:
+    """Path of the bundled segmentation model ``name`` (it may not exist); None if not bundled."""
+    file = BUNDLED_SEGMENTERS.get(name)
+    return None if file is None else WEIGHTS_DIR / file
