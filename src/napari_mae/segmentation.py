@@ -518,10 +518,7 @@ def _instances(
     if not fg.any():
         return np.zeros(fg.shape, np.uint32)
     report(progress, 2, 8, msg)
-    # The image border counts as background: an object cut by it has its distance maximum
-    # inside it, not a ridge along the border, whose flat top gave two seeds and a straight
-    # (in a corner L-shaped) watershed line between them (issue 12.6, scribble mode).
-    dist = ndi.distance_transform_edt(np.pad(fg, 1), sampling=spacing)[(slice(1, -1),) * fg.ndim]
+    dist = ndi.distance_transform_edt(fg, sampling=spacing)
     report(progress, 3, 8, msg)
     dist = ndi.gaussian_filter(dist, np.maximum(PARAMS["dist_smooth"] * r / spacing, 0.5))
     land = dist

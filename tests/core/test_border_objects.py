@@ -1,11 +1,17 @@
-"""Issue 12.6: objects cut by the image border are not split along straight lines.
+"""Issue 12.6: scribble mode splits a nucleus cut by the image border (open; strict xfail).
 
-The distance transform of an object that the image border cuts grew up to the border
-(the array's edge is not background for ``distance_transform_edt``), so its top was a
-ridge along the border: h-maxima put two seeds on it and the watershed between them ran
-straight across the flat top (an L-shaped cut for an object in a corner). Scribble mode,
-whose landscape has no intensity term to break the tie, split such objects; the border
-now counts as background.
+Seen on the bundled 2D sample with three of six simulated stroke sets: nucleus 26
+(659 px, in the bottom-left corner, no stroke on it) comes out as two labels with a
+straight edge between them. Diagnosis (working grid 311 x 417, r = 14.4): the
+distance transform is smooth there (maximum in the corner), but the forest's
+P(boundary), taught from the automatic objects' edge rings, is 0.3-0.5 inside this
+object, so the landscape ``dist * (1 - P(boundary))`` has a dip of 2.9 between two
+maxima on the bottom row (h = 1.44): two seeds. Counting the image border as
+background in the distance transform removes every split here, but it was measured to
+cost the benchmark (DSB auto 0.641 -> 0.636, 3D scribbles 0.690 -> 0.638: 43 of the 54
+3D nuclei touch the border, and three pairs merge), so it is not applied. A fix belongs
+in how P(boundary) enters the landscape (e.g. only where the distance is small against
+the radius); these tests then pass and the xfail marks must go.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ def _split(labels, gt):
     return out
 
 
+@pytest.mark.xfail(
+    strict=True, reason="issue 12.6: P(boundary) dips inside a border nucleus (see module doc)"
+)
 @pytest.mark.parametrize("seed", [2, 4, 5])
 def test_scribbles_keep_border_nuclei_whole_on_the_sample(seed):
     img, gt, scrib = _nuclei_2d_with_strokes(seed)
