@@ -199,7 +199,10 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> tuple[bool, float]:
 
 
 def _worker_maxrss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak RSS of this process's memory since it started (VmHWM). Not ru_maxrss: Linux
+    keeps that across exec, so a worker spawned from a large client reports the client's."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
 
 
 def _worker_rss() -> int:

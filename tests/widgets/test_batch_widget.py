@@ -84,3 +84,24 @@ def test_batch_widget_refuses_bad_input(viewer, add_widget, tmp_path, monkeypatc
     widget.output.setText(str(tmp_path / "o"))
     widget.run()
     assert "no such folder" in shown[-1] and widget.run_button.isEnabled()
+
+
+def test_ome_zarr_opens_lazily_with_scale_and_units(viewer, tmp_path):
+    from ome_zarr.writer import write_image
+
+    from napari_mae.io.omezarr import write_ome_labels
+
+    img = np.random.default_rng(0).random((8, 64, 64)).astype(np.float32)
+    path = tmp_path / "vol.zarr"
+    write_image(
+        img, str(path), axes="zyx", scale={"z": 2.0, "y": 0.5, "x": 0.5},
+        axes_units={a: "micrometer" for a in "zyx"}, scale_factors=(2,),
+    )  # fmt: skip
+    write_ome_labels(
+        path, (img > 0.5).astype(np.uint32), axes="ZYX", spacing=(2.0, 0.5, 0.5), unit="micrometer"
+    )
+    layers = viewer.open(str(path), plugin="napari-mae")
+    image, labels = layers
+    assert image.multiscale and len(image.data) == 2 and hasattr(image.data[0], "dask")
+    assert tuple(image.scale) == (2.0, 0.5, 0.5) and str(image.units[0]) == "micrometer"
+    assert labels.__class__.__name__ == "Labels" and tuple(labels.scale) == (2.0, 0.5, 0.5)
