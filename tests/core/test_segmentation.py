@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from skimage.draw import disk, ellipsoid
 
 from napari_mae._progress import Cancelled
 from napari_mae.metrics import match_instances
-from napari_mae.segmentation import detect_polarity, estimate_object_radius, segment_instances
+from napari_mae.segmentation import detect_polarity, estimate_object_radius
+from napari_mae.segmentation import segment_instances as _segment_instances
+
+# These are the classical pipeline's tests: pin its method (the default "auto" runs the
+# learned decoder where a segmentation model is bundled).
+segment_instances = functools.partial(_segment_instances, method="classical")
 
 
 def _disks(shape=(128, 128), radius=6, n=12, seed=0, touching=False):
@@ -251,7 +258,7 @@ def test_h_maxima_matches_scikit_image():
     from scipy import ndimage as ndi
     from skimage.morphology import h_maxima
 
-    from napari_mae.segmentation import _h_maxima
+    from napari_mae.segmentation.classical import _h_maxima
 
     rng = np.random.default_rng(0)
     for shape in [(50, 60), (20, 30, 40), (7, 1, 9)]:
@@ -261,7 +268,7 @@ def test_h_maxima_matches_scikit_image():
 
 
 def test_stroke_radius_is_half_the_median_stroke_length():
-    from napari_mae.segmentation import _stroke_radius
+    from napari_mae.segmentation.classical import _stroke_radius
 
     s = np.zeros((10, 40, 40), np.uint8)
     s[2, 5, 5:17] = 2  # 12 voxels along X
@@ -276,7 +283,7 @@ def test_short_strokes_override_the_radius_only_where_automatic_objects_are_wron
     """Strokes far shorter than the automatic diameter replace the radius only when the
     automatic objects holding them are crossed by background strokes too (a CT's body
     around its bones); short strokes in nuclei the automatic pass got right do not."""
-    from napari_mae.segmentation import _strokes_disagree
+    from napari_mae.segmentation.classical import _strokes_disagree
 
     img, gt = _disks(seed=2)  # disks of radius ~6
     _, info = segment_instances(img, scribbles=_scribbles(gt))  # 3-pixel strokes
@@ -389,7 +396,7 @@ def test_tiled_stitching_matches_whole_image(shared_data):
 def test_large_objects_are_segmented_on_a_shrunk_grid():
     """Disks of radius 24 px: segmented on a grid where the radius spans 8 px, labels back
     at full resolution with outlines as good as a full-resolution run's."""
-    import napari_mae.segmentation as seg
+    import napari_mae.segmentation.classical as seg
 
     img, gt = _disks(shape=(400, 400), radius=24, n=12, seed=3)
     labels, info = segment_instances(img)
@@ -428,7 +435,7 @@ def test_upsampled_labels_are_consecutive_and_cover_the_outline(shape):
     from scipy import ndimage as ndi
     from skimage.transform import resize
 
-    from napari_mae.segmentation import _upsample_labels
+    from napari_mae.segmentation.classical import _upsample_labels
 
     rng = np.random.default_rng(0)
     coarse = tuple(max(2, n // 3) for n in shape)
@@ -445,7 +452,7 @@ def test_upsampled_labels_are_consecutive_and_cover_the_outline(shape):
     [((8192, 8192), (5.5, 5.5)), ((200, 1024, 1024), (5.5, 5.5, 5.5)), ((1000, 30), (3.0, 3.0))],
 )
 def test_automatic_tiles_divide_each_axis_evenly(shape, r_px):
-    from napari_mae.segmentation import _TILE_VOXELS, _auto_tile_core, _tile_margin
+    from napari_mae.segmentation.classical import _TILE_VOXELS, _auto_tile_core, _tile_margin
 
     core = _auto_tile_core(shape, r_px)
     margin = _tile_margin(r_px)
@@ -462,7 +469,7 @@ def test_log_scale_space_matches_scipy(spacing):
     """The FFT pyramid's responses follow scipy's spatial -sigma^2 LoG away from the borders."""
     from scipy import ndimage as ndi
 
-    from napari_mae.segmentation import _max_log_response
+    from napari_mae.segmentation.classical import _max_log_response
 
     img, _ = _disks(shape=(180, 200), radius=9, n=10, seed=2)
     sp = np.asarray(spacing)

@@ -772,6 +772,7 @@ def segment_instances(
     image: np.ndarray,
     *,
     scribbles: np.ndarray | None = None,
+    method: str = "auto",
     model=None,
     spacing: Sequence[float] | None = None,
     channel_axis: int | None = None,
@@ -793,8 +794,16 @@ def segment_instances(
     scribbles : ndarray of int or None, shape ``image.shape[spatial]``
         0 = unlabelled, 1 = background, 2.. = object classes (all merged into
         "object"). None for the automatic mode.
-    model : MaskedAutoencoder, str, path or None
-        Adds MAE encoder features to the scribble classifier (see
+    method : {"auto", "learned", "classical"}
+        ``"learned"``: the MAE encoder's instance decoder
+        (:func:`napari_mae.segmentation.learned.segment_learned`; volumes from their
+        orthogonal planes); ``"classical"``: the filter-bank pipeline (with scribbles, the
+        scribble classifier); ``"auto"``: learned when a segmentation model is available and
+        there are no scribbles, classical otherwise. ``info["method"]`` says which ran.
+    model : str, path, model or None
+        With the learned method, the segmentation model: a segmentation checkpoint or
+        ``"default-2d"`` (bundled; the default). With the classical method and scribbles,
+        an MAE whose encoder features join the scribble classifier (see
         :func:`napari_mae.features.multiscale_features`); ignored without scribbles.
     spacing : sequence of float or None
         Physical pixel size per spatial axis, e.g. ``(0.28, 0.13, 0.13)`` um (Z, Y, X).
@@ -827,15 +836,23 @@ def segment_instances(
         ``radius_foreground``, ``threshold``, ``bright_objects``, ``spacing``, ``mode``
         ("automatic" / "scribbles"), ``working_shape`` (the grid segmented, see
         :func:`working_shape`), ``tiles``, and ``message`` (non-empty when the
-        result is empty for a reason, e.g. a constant image).
+        result is empty for a reason, e.g. a constant image); ``method`` ("learned" /
+        "classical"), and for the learned method ``model``, ``scale`` (resampling factor
+        per axis), ``passes`` and ``radius_found`` (the median radius of the objects the
+        decoder found, physical units).
 
     Raises
     ------
     ValueError
         If the image is empty or not 2D/3D, ``channel_axis`` is out of range, ``spacing``
-        is malformed, ``object_radius`` is not positive, or the scribbles have the wrong
-        shape, negative values or lack either background or object strokes.
+        is malformed, ``object_radius`` is not positive, the scribbles have the wrong
+        shape, negative values or lack either background or object strokes, ``method`` is
+        unknown, or ``method="learned"`` is given scribbles.
+    napari_mae.io.checkpoint.CheckpointError
+        ``method="learned"`` with a ``model`` that is not a segmentation model.
     """
+    if method not in ("auto", "learned", "classical"):
+        raise ValueError(f"method={method!r} must be 'auto', 'learned' or 'classical'")
     arr = np.asarray(image)
     if arr.size == 0:
         raise ValueError(f"the image is empty (shape {arr.shape})")
@@ -853,8 +870,12 @@ def segment_instances(
     scrib = _check_scribbles(scribbles, shape)
     if object_radius is not None and not (np.isfinite(object_radius) and object_radius > 0):
         raise ValueError(f"object_radius must be a positive number, got {object_radius!r}")
+    if method == "learned" and scrib is not None:
+        raise ValueError("the learned method takes no scribbles; use method='classical' for scribbles")
+    net = None if scrib is not None or method == "classical" else _learned_model(model, method == "learned")
     info: dict = {
         "mode": "scribbles" if scrib is not None else "automatic",
+        "method": "learned" if net is not None else "classical",
         "spacing": tuple(float(s) for s in sp),
         "message": "",
         "tiles": 1,
@@ -896,6 +917,8 @@ def segment_instances(
                "radius_foreground": float("nan")}  # fmt: skip
     r = est["radius"]
     info.update(est)
+    if net is not None:
+        return _finish_learned(img, net, sp, r, invalid, info, progress)
     if scrib is not None and object_radius is None:
         # Object strokes much shorter than the automatic diameter, *and* the automatic
         # objects that hold them hold background strokes too: the image-wide estimate
@@ -947,6 +970,43 @@ def segment_instances(
     info["n_objects"] = int(labels.max())
     if info["n_objects"] == 0 and not info["message"]:
         info["message"] = "no object above the threshold"
+    report(progress, 100, 100, "done")
+    return labels, info
+
+
+def _learned_model(model, required: bool):
+    """The segmentation model for the learned method, or None to fall back to the classical one."""
+    from napari_mae.segmentation.learned import cached_segmenter
+
+    spec = "default-2d" if model is None else model
+    try:
+        return cached_segmenter(spec)
+    except Exception:
+        if required:
+            raise
+        return None  # no bundled weights, or an MAE (not a segmentation) checkpoint
+
+
+def _finish_learned(img, net, sp, r, invalid, info, progress):
+    """Labels of the learned method on the prepared image; fills ``info``."""
+    from napari_mae.segmentation.learned import segment_learned
+
+    report(progress, 20, 100, "learned decoder")
+    labels, extra = segment_learned(
+        img, net, net.decoder_config.object_radius, spacing=sp, radius=r,
+        progress=_sub_progress(progress, 20, 97, 100),
+    )  # fmt: skip
+    labels = labels.astype(np.uint32, copy=False)
+    if invalid.any():
+        labels[invalid] = 0
+    labels = _relabel(labels)
+    info.update(extra)
+    info["model"] = getattr(net, "source", "model")
+    info["threshold"] = float("nan")
+    info["working_shape"] = tuple(int(round(n * f)) for n, f in zip(img.shape, extra["scale"], strict=True))
+    info["n_objects"] = int(labels.max())
+    if info["n_objects"] == 0 and not info["message"]:
+        info["message"] = "the decoder found no object"
     report(progress, 100, 100, "done")
     return labels, info
 

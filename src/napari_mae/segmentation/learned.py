@@ -1,0 +1,449 @@
+"""Learned instance segmentation: the MAE decoder's maps, then a seeded watershed.
+
+The pipeline of micro-sam's automatic instance segmentation with a decoder
+(Archit et al., Nature Methods 2025), adapted per image:
+
+1. **Scale**: the image is resampled so that its objects have the radius the
+   decoder was trained on (``r_ref``, stored in the checkpoint). The radius
+   comes from the classical estimate (:func:`estimate_object_radius`), then is
+   checked against the objects the decoder itself finds (Cellpose's size model
+   refines its estimate the same way, Stringer et al. 2021, Methods): where
+   their median radius is off ``r_ref`` by more than ``rescale_tolerance``, the
+   image is resampled once more by that ratio and predicted again.
+2. **Maps**: foreground probability, normalised centre distance and normalised
+   boundary distance (:mod:`napari_mae.segmentation.targets`), predicted by
+   sliding windows blended with Gaussian weights (MONAI
+   ``sliding_window_inference``), so any image size works.
+3. **Instances**: seeds where both distances are small inside the foreground,
+   a watershed on the boundary distance (torch-em's
+   ``watershed_from_center_and_boundary_distances``).
+
+Volumes are segmented with the 2D model from their three orthogonal plane
+stacks, resampled towards isotropic voxels, the three predicted maps averaged,
+then a 3D seeded watershed (Cellpose's 3D mode, Stringer et al. 2021).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from skimage.segmentation import watershed
+from skimage.transform import resize
+
+__all__ = ["LearnedParams", "instances_from_maps", "predict_maps"]
+
+
+@dataclass(frozen=True)
+class LearnedParams:
+    """Post-processing thresholds of the learned pipeline (frozen, validated).
+
+    Parameters
+    ----------
+    foreground_threshold : float
+        Foreground probability above which a pixel belongs to an object.
+    center_threshold, boundary_threshold : float
+        Seeds are the connected regions where the normalised centre distance
+        and the normalised boundary distance are both below these.
+    sigma_distance, sigma_foreground : float
+        Gaussian smoothing of the distance maps and of the foreground, in
+        pixels of the model's scale (torch-em's defaults 1.6 and 1.0).
+    min_size : int
+        Objects smaller than this many pixels (voxels) at the model's scale are
+        removed.
+    rescale_tolerance : float
+        Ratio between the found objects' median radius and ``r_ref`` beyond
+        which the image is resampled again; ``inf`` turns the second pass off.
+    """
+
+    foreground_threshold: float = 0.5
+    center_threshold: float = 0.5
+    boundary_threshold: float = 0.5
+    sigma_distance: float = 1.6
+    sigma_foreground: float = 1.0
+    min_size: int = 10
+    rescale_tolerance: float = 1.3
+
+    def __post_init__(self) -> None:
+        for name in ("foreground_threshold", "center_threshold", "boundary_threshold"):
+            v = getattr(self, name)
+            if not 0.0 < v < 1.0:
+                raise ValueError(f"{name}={v} must be in (0, 1)")
+        for name in ("sigma_distance", "sigma_foreground"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.min_size < 0:
+            raise ValueError(f"min_size={self.min_size} must be >= 0")
+        if not self.rescale_tolerance > 1.0:
+            raise ValueError(f"rescale_tolerance={self.rescale_tolerance} must be > 1")
+
+
+def predict_maps(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    roi: int = 128,
+    overlap: float = 0.25,
+    sw_batch_size: int = 8,
+    bf16: bool = False,
+) -> np.ndarray:
+    """The decoder's maps of one normalised 2D image, by blended sliding windows.
+
+    Parameters
+    ----------
+    net : InstanceDecoder
+    image : ndarray of float32, shape (Y, X)
+        Intensity-normalised (about [0, 1]), bright objects, at the model's scale.
+    roi : int
+        Window size in pixels (rounded down to the patch size).
+    overlap : float
+        Fraction of overlap between windows (MONAI ``sliding_window_inference``).
+    bf16 : bool
+        Run under bfloat16 autocast (CPU with native bf16 or CUDA).
+
+    Returns
+    -------
+    ndarray of float32, shape (3, Y, X)
+        Foreground probability, centre distance, boundary distance.
+    """
+    from monai.inferers import sliding_window_inference
+
+    p = int(net.encoder.patch_size[0])
+    shape = image.shape
+    # pad to a multiple of the patch size and at least one window of one patch
+    pad = [(0, (-s) % p) for s in shape]
+    x = np.pad(image, pad, mode="reflect") if any(b for _, b in pad) else image
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+    roi_size = tuple(max(p, min(roi, s) - (min(roi, s) % p)) for s in xt.shape[2:])
+    device = next(net.parameters()).device
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        y = sliding_window_inference(
+            xt.to(device),
+            roi_size,
+            sw_batch_size,
+            net,
+            overlap=overlap,
+            mode="gaussian",
+            padding_mode="reflect",
+        )  # (1, 3, *padded)
+    y = y[0].float().cpu().numpy()[(slice(None),) + tuple(slice(0, s) for s in shape)]
+    y[0] = 1.0 / (1.0 + np.exp(-y[0]))
+    return y
+
+
+def instances_from_maps(maps: np.ndarray, params: LearnedParams | None = None) -> np.ndarray:
+    """Seeded watershed on the predicted maps.
+
+    Parameters
+    ----------
+    maps : ndarray of float32, shape (3, [Z,] Y, X)
+        Foreground probability, centre distance, boundary distance.
+    params : LearnedParams, optional
+
+    Returns
+    -------
+    ndarray of int32, shape ``maps.shape[1:]``
+        Instance labels, 0 = background, consecutive ids.
+    """
+    prm = params or LearnedParams()
+    fg, c, b = (m.astype(np.float32, copy=False) for m in maps)
+    if prm.sigma_foreground:
+        fg = ndi.gaussian_filter(fg, prm.sigma_foreground)
+    if prm.sigma_distance:
+        c = ndi.gaussian_filter(c, prm.sigma_distance)
+        b = ndi.gaussian_filter(b, prm.sigma_distance)
+    mask = fg > prm.foreground_threshold
+    seeds, _ = ndi.label((c < prm.center_threshold) & (b < prm.boundary_threshold) & mask)
+    labels = watershed(b, markers=seeds, mask=mask).astype(np.int32)
+    if prm.min_size:
+        counts = np.bincount(labels.ravel())
+        small = counts < prm.min_size
+        small[0] = False
+        labels[small[labels]] = 0
+    return _relabel(labels)
+
+
+def _relabel(labels: np.ndarray) -> np.ndarray:
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    lut = np.zeros(int(labels.max()) + 1 if labels.size else 1, dtype=np.int32)
+    lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def median_radius(labels: np.ndarray) -> float | None:
+    """Median equivalent-disk (sphere) radius of the labelled objects, in pixels; None if none."""
+    counts = np.bincount(labels.ravel())[1:]
+    counts = counts[counts > 0]
+    if not counts.size:
+        return None
+    a = float(np.median(counts))
+    return float(np.sqrt(a / np.pi)) if labels.ndim == 2 else float((3 * a / (4 * np.pi)) ** (1 / 3))
+
+
+def rescaled(image: np.ndarray, factor: Sequence[float]) -> np.ndarray:
+    """``image`` resampled by ``factor`` per axis (linear, anti-aliased when shrinking)."""
+    shape = tuple(max(8, int(round(n * f))) for n, f in zip(image.shape, factor, strict=True))
+    if shape == image.shape:
+        return image
+    shrink = any(f < 1 for f in factor)
+    return resize(image, shape, order=1, anti_aliasing=shrink, preserve_range=True).astype(np.float32)
+
+
+def segment_plane(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    radius_px: float,
+    r_ref: float,
+    params: LearnedParams | None = None,
+    *,
+    bf16: bool = False,
+) -> tuple[np.ndarray, dict]:
+    """Segment one normalised 2D image whose objects have about ``radius_px`` pixels radius.
+
+    Returns
+    -------
+    labels : ndarray of int32, shape ``image.shape``
+    info : dict
+        ``scale`` (the resampling factor used), ``passes`` (1 or 2),
+        ``radius_found_px`` (median radius of the objects found, input pixels).
+    """
+    prm = params or LearnedParams()
+    scale = r_ref / max(float(radius_px), 1e-3)
+    passes = 0
+    while True:
+        passes += 1
+        work = rescaled(image, (scale, scale))
+        maps = predict_maps(net, work, bf16=bf16)
+        labels = instances_from_maps(maps, prm)
+        found = median_radius(labels)
+        ratio = (found / r_ref) if found else 1.0
+        if passes == 2 or not (ratio > prm.rescale_tolerance or ratio < 1 / prm.rescale_tolerance):
+            break
+        scale = scale / ratio
+    if labels.shape != image.shape:
+        labels = resize(labels, image.shape, order=0, preserve_range=True, anti_aliasing=False).astype(
+            np.int32
+        )
+    return labels, {
+        "scale": float(scale),
+        "passes": passes,
+        "radius_found_px": None if not found else float(found / scale),
+    }
+
+
+def predict_volume_maps(
+    net: torch.nn.Module,
+    volume: np.ndarray,
+    spacing: Sequence[float],
+    radius: float,
+    r_ref: float,
+    *,
+    bf16: bool = False,
+    progress=None,
+) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Averaged maps of the three orthogonal plane stacks of a normalised volume.
+
+    The volume is resampled so that voxels are isotropic and objects have
+    ``r_ref`` voxels radius; every Z, Y and X plane of that grid is predicted by
+    the 2D decoder (:func:`predict_maps`), and the three stacks are averaged.
+
+    Parameters
+    ----------
+    volume : ndarray of float32, shape (Z, Y, X)
+    spacing : sequence of 3 float
+        Physical voxel size (Z, Y, X).
+    radius : float
+        Object radius in the units of ``spacing``.
+
+    Returns
+    -------
+    maps : ndarray of float32, shape (3, Z', Y', X')
+        On the resampled grid.
+    factor : tuple of 3 float
+        Resampling factor per axis (grid size / input size).
+    """
+    sp = np.asarray(spacing, dtype=float)
+    iso = radius / r_ref  # physical size of one working voxel
+    factor = tuple(float(s / iso) for s in sp)
+    work = rescaled(volume, factor)
+    maps = np.zeros((3,) + work.shape, dtype=np.float32)
+    total = sum(work.shape)
+    done = 0
+    for axis in range(3):
+        moved = np.moveaxis(work, axis, 0)
+        acc = np.moveaxis(maps, axis + 1, 1)  # view: (3, n_planes, a, b)
+        for k in range(moved.shape[0]):
+            acc[:, k] += predict_maps(net, np.ascontiguousarray(moved[k]), bf16=bf16)
+            done += 1
+            if progress is not None:
+                progress(done, total, f"plane {done} of {total}")
+    maps /= 3.0
+    factor = tuple(w / n for w, n in zip(work.shape, volume.shape, strict=True))
+    return maps, factor
+
+
+def segment_learned(
+    image: np.ndarray,
+    net: torch.nn.Module,
+    r_ref: float,
+    *,
+    spacing: Sequence[float],
+    radius: float,
+    params: LearnedParams | None = None,
+    bf16: bool = False,
+    progress=None,
+) -> tuple[np.ndarray, dict]:
+    """Instance labels of a prepared image with the learned decoder.
+
+    Parameters
+    ----------
+    image : ndarray of float32, shape ([Z,] Y, X)
+        One channel, normalised to about [0, 1], bright objects (the classical
+        pipeline's preparation: channels, polarity, outlier repair).
+    net : InstanceDecoder
+        A 2D decoder; volumes are segmented from their orthogonal planes.
+    r_ref : float
+        Object radius, in pixels, the decoder was trained at.
+    spacing : sequence of float
+        Physical pixel size per axis.
+    radius : float
+        Estimated object radius in physical units.
+
+    Returns
+    -------
+    labels : ndarray of int32, shape ``image.shape``
+    info : dict
+        ``scale`` (resampling factor per axis), ``passes``, ``radius_found``
+        (physical; None when nothing was found).
+    """
+    prm = params or LearnedParams()
+    sp = np.asarray(spacing, dtype=float)
+    if image.ndim == 2:
+        r_px = radius / float(np.sqrt(sp[0] * sp[1]))
+        labels, info = segment_plane(net, image, r_px, r_ref, prm, bf16=bf16)
+        found = info.pop("radius_found_px")
+        info["radius_found"] = None if found is None else float(found * np.sqrt(sp[0] * sp[1]))
+        info["scale"] = (info["scale"],) * 2
+        return labels, info
+    radius_planes = _radius_from_planes(net, image, sp, radius, r_ref, prm, bf16=bf16)
+    if radius_planes is not None:
+        radius = radius_planes
+    maps, factor = predict_volume_maps(net, image, sp, radius, r_ref, bf16=bf16, progress=progress)
+    lab = instances_from_maps(maps, prm)
+    found = median_radius(lab)
+    labels = resize(lab, image.shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
+    iso = radius / r_ref
+    return _relabel(labels), {
+        "scale": factor,
+        "passes": 1,
+        "radius_planes": radius_planes,
+        "radius_found": None if found is None else float(found * iso),
+    }
+
+
+#: Median radius of the sections of a sphere through random planes, as a fraction of
+#: the sphere's radius: sqrt(R^2 - z^2) for z uniform on [0, R] has mean pi/4 R.
+_SECTION_RADIUS = np.pi / 4
+
+
+def _radius_from_planes(net, volume, sp, radius, r_ref, prm, *, bf16=False, n_planes=5) -> float | None:
+    """The decoder's own size estimate of a volume, from a few of its Z planes.
+
+    The classical estimate can be off by 2x on dim, noisy volumes; the 2D
+    decoder's second pass (:func:`segment_plane`) corrects its scale from the
+    objects it finds. The median found section radius, divided by
+    :data:`_SECTION_RADIUS`, estimates the objects' 3D radius.
+    """
+    z = volume.shape[0]
+    # the planes with the most structure (highest standard deviation)
+    order = np.argsort([-float(volume[k].std()) for k in range(z)])[: min(n_planes, z)]
+    r_xy = float(np.sqrt(sp[1] * sp[2]))
+    found = []
+    for k in sorted(order):
+        _, info = segment_plane(net, np.ascontiguousarray(volume[k]), radius / r_xy, r_ref, prm, bf16=bf16)
+        if info["radius_found_px"]:
+            found.append(info["radius_found_px"])
+    if not found:
+        return None
+    return float(np.median(found)) * r_xy / _SECTION_RADIUS
+
+
+def prepare_image(
+    image: np.ndarray, *, channel_axis: int | None = None, bright_objects: bool | None = None
+) -> tuple[np.ndarray, dict]:
+    """One normalised channel with bright objects: what the decoder is trained and run on.
+
+    The classical pipeline's preparation: per-channel 1-99.8 % percentile
+    normalisation (NaN pixels to the low percentile), RGB to luminance (other
+    channels to their first principal component), isolated hot/dead pixels
+    repaired, and dark objects on a bright background inverted.
+
+    Parameters
+    ----------
+    image : ndarray, shape ``([Z,] Y, X)`` or with a channel axis
+    channel_axis : int or None
+        Axis holding channels (3 or 4 of them: RGB).
+    bright_objects : bool or None
+        Polarity; detected when None.
+
+    Returns
+    -------
+    prepared : ndarray of float32, shape: the spatial axes of ``image``
+    info : dict
+        ``bright_objects``, ``invalid`` (bool mask of the non-finite pixels),
+        ``outlier_pixels``.
+    """
+    from napari_mae.features import as_float_image
+    from napari_mae.segmentation.classical import (
+        _remove_isolated_outliers,
+        _to_single_channel,
+        detect_polarity,
+    )
+
+    arr = np.asarray(image)
+    rgb = channel_axis is not None and arr.shape[channel_axis] in (3, 4)
+    x, invalid, _ = as_float_image(arr, channel_axis=channel_axis)
+    img = _to_single_channel(x, rgb)
+    n_outliers = _remove_isolated_outliers(img)
+    if bright_objects is None:
+        bright_objects = detect_polarity(img[~invalid] if invalid.any() else img)
+    if not bright_objects:
+        img = 1.0 - img
+    return img.astype(np.float32, copy=False), {
+        "bright_objects": bool(bright_objects),
+        "invalid": invalid,
+        "outlier_pixels": int(n_outliers),
+    }
+
+
+_CACHE: dict = {}
+
+
+def cached_segmenter(spec) -> torch.nn.Module:
+    """:func:`napari_mae.models.decoder.load_segmenter`, kept in memory per file (path and mtime).
+
+    The bundled model takes a fraction of a second to read; the widgets and folder runs
+    segment many images with one model. The model gets a ``source`` attribute naming it.
+    """
+    from pathlib import Path
+
+    from napari_mae._names import bundled_segmenter_path
+    from napari_mae.models.decoder import InstanceDecoder, load_segmenter
+
+    if isinstance(spec, InstanceDecoder):
+        if not hasattr(spec, "source"):
+            spec.source = "model"
+        return spec.eval()
+    path = bundled_segmenter_path(spec) if isinstance(spec, str) else None
+    path = Path(spec) if path is None else path
+    key = (str(path.resolve()), path.stat().st_mtime_ns if path.is_file() else None)
+    if key not in _CACHE:
+        net = load_segmenter(spec)
+        net.source = str(spec)
+        _CACHE.clear()  # one model at a time: they are ~10 MB each
+        _CACHE[key] = net
+    return _CACHE[key]
