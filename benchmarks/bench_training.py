@@ -4,7 +4,7 @@ For each preset, in one process and one run, times ``--steps`` pairs of
 optimiser steps (forward with a random 75 % mask, MAE loss, backward, gradient
 clipping, AdamW), alternating between a step
 
-* fed by the real pipeline of :mod:`napari_mae.data` (MONAI ``CacheDataset``
+* fed by the real pipeline of :mod:`napari_mae.training.data` (MONAI ``CacheDataset``
   prefix + per-sample seeded random crop/flip/rotate, ``DataLoader`` with
   ``--num-workers`` workers) over a real image folder, and
 * and a step fed by synthetic tensors already in memory (the same shapes),
@@ -92,7 +92,7 @@ def _cycle(loader):
 def bench_preset(name: str, *, steps: int, warmup: int, num_workers: list[int]) -> list[dict]:
     from torch.utils.data import DataLoader
 
-    from napari_mae.data import make_datasets
+    from napari_mae.training.data import make_datasets
     from napari_mae.models.mae import build_model
 
     torch.manual_seed(0)

@@ -152,7 +152,7 @@ def train_default(which: str, *, quick: bool = False, max_minutes: float = 15.0)
 
 
 def _files(data, exclude):
-    from napari_mae.data import find_images
+    from napari_mae.training.files import find_images
 
     return find_images(data, exclude=exclude)
 

@@ -1,4 +1,4 @@
-"""Tests of napari_mae.data: folder listing, transforms, datasets, skipped files."""
+"""Tests of napari_mae.training.data: folder listing, transforms, datasets, skipped files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import tifffile
 import torch
 
-from napari_mae.data import (
+from napari_mae.training.data import (
     SeededCrops,
     find_images,
     make_datasets,
@@ -201,3 +201,19 @@ def test_nifti_axes_reversed_to_zyx(tmp_path):
     assert ref.shape == (6, 30, 40)
     lo, hi = np.percentile(zyx, [1.0, 99.8])
     np.testing.assert_allclose(item["image"][0].numpy(), (zyx - lo) / (hi - lo), atol=1e-5)
+
+
+def test_dataloader_workers_under_spawn(image_folder):
+    # The transforms were classes defined inside a function, which cannot be pickled:
+    # DataLoader(num_workers > 0) failed under "spawn" (the default on macOS and Windows).
+    import pickle
+
+    data = make_datasets(image_folder, spatial_dims=2, img_size=(16, 16), val_fraction=0.0, cache="none")
+    pickle.dumps(data.train)
+    loader = torch.utils.data.DataLoader(
+        data.train, batch_size=2, num_workers=2, multiprocessing_context="spawn"
+    )
+    batches = list(loader)
+    assert sum(b.shape[0] for b in batches) == len(data.train)
+    single = torch.cat(list(torch.utils.data.DataLoader(data.train, batch_size=2)))
+    assert torch.equal(torch.cat(batches), single)  # crops depend on (seed, epoch, index) only

@@ -18,7 +18,7 @@ import tifffile
 _GLOO_THREADS_SCRIPT = """
 import os, sys
 import torch
-from napari_mae.training import _Dist
+from napari_mae.training.loop import _Dist
 
 d = _Dist.from_env(want_cuda=False)
 torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())

@@ -14,7 +14,7 @@ import torch
 
 from napari_mae import training
 from napari_mae.models.mae import MAEConfig
-from napari_mae.training import TrainConfig, lr_at_step, train
+from napari_mae.training import TrainConfig, loop, lr_at_step, train
 
 # A very small MAE: 16x16 crops, 16 patches of 4x4, one block each side.
 TINY = MAEConfig(
@@ -147,7 +147,9 @@ def test_callable_stop_before_first_step(image_folder, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(image_folder, tmp_path, monkeypatch):
-    real = training._forward_loss
+    from napari_mae.training import objectives
+
+    real = objectives._forward_loss
     calls = {"n": 0}
 
     def flaky(net, model, x, *args):
@@ -155,7 +157,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(image_folder, tmp_p
         loss = real(net, model, x, *args)
         return loss * float("nan") if calls["n"] == 3 else loss  # 3rd training step
 
-    monkeypatch.setattr(training, "_forward_loss", flaky)
+    monkeypatch.setattr(objectives, "_forward_loss", flaky)
     out = tmp_path / "run"
     updates = list(train(_config(image_folder, out, checkpoint_every=2)))
     assert updates[-1].kind == "failed"
@@ -216,7 +218,7 @@ def test_setup_errors(image_folder, tmp_path):
 def test_weight_decay_groups():
     from napari_mae.models.mae import build_model
 
-    groups = training._param_groups(build_model(TINY), 0.05)
+    groups = loop.decay_groups(build_model(TINY), 0.05)
     decayed = {id(p) for p in groups[0]["params"]}
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in groups[0]["params"])
@@ -224,9 +226,9 @@ def test_weight_decay_groups():
 
 
 def test_rng_state_round_trip():
-    state = training._rng_state()
+    state = loop._rng_state()
     a = (torch.rand(3), np.random.rand(3))
-    training._set_rng_state(state)
+    loop._set_rng_state(state)
     b = (torch.rand(3), np.random.rand(3))
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 

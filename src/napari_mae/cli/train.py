@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from napari_mae.data import DEFAULT_EXCLUDE
+    from napari_mae.training.files import DEFAULT_EXCLUDE
     from napari_mae.training import TrainConfig, default_model, guess_spatial_dims, train
 
     spatial_dims = args.spatial_dims

@@ -37,6 +37,7 @@ from napari_mae.masking import check_mask_ratio, n_removed, normalize_patch_size
 
 __all__ = [
     "DEFAULT_NORMALIZATION",
+    "amp_dtype",
     "PRESETS",
     "MAEConfig",
     "MaskedAutoencoder",
@@ -862,13 +863,25 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def autocast(device: torch.device, enabled: bool = True, *, cpu_bf16: bool = False):
-    """Reduced-precision context for inference on ``device``.
+def amp_dtype(device: torch.device, *, cpu_bf16: bool = False) -> torch.dtype | None:
+    """The reduced precision for ``device``, or None where float32 is the better choice.
 
-    CUDA: bfloat16 where supported, else float16; MPS: float16. CPU: bfloat16 only with
-    ``cpu_bf16`` *and* native bfloat16 dot products (AVX512-BF16 or AMX; measured 2.2x
-    faster for the encoder on such a CPU), float32 otherwise (emulated bfloat16 is slower
-    than float32). A null context when disabled or unsupported.
+    CUDA: bfloat16 where supported, else float16 (which needs a grad scaler to train);
+    MPS: float16. CPU: bfloat16 only with ``cpu_bf16`` *and* native bfloat16 dot products
+    (AVX512-BF16 or AMX; measured 2.2x faster for the encoder on such a CPU), float32
+    otherwise (emulated bfloat16 is slower than float32).
+    """
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    if device.type == "cpu" and cpu_bf16 and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, enabled: bool = True, *, cpu_bf16: bool = False):
+    """Reduced-precision context on ``device``, in the dtype of :func:`amp_dtype`.
 
     Parameters
     ----------
@@ -881,18 +894,12 @@ def autocast(device: torch.device, enabled: bool = True, *, cpu_bf16: bool = Fal
     Returns
     -------
     contextlib.AbstractContextManager
+        ``torch.autocast``, or a null context when disabled or unsupported.
     """
     import contextlib
 
-    if not enabled:
-        return contextlib.nullcontext()
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    elif device.type == "mps":
-        dtype = torch.float16
-    elif device.type == "cpu" and cpu_bf16 and _cpu_has_native_bf16():
-        dtype = torch.bfloat16
-    else:
+    dtype = amp_dtype(device, cpu_bf16=cpu_bf16) if enabled else None
+    if dtype is None:
         return contextlib.nullcontext()
     try:
         return torch.autocast(device_type=device.type, dtype=dtype)

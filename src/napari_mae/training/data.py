@@ -29,7 +29,6 @@ The pipeline has two parts:
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import math
@@ -41,50 +40,32 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
+from monai.transforms import MapTransform, Randomizable, Transform
+
+from napari_mae.training.files import (
+    DEFAULT_EXCLUDE,
+    DEFAULT_PATTERNS,
+    DEFAULT_PERCENTILES,
+    find_images,
+    sample_seed,
+)
 
 __all__ = [
     "DEFAULT_EXCLUDE",
     "DEFAULT_PATTERNS",
+    "FinishItemd",
+    "Guarded",
     "ImageFolderData",
+    "LoadWithReadersd",
+    "Pick",
+    "RandPlaned",
     "SeededCrops",
     "find_images",
     "make_datasets",
     "make_transforms",
     "sample_seed",
 ]
-
-#: File patterns matched (case-insensitively, recursively) by :func:`find_images`.
-DEFAULT_PATTERNS: tuple[str, ...] = (
-    "*.tif",
-    "*.tiff",
-    "*.png",
-    "*.jpg",
-    "*.jpeg",
-    "*.nii",
-    "*.nii.gz",
-    "*.nrrd",
-)
-
-#: Relative paths left out by default: annotation files kept beside the images (a
-#: ``labels/`` or ``masks/`` folder, ``labels.tif``, ``cell_01_mask.tif``), which an MAE
-#: must not learn as if they were images.
-DEFAULT_EXCLUDE: tuple[str, ...] = (
-    "labels/*",
-    "*/labels/*",
-    "masks/*",
-    "*/masks/*",
-    "labels.*",
-    "*/labels.*",
-    "*_labels.*",
-    "*_label.*",
-    "*_mask.*",
-    "*_masks.*",
-    "*_seg.*",
-)
-
-#: Percentiles mapped to 0 and 1 by the intensity scaling (same as
-#: ``napari_mae.preprocess.normalize_percentile``'s defaults).
-DEFAULT_PERCENTILES: tuple[float, float] = (1.0, 99.8)
 
 CacheMode = Literal["memory", "disk", "none"]
 
@@ -93,209 +74,161 @@ CacheMode = Literal["memory", "disk", "none"]
 _NUMPY_ORDER_SUFFIXES = (".tif", ".tiff")
 
 
-def find_images(
-    sources: str | os.PathLike | Sequence[str | os.PathLike],
-    patterns: Sequence[str] = DEFAULT_PATTERNS,
-    *,
-    exclude: Sequence[str] = (),
-) -> list[Path]:
-    """List the image files in one or several folders, recursively.
-
-    Parameters
-    ----------
-    sources : path or sequence of paths
-        Folders searched recursively, or individual files (kept whatever their
-        name).
-    patterns : sequence of str
-        ``fnmatch`` patterns matched case-insensitively against file names
-        (``*.nii.gz`` matches ``scan.NII.GZ``). Hidden files and folders (name
-        starting with ``.``, such as macOS ``._x.tif`` resource forks) are
-        ignored.
-    exclude : sequence of str
-        ``fnmatch`` patterns matched case-insensitively against the path
-        relative to its source folder, with ``/`` separators; matching files
-        are left out (e.g. ``("labels/*", "*label*")``).
-
-    Returns
-    -------
-    list of pathlib.Path
-        Sorted, without duplicates.
-
-    Raises
-    ------
-    FileNotFoundError
-        If a source does not exist.
-    ValueError
-        If no file matches (the message names the folders and patterns).
-    """
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    lowered = [p.lower() for p in patterns]
-    excluded = [p.lower() for p in exclude]
-    found: set[Path] = set()
-    for source in sources:
-        root = Path(source).expanduser()
-        if root.is_file():
-            found.add(root.resolve())
-            continue
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {root}")
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in filenames:
-                if name.startswith("."):
-                    continue
-                path = Path(dirpath) / name
-                rel = path.relative_to(root).as_posix().lower()
-                if any(fnmatch.fnmatchcase(name.lower(), p) for p in lowered) and not any(
-                    fnmatch.fnmatchcase(rel, p) for p in excluded
-                ):
-                    found.add(path.resolve())
-    if not found:
-        names = ", ".join(str(s) for s in sources)
-        raise ValueError(f"no images matching {' '.join(patterns)} found in {names}")
-    return sorted(found)
-
-
-def sample_seed(seed: int, *keys: int) -> int:
-    """Return a 32-bit seed derived from ``seed`` and integer keys.
-
-    Uses ``numpy.random.SeedSequence`` so that nearby keys give unrelated
-    streams. Used for per-sample augmentation (``keys = (epoch, index)``) and
-    per-step masks in :mod:`napari_mae.training`.
-    """
-    return int(np.random.SeedSequence([int(seed), *(int(k) for k in keys)]).generate_state(1)[0])
-
-
 # --------------------------------------------------------------------------------------
 # transforms
 # --------------------------------------------------------------------------------------
 
 
-def _transform_classes():
-    """Build the project's MONAI transform classes (MONAI imported lazily)."""
-    import torch
-    from monai.transforms import MapTransform, Randomizable, Transform
+# Module-level classes, so that a DataLoader with worker processes can pickle them under
+# the "spawn" start method (the default on macOS and Windows).
 
-    class _FinishItemd(MapTransform):
-        """Check dimensionality, match channels, record spacing, drop metadata.
 
-        Input ``d[key]``: MetaTensor ``(C, *spatial)``. Output: plain float32
-        tensor ``(in_channels, [Z,] Y, X)`` (the spatial axes of NIfTI, NRRD
-        and PIL reads, which MONAI gives as ``(X, Y[, Z])``, are reversed) and
-        ``d["spacing"]``, a tuple of floats (physical units per spatial axis,
-        from the affine; 1.0 where unknown).
-        """
+class LoadWithReadersd(MapTransform):
+    """MONAI ``LoadImaged`` with :func:`napari_mae.io.readers.monai_readers` (tifffile for
+    every page of a 3D TIFF), built where it first runs.
 
-        def __init__(self, keys, spatial_dims: int, in_channels: int):
-            super().__init__(keys)
-            self.spatial_dims = spatial_dims
-            self.in_channels = in_channels
+    The readers are not pickled with the pipeline (a DataLoader worker process builds its
+    own), so the pipeline pickles whatever the reader objects are.
+    """
 
-        def __call__(self, data):
-            d = dict(data)
-            for key in self.key_iterator(d):
-                img = d[key]
-                n_spatial = img.ndim - 1
-                if n_spatial not in (2, 3):
-                    raise ValueError(
-                        f"expected a 2D image or a 3D volume, got array shape {tuple(img.shape)}"
-                    )
-                if self.spatial_dims == 3 and n_spatial == 2:
-                    raise ValueError("2D image, but the model is 3D")
-                pixdim = getattr(img, "pixdim", None)
-                spacing = (1.0,) * n_spatial
-                if pixdim is not None and len(pixdim) >= n_spatial:
-                    spacing = tuple(float(abs(s)) or 1.0 for s in list(pixdim)[:n_spatial])
-                x = torch.as_tensor(img.as_tensor() if hasattr(img, "as_tensor") else img)
-                x = x.to(torch.float32)
-                source = str(getattr(img, "meta", {}).get("filename_or_obj", d.get("path", "")))
-                if not source.lower().endswith(_NUMPY_ORDER_SUFFIXES):
-                    # MONAI's NIfTI/NRRD/PIL readers give (X, Y[, Z]); napari_mae.io.readers and
-                    # reconstruction use ([Z,] Y, X), so models see the same axis order in both.
-                    x = x.permute(0, *range(n_spatial, 0, -1))
-                    spacing = spacing[::-1]
-                c = x.shape[0]
-                if c != self.in_channels:
-                    if self.in_channels == 1:
-                        x = x.mean(dim=0, keepdim=True)  # RGB / multichannel -> grey
-                    elif c == 1:
-                        x = x.expand(self.in_channels, *x.shape[1:])
-                    else:
-                        raise ValueError(f"image has {c} channels, the model takes {self.in_channels}")
-                if not torch.isfinite(x).all():
-                    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-                d[key] = x.contiguous()
-                d["spacing"] = spacing
-            return d
+    def __init__(self, keys, **kwargs):
+        super().__init__(keys)
+        self.kwargs = kwargs
+        self._load = None
 
-    class _Guarded(Transform):
-        """Run a transform; turn an exception into ``{"error": message}``."""
+    def __call__(self, data):
+        if self._load is None:
+            from monai.transforms import LoadImaged
 
-        def __init__(self, transform):
-            self.transform = transform
+            from napari_mae.io.readers import monai_readers
 
-        def __call__(self, data):
-            try:
-                return self.transform(data)
-            except Exception as exc:  # noqa: BLE001 - any failure means "skip this file"
-                cause = exc
-                # MONAI wraps errors in RuntimeError("applying transform ..."); report the root cause.
-                while cause.__cause__ is not None:
-                    cause = cause.__cause__
-                msg = f"{type(cause).__name__}: {cause}".strip().splitlines()[0][:200]
-                return {"path": data.get("path", data.get("image")), "error": msg}
+            self._load = LoadImaged(self.keys, reader=monai_readers(), **self.kwargs)
+        return self._load(data)
 
-    class RandPlaned(Randomizable, MapTransform):
-        """Take a random 2D plane of a 3D volume; leave 2D images as they are.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_load"] = None
+        return state
 
-        ``(C, A, B, D)`` -> ``(C, B, D)``, ``(C, A, D)`` or ``(C, A, B)``. The
-        axis normal to the plane is the one with the largest spacing if the
-        voxels are anisotropic (ratio > 1.5, e.g. Z of a confocal stack),
-        otherwise the shortest axis if the volume is flat (ratio > 2), otherwise
-        a random one. The plane index is uniform.
-        """
 
-        def __init__(self, keys):
-            MapTransform.__init__(self, keys)
-            self._axis = 0
-            self._frac = 0.0
+class FinishItemd(MapTransform):
+    """Check dimensionality, match channels, record spacing, drop metadata.
 
-        def randomize(self, data=None):
-            self._axis = int(self.R.randint(3))
-            self._frac = float(self.R.uniform())
+    Input ``d[key]``: MetaTensor ``(C, *spatial)``. Output: plain float32
+    tensor ``(in_channels, [Z,] Y, X)`` (the spatial axes of NIfTI, NRRD
+    and PIL reads, which MONAI gives as ``(X, Y[, Z])``, are reversed) and
+    ``d["spacing"]``, a tuple of floats (physical units per spatial axis,
+    from the affine; 1.0 where unknown).
+    """
 
-        def __call__(self, data):
-            d = dict(data)
-            self.randomize()
-            for key in self.key_iterator(d):
-                img = d[key]
-                if img.ndim != 4:
-                    continue
-                shape = np.asarray(img.shape[1:], dtype=float)
-                spacing = np.asarray(d.get("spacing", (1.0, 1.0, 1.0)), dtype=float)
-                if spacing.max() / spacing.min() > 1.5:
-                    axis = int(np.argmax(spacing))
-                elif shape.max() / shape.min() > 2:
-                    axis = int(np.argmin(shape))
+    def __init__(self, keys, spatial_dims: int, in_channels: int):
+        super().__init__(keys)
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            n_spatial = img.ndim - 1
+            if n_spatial not in (2, 3):
+                raise ValueError(f"expected a 2D image or a 3D volume, got array shape {tuple(img.shape)}")
+            if self.spatial_dims == 3 and n_spatial == 2:
+                raise ValueError("2D image, but the model is 3D")
+            pixdim = getattr(img, "pixdim", None)
+            spacing = (1.0,) * n_spatial
+            if pixdim is not None and len(pixdim) >= n_spatial:
+                spacing = tuple(float(abs(s)) or 1.0 for s in list(pixdim)[:n_spatial])
+            x = torch.as_tensor(img.as_tensor() if hasattr(img, "as_tensor") else img)
+            x = x.to(torch.float32)
+            source = str(getattr(img, "meta", {}).get("filename_or_obj", d.get("path", "")))
+            if not source.lower().endswith(_NUMPY_ORDER_SUFFIXES):
+                # MONAI's NIfTI/NRRD/PIL readers give (X, Y[, Z]); napari_mae.io.readers and
+                # reconstruction use ([Z,] Y, X), so models see the same axis order in both.
+                x = x.permute(0, *range(n_spatial, 0, -1))
+                spacing = spacing[::-1]
+            c = x.shape[0]
+            if c != self.in_channels:
+                if self.in_channels == 1:
+                    x = x.mean(dim=0, keepdim=True)  # RGB / multichannel -> grey
+                elif c == 1:
+                    x = x.expand(self.in_channels, *x.shape[1:])
                 else:
-                    axis = self._axis
-                n = img.shape[axis + 1]
-                index = min(int(self._frac * n), n - 1)
-                d[key] = img.select(axis + 1, index)
-            return d
+                    raise ValueError(f"image has {c} channels, the model takes {self.in_channels}")
+            if not torch.isfinite(x).all():
+                x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+            d[key] = x.contiguous()
+            d["spacing"] = spacing
+        return d
 
-    class _Pick(Transform):
-        """Return ``data[key]`` (drops the other keys before collation)."""
 
-        def __init__(self, key):
-            self.key = key
+class Guarded(Transform):
+    """Run a transform; turn an exception into ``{"error": message}``."""
 
-        def __call__(self, data):
-            x = data[self.key]
-            return x.as_tensor() if hasattr(x, "as_tensor") else x  # MetaTensor -> plain tensor
+    def __init__(self, transform):
+        self.transform = transform
 
-    return _FinishItemd, _Guarded, RandPlaned, _Pick
+    def __call__(self, data):
+        try:
+            return self.transform(data)
+        except Exception as exc:  # noqa: BLE001 - any failure means "skip this file"
+            cause = exc
+            # MONAI wraps errors in RuntimeError("applying transform ..."); report the root cause.
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            msg = f"{type(cause).__name__}: {cause}".strip().splitlines()[0][:200]
+            return {"path": data.get("path", data.get("image")), "error": msg}
+
+
+class RandPlaned(Randomizable, MapTransform):
+    """Take a random 2D plane of a 3D volume; leave 2D images as they are.
+
+    ``(C, A, B, D)`` -> ``(C, B, D)``, ``(C, A, D)`` or ``(C, A, B)``. The
+    axis normal to the plane is the one with the largest spacing if the
+    voxels are anisotropic (ratio > 1.5, e.g. Z of a confocal stack),
+    otherwise the shortest axis if the volume is flat (ratio > 2), otherwise
+    a random one. The plane index is uniform.
+    """
+
+    def __init__(self, keys):
+        MapTransform.__init__(self, keys)
+        self._axis = 0
+        self._frac = 0.0
+
+    def randomize(self, data=None):
+        self._axis = int(self.R.randint(3))
+        self._frac = float(self.R.uniform())
+
+    def __call__(self, data):
+        d = dict(data)
+        self.randomize()
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.ndim != 4:
+                continue
+            shape = np.asarray(img.shape[1:], dtype=float)
+            spacing = np.asarray(d.get("spacing", (1.0, 1.0, 1.0)), dtype=float)
+            if spacing.max() / spacing.min() > 1.5:
+                axis = int(np.argmax(spacing))
+            elif shape.max() / shape.min() > 2:
+                axis = int(np.argmin(shape))
+            else:
+                axis = self._axis
+            n = img.shape[axis + 1]
+            index = min(int(self._frac * n), n - 1)
+            d[key] = img.select(axis + 1, index)
+        return d
+
+
+class Pick(Transform):
+    """Return ``data[key]`` (drops the other keys before collation)."""
+
+    def __init__(self, key):
+        self.key = key
+
+    def __call__(self, data):
+        x = data[self.key]
+        return x.as_tensor() if hasattr(x, "as_tensor") else x  # MetaTensor -> plain tensor
 
 
 def make_transforms(
@@ -350,7 +283,6 @@ def make_transforms(
     from monai.transforms import (
         Compose,
         EnsureChannelFirstd,
-        LoadImaged,
         RandFlipd,
         RandRotate90d,
         RandSpatialCropd,
@@ -372,12 +304,9 @@ def make_transforms(
     if not 0 <= lo < hi <= 100:
         raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {percentiles!r}")
 
-    from napari_mae.io.readers import monai_readers  # tifffile for every page of a 3D TIFF
-
-    finish, guarded, rand_plane, pick = _transform_classes()
     k = "image"
     steps: list[Any] = [
-        LoadImaged(k, reader=monai_readers(), image_only=True, dtype=np.float32),
+        LoadWithReadersd(k, image_only=True, dtype=np.float32),
         EnsureChannelFirstd(k),
     ]
     if spacing is not None:
@@ -386,15 +315,15 @@ def make_transforms(
         ScaleIntensityRangePercentilesd(
             k, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=False, channel_wise=True
         ),
-        finish(k, spatial_dims=spatial_dims, in_channels=in_channels),
+        FinishItemd(k, spatial_dims=spatial_dims, in_channels=in_channels),
     ]
     prefix = Compose(steps)
     if guard:
-        prefix = Compose([guarded(prefix)])
+        prefix = Compose([Guarded(prefix)])
 
     rand: list[Any] = []
     if spatial_dims == 2:
-        rand.append(rand_plane(k))
+        rand.append(RandPlaned(k))
     rand += [SpatialPadd(k, spatial_size=img_size), RandSpatialCropd(k, roi_size=img_size, random_size=False)]
     if augment:
         rand += [RandFlipd(k, prob=0.5, spatial_axis=a) for a in range(spatial_dims)]
@@ -402,7 +331,7 @@ def make_transforms(
             rand.append(
                 RandRotate90d(k, prob=0.5, max_k=3, spatial_axes=(spatial_dims - 2, spatial_dims - 1))
             )
-    rand.append(pick(k))
+    rand.append(Pick(k))
     return prefix, Compose(rand)
 
 

@@ -1,168 +1,120 @@
-"""MAE pre-training / fine-tuning loop as a plain generator of typed updates.
+"""One training loop for every objective, as a plain generator of typed updates.
 
-:func:`train` runs the same code behind the Training widget (which wraps the
-generator in a ``thread_worker`` and sets a stop flag), the ``napari-mae train``
-command, the tests, and ``torchrun`` on several GPUs or CPU processes. It
-imports no Qt.
-
-Per step: a batch of crops ``(B, C, *img_size)`` from :mod:`napari_mae.data`,
-a random patch mask drawn from a generator seeded by ``(seed, step, rank)``,
-the MAE loss (mean squared error over the removed patches), gradient clipping,
-an AdamW step, and a warm-up + cosine learning-rate step (He et al., *Masked
-Autoencoders Are Scalable Vision Learners*, CVPR 2022, appendix A.1, Table 8:
-AdamW with betas (0.9, 0.95), weight decay 0.05 on weights only, linear
-warm-up then half-cycle cosine decay, applied per iteration).
+:func:`run` knows nothing of the loss: an :class:`Objective` builds its model(s) and
+datasets, computes the training loss of a batch and the validation metrics of a batch
+(PyTorch Lightning's ``training_step`` / ``validation_step``). The loop owns the rest:
+the optimiser of the objective's model (AdamW, weight decay on weight matrices only), the
+warm-up + cosine learning-rate schedule per step (He et al., *Masked Autoencoders Are
+Scalable Vision Learners*, CVPR 2022, appendix A.1), mixed precision, gradient
+clipping, checkpoints, exact resume, ``torchrun`` (DDP) and the updates. MAE
+pretraining (:class:`napari_mae.training.objectives.MAEObjective`) is one objective; the
+learned segmentation decoder's is another, run by the same loop.
 
 The run directory receives:
 
 * ``last.pt``  - model and full training state, every ``checkpoint_every``
   steps, at the end of every epoch, and when stopped;
-* ``best.pt``  - the model with the lowest validation loss (training loss
-  when there is no validation set), checked at the end of every epoch;
-* ``loss_log.csv`` - one row per step: ``step, epoch, loss, val_loss, lr,
-  images_per_s, elapsed_s`` (``val_loss`` filled on the last step of each
-  epoch);
-* ``config.json`` - the :class:`TrainConfig`.
+* ``best.pt``  - the model with the best value of the objective's metric
+  (:attr:`Objective.metric`, in the direction :attr:`Objective.higher_is_better`),
+  checked at the end of every epoch; without validation data, the lowest
+  training loss;
+* ``loss_log.csv`` - one row per step: ``step, epoch, loss, <validation metrics>, lr,
+  images_per_s, elapsed_s`` (the metrics filled on the last step of each epoch);
+* ``config.json`` - the objective's settings (:meth:`Objective.config_json`).
 
 All checkpoint writes are atomic (``napari_mae.io.checkpoint.save_checkpoint``),
 so a crash never leaves a half-written ``last.pt``. A non-finite loss stops
 training before the bad update is applied and keeps the previous ``last.pt``.
 
-Exact resume: crops depend only on ``(seed, epoch, index)``, the sample order
-of each epoch only on ``(seed, epoch)`` (``DistributedSampler``), masks only on
-``(seed, step, rank)``; the checkpoint holds model, optimizer, scheduler, grad
-scaler, step and the global RNG states. Resuming from a stop therefore
-reproduces an uninterrupted run bit for bit on CPU (tested).
+Exact resume: the sample order of each epoch depends only on ``(seed, epoch)``
+(``DistributedSampler``), the step's generator (:attr:`StepContext.generator`) only on
+``(seed, step, rank)``; objectives whose samples depend only on ``(seed, epoch, index)``
+(``set_epoch`` on their dataset) reproduce an uninterrupted run bit for bit on CPU. The
+checkpoint holds model, optimiser, scheduler, grad scaler, step, the global RNG states
+and the objective's own state (:meth:`Objective.state_dict`: extra modules and their
+optimisers, e.g. a discriminator).
 
-Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
-``DistributedDataParallel`` (NCCL on GPUs, gloo on CPU), each process reads a
-``DistributedSampler`` shard, losses are averaged across processes, and only
-rank 0 writes files and yields updates.
+Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) the objective's model is wrapped
+in ``DistributedDataParallel`` (NCCL on GPUs, gloo on CPU) and passed to the objective
+as :attr:`StepContext.net`; each process reads a ``DistributedSampler`` shard, losses and
+metrics are averaged across processes, and only rank 0 writes files and yields updates.
+Extra modules that the objective trains itself average their gradients with
+:meth:`StepContext.average_gradients`.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import csv
-import dataclasses
 import json
 import math
 import os
 import random
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from napari_mae._names import BUNDLED_MODELS, bundled_weights_path
-from napari_mae.data import DEFAULT_EXCLUDE, sample_seed
+from napari_mae._names import BEST, LAST
+from napari_mae.training.config import LOSS_LOG, TrainUpdate
+from napari_mae.training.files import sample_seed
 
 __all__ = [
-    "TrainConfig",
-    "TrainUpdate",
-    "bundled_model_available",
-    "default_model",
-    "guess_spatial_dims",
+    "LoopConfig",
+    "Objective",
+    "SetupContext",
+    "StepContext",
+    "decay_groups",
     "lr_at_step",
-    "train",
+    "run",
 ]
-
-UpdateKind = Literal["start", "step", "epoch", "finished", "stopped", "failed"]
-
-LAST = "last.pt"
-BEST = "best.pt"
-LOSS_LOG = "loss_log.csv"
-LOG_COLUMNS = ("step", "epoch", "loss", "val_loss", "lr", "images_per_s", "elapsed_s")
 
 
 @dataclass
-class TrainConfig:
-    """Settings of one training run.
+class LoopConfig:
+    """What the loop needs, whatever the objective.
 
     Parameters
     ----------
-    data_dir : path or sequence of paths
-        Image folders (searched recursively) or files, see
-        :func:`napari_mae.data.find_images`.
     output_dir : path
-        Run directory (created); holds checkpoints, ``loss_log.csv`` and
-        ``config.json``.
-    model : str or path or MAEConfig
-        Preset name (``"tiny-2d"``, ...) to train from scratch; ``"default-2d"``
-        / ``"default-3d"`` or a checkpoint path to fine-tune; or an
-        ``MAEConfig``.
-    spatial_dims : {2, 3}, optional
-        Must match the model if given (a check, not a conversion).
-    img_size, patch_size : sequence of int, optional
-        Override the preset's crop size and patch size ``([Z,] Y, X)`` in
-        pixels (one number: the same along every axis). Only for presets and
-        configs (a trained model keeps its own).
-    mask_ratio : float
-        Fraction of patches removed, in (0, 1). The MAE paper uses 0.75.
+        Run directory (created).
     epochs : int
-        Passes over the training images (times ``samples_per_image``).
+        Passes over the objective's training data.
     batch_size : int
-        Crops per step and process.
-    lr : float
-        Peak learning rate after warm-up. The paper's rule
-        ``1.5e-4 * batch / 256`` gives far too small a value for the small
-        batches and short runs of local training, so the default is 1e-3.
-    min_lr : float
-        Learning rate at the end of the cosine decay.
+        Samples per step and process.
+    lr, min_lr : float
+        Peak learning rate after warm-up and the final one of the cosine decay.
     weight_decay : float
-        AdamW weight decay, not applied to biases, norms, tokens and
-        position embeddings.
+        AdamW weight decay (on weight matrices, see :func:`decay_groups`).
     betas : (float, float)
         AdamW betas.
     warmup_fraction : float
-        Fraction of all steps spent in linear warm-up (the paper: 40 of 800
-        epochs, 0.05).
+        Fraction of all steps spent in linear warm-up.
     grad_clip : float or None
-        Maximum global gradient norm; ``None`` disables clipping.
-    val_fraction : float
-        Fraction of the files held out for validation.
-    samples_per_image : int
-        Random crops per image and epoch.
-    spacing : sequence of float, optional
-        Resample images to this spacing before cropping.
-    cache : {"memory", "disk", "none"}
-        Where preprocessed images are kept, see :func:`napari_mae.data.make_datasets`.
-    cache_dir : path, optional
-        For ``cache="disk"``; default ``output_dir / "cache"``.
-    patterns, exclude : sequence of str
-        File-name patterns to include / relative paths to exclude (default:
-        :data:`napari_mae.data.DEFAULT_EXCLUDE`, annotation files such as
-        ``labels/*`` and ``*_mask.*``).
+        Maximum global gradient norm of the model; ``None`` disables clipping.
     num_workers : int
-        DataLoader worker processes (0: load in the training process).
+        DataLoader worker processes.
     checkpoint_every : int
         Also write ``last.pt`` every this many steps (0: only at epoch ends).
     seed : int
-        Seed of model initialisation, split, augmentation, masks and order.
+        Seed of initialisation, order and the step generators.
     device : str
-        ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ...
-        Under ``torchrun`` with CUDA, each process uses ``cuda:LOCAL_RANK``.
+        ``"auto"`` (CUDA, then Apple MPS, then CPU; :func:`napari_mae.models.mae.resolve_device`),
+        ``"cpu"``, ``"cuda"``, ``"mps"``. Under ``torchrun`` with CUDA, each process uses
+        ``cuda:LOCAL_RANK``.
     amp : bool, optional
-        Mixed precision (bfloat16 where supported, else float16 with a grad
-        scaler). ``None``: on for CUDA, off on CPU.
-    resume : bool
-        Continue from ``output_dir / "last.pt"``.
-    overwrite : bool
-        Start afresh in an ``output_dir`` that already holds a run (its
-        checkpoints are replaced). Without it, such a folder is refused unless
-        ``resume`` is set, so a forgotten ``--resume`` never loses a run.
+        Mixed precision (:func:`napari_mae.models.mae.amp_dtype`: bfloat16 where supported,
+        else float16 with a grad scaler). ``None``: on for CUDA, off elsewhere.
+    resume, overwrite : bool
+        Continue from ``output_dir / "last.pt"``; start afresh in a folder holding a run.
     """
 
-    data_dir: Any
     output_dir: str | os.PathLike
-    model: Any = "tiny-2d"
-    spatial_dims: int | None = None
-    img_size: Sequence[int] | None = None
-    patch_size: Sequence[int] | None = None
-    mask_ratio: float = 0.75
     epochs: int = 10
     batch_size: int = 8
     lr: float = 1e-3
@@ -171,13 +123,6 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_fraction: float = 0.05
     grad_clip: float | None = 1.0
-    val_fraction: float = 0.1
-    samples_per_image: int = 1
-    spacing: Sequence[float] | None = None
-    cache: str = "memory"
-    cache_dir: str | os.PathLike | None = None
-    patterns: Sequence[str] | None = None
-    exclude: Sequence[str] = DEFAULT_EXCLUDE
     num_workers: int = 0
     checkpoint_every: int = 100
     seed: int = 0
@@ -186,161 +131,172 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
 
-    def validate(self) -> None:
-        """Check ranges.
 
-        Raises
-        ------
-        ValueError
-            Naming the first bad value.
-        """
-        checks = [
-            (self.epochs >= 1, "epochs", "must be >= 1"),
-            (self.batch_size >= 1, "batch_size", "must be >= 1"),
-            (0 < self.mask_ratio < 1, "mask_ratio", "must be in (0, 1)"),
-            (self.lr > 0, "lr", "must be > 0"),
-            (0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]"),
-            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
-            (0 <= self.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)"),
-            (self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or None"),
-            (0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)"),
-            (self.samples_per_image >= 1, "samples_per_image", "must be >= 1"),
-            (self.num_workers >= 0, "num_workers", "must be >= 0"),
-            (self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0"),
-            (self.spatial_dims in (None, 2, 3), "spatial_dims", "must be 2, 3 or None"),
-            (self.cache in ("memory", "disk", "none"), "cache", "must be 'memory', 'disk' or 'none'"),
-        ]
-        for ok, name, why in checks:
-            if not ok:
-                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
-
-    def to_json(self) -> dict:
-        """JSON-safe dict of the settings."""
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, os.PathLike):
-                v = str(v)
-            elif isinstance(v, (list, tuple)):
-                v = [str(e) if isinstance(e, os.PathLike) else e for e in v]
-            elif not isinstance(v, (str, int, float, bool, type(None))):
-                v = repr(v)
-            out[f.name] = v
-        return out
-
-
-@dataclass(frozen=True)
-class TrainUpdate:
-    """One progress record yielded by :func:`train`.
+@dataclass
+class SetupContext:
+    """What :meth:`Objective.setup` may use.
 
     Attributes
     ----------
-    kind : {"start", "step", "epoch", "finished", "stopped", "failed"}
-        ``start`` once (``message`` describes the data), ``step`` after every
-        optimizer step, ``epoch`` after each epoch's validation, then exactly
-        one of ``finished``, ``stopped`` (stop flag) or ``failed`` (non-finite
-        loss; ``message`` says why and which checkpoint was kept).
-    epoch : int
-        Current epoch, 1-based (0 in ``start``).
-    n_epochs : int
-        Total epochs.
-    step : int
-        Optimizer steps done so far (global, across epochs).
-    n_steps : int
-        Steps of the whole run.
-    loss : float or None
-        ``step``: this step's training loss (mean over processes);
-        ``epoch``: the epoch's mean training loss.
-    val_loss : float or None
-        Validation loss (``epoch`` and later; ``None`` without a validation set).
-    lr : float
-        Learning rate of the last step.
-    images_per_s : float
-        Training throughput, crops per second over all processes (smoothed).
-    eta_s : float
-        Estimated seconds to the end of the run.
-    message : str
-        Human-readable summary.
-    checkpoint : pathlib.Path or None
-        The checkpoint written with this update, if any.
+    device : torch.device
+        Where the model must be.
+    rank, world_size : int
+        This process and the number of processes.
+    seed : int
+        The run's seed (``torch.manual_seed(seed)`` was called just before ``setup``).
+    output_dir : pathlib.Path
+    checkpoint : dict or None
+        The loaded ``last.pt`` when resuming (:func:`napari_mae.io.checkpoint.load_checkpoint`):
+        build the model from it.
     """
 
-    kind: UpdateKind
-    epoch: int
-    n_epochs: int
+    device: Any
+    rank: int
+    world_size: int
+    seed: int
+    output_dir: Path
+    checkpoint: dict | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class StepContext:
+    """What :meth:`Objective.training_step` and :meth:`Objective.validation_step` get.
+
+    Attributes
+    ----------
+    net : torch.nn.Module
+        The objective's model, wrapped in ``DistributedDataParallel`` under ``torchrun``:
+        call this one in ``training_step`` (gradients are averaged by its backward).
+        In ``validation_step`` it is the bare model.
+    device : torch.device
+    step, epoch : int
+        Optimiser steps done so far; the 0-based epoch.
+    rank, world_size : int
+    generator : torch.Generator
+        On ``device``, seeded from ``(seed, 0, step, rank)`` for a training step and
+        ``(seed, 1, rank, batch)`` for a validation batch: random masks and noise drawn
+        from it are reproduced on resume.
+    amp_dtype : torch.dtype or None
+        The reduced precision of :meth:`autocast`, None for float32.
+    training : bool
+    """
+
+    net: Any
+    device: Any
     step: int
-    n_steps: int
-    loss: float | None = None
-    val_loss: float | None = None
-    lr: float = 0.0
-    images_per_s: float = 0.0
-    eta_s: float = 0.0
-    message: str = ""
-    checkpoint: Path | None = None
+    epoch: int
+    rank: int
+    world_size: int
+    generator: Any
+    amp_dtype: Any = None
+    training: bool = True
+    _dist: Any = field(default=None, repr=False)
+
+    def autocast(self):
+        """Mixed-precision context of this run (a null context in float32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def average_gradients(self, parameters) -> None:
+        """Average the gradients of modules the objective trains itself (one all-reduce)."""
+        self._dist.average_gradients(parameters)
 
 
-def default_model(spatial_dims: int | None = None) -> str:
-    """The model a run starts from when none is chosen: the bundled one, fine-tuned.
+class Objective:
+    """What is learnt: model(s), data, loss and validation metrics; the loop does the rest.
 
-    Shared by ``napari-mae train`` and the Training widget.
+    Subclasses implement :meth:`setup`, :meth:`training_step` and
+    :meth:`validation_step`, and set :attr:`model`, :attr:`train_data` and
+    :attr:`val_data` in ``setup``. An objective that trains extra modules with its own
+    optimisers (a discriminator) steps them inside ``training_step`` and returns their
+    state from :meth:`state_dict`, which the loop checkpoints and gives back to
+    :meth:`load_state_dict` on resume.
 
-    Parameters
+    Attributes
     ----------
-    spatial_dims : {2, 3}, optional
-        Spatial dimensions of the data (see :func:`guess_spatial_dims`); ``None`` means 2.
-
-    Returns
-    -------
-    str
-        ``"default-2d"`` or ``"default-3d"``.
-
-    Raises
-    ------
-    ValueError
-        If ``spatial_dims`` is not 2, 3 or None.
+    metric : str
+        The validation metric that selects ``best.pt``; one of :attr:`metrics`.
+    higher_is_better : bool
+        Direction of :attr:`metric` (a loss: False; an accuracy: True).
+    metrics : tuple of str
+        Names of the values :meth:`validation_step` returns (besides ``"n"``).
+    metric_labels : dict
+        Words for messages, e.g. ``{"val_loss": "validation loss"}``.
+    ddp_static_graph : bool
+        The same parameters get gradients every step (DDP ``static_graph``).
+    model : torch.nn.Module
+        The network optimised by the loop and written to checkpoints (``config`` with
+        ``to_dict()`` and ``state_dict()``, see :func:`napari_mae.io.checkpoint.save_checkpoint`).
+    train_data, val_data : map-style datasets
+        ``val_data`` may be empty. A ``set_epoch(epoch)`` method, if present, is called
+        before each epoch.
     """
-    if spatial_dims not in (None, 2, 3):
-        raise ValueError(f"spatial_dims must be 2, 3 or None, got {spatial_dims!r}")
-    return f"default-{spatial_dims or 2}d"
+
+    metric: str = "val_loss"
+    higher_is_better: bool = False
+    metrics: tuple[str, ...] = ("val_loss",)
+    metric_labels: Mapping[str, str] = {"val_loss": "validation loss"}
+    ddp_static_graph: bool = True
+    model: Any = None
+    train_data: Any = None
+    val_data: Any = None
+
+    def setup(self, ctx: SetupContext) -> None:
+        """Build the model (on ``ctx.device``; from ``ctx.checkpoint`` when resuming) and the data."""
+        raise NotImplementedError
+
+    def training_step(self, batch, ctx: StepContext):
+        """Return the batch's training loss, a scalar tensor (mean over the batch).
+
+        A mapping ``{"loss": tensor, name: float, ...}`` also works; the other values
+        are reported in the step's update ``metrics``.
+        """
+        raise NotImplementedError
+
+    def validation_step(self, batch, ctx: StepContext) -> Mapping[str, float]:
+        """Return the batch's mean of each of :attr:`metrics`, and its sample count as ``"n"``."""
+        raise NotImplementedError
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups of :attr:`model` (see :func:`decay_groups`)."""
+        return decay_groups(self.model, weight_decay)
+
+    def state_dict(self) -> dict:
+        """State beyond the model and its optimiser (builtins and tensors only)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` when resuming."""
+
+    def checkpoint_extras(self) -> dict:
+        """``normalization`` and ``extra`` for :func:`napari_mae.io.checkpoint.save_checkpoint`."""
+        return {}
+
+    def describe(self) -> str:
+        """What is trained on what, for the ``start`` message."""
+        return type(self).__name__
+
+    def config_json(self) -> dict:
+        """The settings written to ``config.json`` and into checkpoints."""
+        return {}
 
 
-def bundled_model_available(name: str) -> bool:
-    """Whether the bundled model ``name`` (``"default-2d"`` ...) ships with this installation.
-
-    Checked without importing torch, so the Training widget can ask on the GUI thread.
-    """
-    return name in BUNDLED_MODELS and bundled_weights_path(name).is_file()
-
-
-def guess_spatial_dims(
-    data_dir: Any, patterns: Sequence[str] | None = None, *, exclude: Sequence[str] = DEFAULT_EXCLUDE
-) -> tuple[int, Path] | None:
-    """Spatial dimensions of a training folder, from the first image :func:`train` would read.
-
-    Parameters
-    ----------
-    data_dir : path or sequence of paths
-        As :attr:`TrainConfig.data_dir`.
-    patterns, exclude : sequence of str, optional
-        As :attr:`TrainConfig.patterns` (``None``: :data:`napari_mae.data.DEFAULT_PATTERNS`)
-        and :attr:`TrainConfig.exclude`.
-
-    Returns
-    -------
-    (int, pathlib.Path) or None
-        3 when that image is a volume (its axes have a Z), else 2, and the image;
-        ``None`` when no image is found or it is unreadable (training reports
-        that itself, with context).
-    """
-    from napari_mae.data import DEFAULT_PATTERNS, find_images
-    from napari_mae.io.readers import read_image
-
-    try:
-        first = find_images(data_dir, tuple(patterns) if patterns else DEFAULT_PATTERNS, exclude=exclude)[0]
-        _, _, meta = read_image(first)
-    except Exception:  # noqa: BLE001 - training reports unreadable data itself, with context
-        return None
-    return (3 if "Z" in meta.get("axes", "") else 2), first
+def _batch_size(batch) -> int:
+    """Samples in a batch: the first axis of its first tensor."""
+    if hasattr(batch, "shape"):
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        return _batch_size(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        return _batch_size(batch[0])
+    raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}")
 
 
 def lr_at_step(
@@ -375,17 +331,13 @@ def lr_at_step(
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-# --------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------
-
-
 @dataclass
 class _Dist:
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
     created: bool = False
+    _recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=16), repr=False)
 
     @property
     def main(self) -> bool:
@@ -425,7 +377,42 @@ class _Dist:
 
         t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(t)
+        self._hold(t)
         return t.tolist()
+
+    def average_gradients(self, parameters) -> None:
+        """Replace each gradient by its mean over the processes (one all-reduce).
+
+        Parameters without a gradient are left out (the same on every process: the same
+        graph runs everywhere).
+        """
+        if self.world_size == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        self._hold(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _hold(self, tensor) -> None:
+        """Keep the tensors of the last collectives referenced from Python until :meth:`close`.
+
+        A gloo worker thread drops its reference to a collective's tensor a moment after
+        the collective returns. Were that the last reference to a tensor created in Python,
+        the worker would need the GIL to free it: a deadlock if the main thread is then
+        joining that worker in ``destroy_process_group`` (seen as a hang at the end of a
+        run on a loaded machine), an abort if Python is already finalising.
+        """
+        self._recent.append(tensor)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -440,6 +427,7 @@ class _Dist:
 
             dist.destroy_process_group()
             self.created = False
+        self._recent.clear()
 
 
 def _stop_requested(stop) -> bool:
@@ -450,51 +438,11 @@ def _stop_requested(stop) -> bool:
     return bool(stop())
 
 
-def _resolve_device(name: str, dist: _Dist):
-    import torch
+def decay_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups of ``model``: decay on weight matrices only (MAE / timm convention).
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and dist.world_size > 1:
-        device = torch.device("cuda", dist.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
-
-def _build_model(cfg: TrainConfig, resume_path: Path | None):
-    """Return ``(model, spec description)``."""
-    from napari_mae.models import mae
-
-    if resume_path is not None:
-        return mae.load_model(str(resume_path), device="cpu"), str(resume_path)
-    spec = cfg.model
-    overrides: dict[str, Any] = {}
-    if cfg.img_size is not None:
-        overrides["img_size"] = tuple(int(s) for s in cfg.img_size)
-    if cfg.patch_size is not None:
-        overrides["patch_size"] = tuple(int(s) for s in cfg.patch_size)
-    if isinstance(spec, mae.MAEConfig) or (isinstance(spec, str) and spec in mae.PRESETS):
-        base = mae.PRESETS[spec] if isinstance(spec, str) else spec
-        for key, value in overrides.items():
-            if len(value) == 1:  # one number: the same along every axis
-                overrides[key] = value * base.spatial_dims
-        conf = dataclasses.replace(base, mask_ratio=cfg.mask_ratio, **overrides)
-        return mae.build_model(conf), (spec if isinstance(spec, str) else "config")
-    if overrides:
-        raise ValueError(
-            "img_size and patch_size can only be changed for a preset "
-            f"({', '.join(mae.PRESETS)}), not for the trained model {spec!r}"
-        )
-    model = mae.load_model(spec, device="cpu")
-    if model.config.mask_ratio != cfg.mask_ratio:
-        model.config = dataclasses.replace(model.config, mask_ratio=cfg.mask_ratio)
-    return model, str(spec)
-
-
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices only (MAE / timm convention)."""
+    Biases, norms, tokens and position embeddings get no weight decay.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -559,51 +507,62 @@ class _ShardSampler:
 class _LossLog:
     """Append-only CSV of per-step metrics, flushed every row."""
 
-    def __init__(self, path: Path, *, keep_until_step: int | None):
+    def __init__(self, path: Path, columns: Sequence[str], *, keep_until_step: int | None):
         self.path = path
+        self.columns = tuple(columns)
         rows: list[dict] = []
         if keep_until_step is not None and path.is_file():
             with path.open(newline="") as fh:
                 rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= keep_until_step]
         self._fh = path.open("w", newline="")
-        self._writer = csv.DictWriter(self._fh, fieldnames=LOG_COLUMNS)
+        self._writer = csv.DictWriter(self._fh, fieldnames=self.columns)
         self._writer.writeheader()
         for r in rows:
-            self._writer.writerow({k: r.get(k, "") for k in LOG_COLUMNS})
+            self._writer.writerow({k: r.get(k, "") for k in self.columns})
         self._fh.flush()
 
     def write(self, **row) -> None:
-        self._writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in LOG_COLUMNS})
+        self._writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in self.columns})
         self._fh.flush()
 
     def close(self) -> None:
         self._fh.close()
 
 
-def _forward_loss(net, model, x, generator, autocast_dtype, mask_ratio=None):
-    """Masked forward pass and MAE loss (float32). Separate so tests can patch it."""
+def _nonfinite_message(out: Path, step: int, value: float, what: str) -> str:
+    last = out / LAST
+    kept = (
+        f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint had been written yet"
+    )
+    return (
+        f"training stopped: the {what} became {value} at step {step + 1}; the update was not applied and "
+        f"{kept}. Lower the learning rate (lr) or check the images for extreme values."
+    )
+
+
+def _resolve_device(name: str, dist: _Dist):
+    """The run's device: :func:`napari_mae.models.mae.resolve_device`, ``cuda:LOCAL_RANK`` under torchrun."""
     import torch
 
-    if autocast_dtype is not None:
-        with torch.autocast(device_type=x.device.type, dtype=autocast_dtype):
-            pred, mask = net(x, generator=generator, mask_ratio=mask_ratio)
-    else:
-        pred, mask = net(x, generator=generator, mask_ratio=mask_ratio)
-    return model.loss(x, pred.float(), mask)
+    from napari_mae.models.mae import resolve_device
+
+    device = resolve_device(name)
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
-# --------------------------------------------------------------------------------------
-# the loop
-# --------------------------------------------------------------------------------------
-
-
-def train(config: TrainConfig, *, stop: Any = None) -> Iterator[TrainUpdate]:
-    """Train an MAE, yielding a :class:`TrainUpdate` after every step.
+def run(objective: Objective, config: LoopConfig, *, stop: Any = None) -> Iterator[TrainUpdate]:
+    """Train ``objective``, yielding a :class:`~napari_mae.training.config.TrainUpdate` after every step.
 
     Parameters
     ----------
-    config : TrainConfig
-        The run's settings.
+    objective : Objective
+        What is learnt (its :meth:`~Objective.setup` is called here).
+    config : LoopConfig
+        Optimisation, checkpoint and device settings.
     stop : threading.Event or callable, optional
         Checked before every step (``stop.is_set()`` or ``stop()``); when true,
         ``last.pt`` is written and a ``"stopped"`` update ends the run, which
@@ -620,11 +579,9 @@ def train(config: TrainConfig, *, stop: Any = None) -> Iterator[TrainUpdate]:
     Raises
     ------
     ValueError
-        Bad settings, no usable images, a model/spatial_dims mismatch, or
-        resuming a run that already finished.
+        Resuming a run that already finished; whatever the objective's setup raises.
     FileNotFoundError
-        A data folder does not exist, or ``resume=True`` but
-        ``output_dir/last.pt`` does not exist.
+        ``resume=True`` but ``output_dir/last.pt`` does not exist.
     FileExistsError
         ``output_dir`` already holds a run and neither ``resume`` nor
         ``overwrite`` is set.
@@ -636,23 +593,20 @@ def train(config: TrainConfig, *, stop: Any = None) -> Iterator[TrainUpdate]:
     """
     import torch
 
-    config.validate()
-    cfg = config
-    out = Path(cfg.output_dir)
-    dist = _Dist.from_env(want_cuda=(cfg.device in ("auto", "cuda") and torch.cuda.is_available()))
+    want_cuda = str(config.device).startswith(("auto", "cuda")) and torch.cuda.is_available()
+    dist = _Dist.from_env(want_cuda=want_cuda)
     try:
-        yield from _train(cfg, out, dist, stop)
+        yield from _run(objective, config, Path(config.output_dir), dist, stop, torch)
         dist.barrier()  # no process tears down its connections while another is in a collective
     finally:
         dist.close()
 
 
-def _train(cfg: TrainConfig, out: Path, dist: _Dist, stop) -> Iterator[TrainUpdate]:
-    import torch
+def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, torch) -> Iterator[TrainUpdate]:
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from napari_mae.data import DEFAULT_PATTERNS, DEFAULT_PERCENTILES, make_datasets
     from napari_mae.io.checkpoint import load_checkpoint, save_checkpoint
+    from napari_mae.models.mae import amp_dtype
 
     t_start = time.perf_counter()
     device = _resolve_device(cfg.device, dist)
@@ -667,44 +621,29 @@ def _train(cfg: TrainConfig, out: Path, dist: _Dist, stop) -> Iterator[TrainUpda
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
 
-    # ---- model -----------------------------------------------------------------------
+    # ---- the objective's model and data --------------------------------------------------
+    checkpoint = load_checkpoint(resume_path) if resume_path is not None else None
     torch.manual_seed(cfg.seed)
-    model, model_desc = _build_model(cfg, resume_path)
-    mconf = model.config
-    spatial_dims = int(mconf.spatial_dims)
-    if cfg.spatial_dims is not None and cfg.spatial_dims != spatial_dims:
-        raise ValueError(f"spatial_dims={cfg.spatial_dims} but the model {model_desc!r} is {spatial_dims}D")
-    img_size = tuple(int(s) for s in mconf.img_size)
-    model.to(device)
-
-    # ---- data ------------------------------------------------------------------------
-    with warnings.catch_warnings():
-        if not dist.main:
-            warnings.simplefilter("ignore")
-        data = make_datasets(
-            cfg.data_dir,
-            spatial_dims=spatial_dims,
-            img_size=img_size,
-            in_channels=int(mconf.in_channels),
-            val_fraction=cfg.val_fraction,
-            spacing=cfg.spacing,
-            patterns=tuple(cfg.patterns) if cfg.patterns else DEFAULT_PATTERNS,
-            exclude=tuple(cfg.exclude),
-            cache=cfg.cache,
-            cache_dir=cfg.cache_dir if cfg.cache_dir is not None else out / "cache",
-            samples_per_image=cfg.samples_per_image,
-            seed=cfg.seed,
-        )
+    objective.setup(SetupContext(device, dist.rank, dist.world_size, cfg.seed, out, checkpoint=checkpoint))
+    model = objective.model
+    metric_names = tuple(objective.metrics)
+    if objective.metric not in metric_names:
+        raise ValueError(f"objective metric {objective.metric!r} is not one of its metrics {metric_names}")
     sampler = DistributedSampler(
-        data.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=False
+        objective.train_data,
+        num_replicas=dist.world_size,
+        rank=dist.rank,
+        shuffle=True,
+        seed=cfg.seed,
+        drop_last=False,
     )
     steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(round(cfg.warmup_fraction * total_steps))
 
-    # ---- optimisation ----------------------------------------------------------------
+    # ---- optimisation ----------------------------------------------------------------------
     optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay),
+        objective.parameter_groups(cfg.weight_decay),
         lr=cfg.lr,
         betas=tuple(cfg.betas),
         weight_decay=cfg.weight_decay,
@@ -714,16 +653,15 @@ def _train(cfg: TrainConfig, out: Path, dist: _Dist, stop) -> Iterator[TrainUpda
         return lr_at_step(s, total_steps, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=warmup_steps) / cfg.lr
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _factor)
-    use_amp = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp and device.type == "cuda")
-    autocast_dtype = None
-    if use_amp:
-        autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+    use_amp = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp)
+    autocast_dtype = amp_dtype(device) if use_amp else None
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
     step = 0
+    sign = -1.0 if objective.higher_is_better else 1.0  # best is the smallest sign * metric
     best = math.inf
-    if resume_path is not None:
-        state = load_checkpoint(resume_path)["training_state"]
+    if checkpoint is not None:
+        state = checkpoint["training_state"]
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -744,28 +682,27 @@ def _train(cfg: TrainConfig, out: Path, dist: _Dist, stop) -> Iterator[TrainUpda
                 UserWarning,
                 stacklevel=3,
             )
+        objective.load_state_dict(state.get("objective") or {})
         _set_rng_state(state["rng"])
         if step >= total_steps:
             raise ValueError(
                 f"{resume_path} already finished all {total_steps} steps; raise epochs to continue"
             )
+        del checkpoint, state
 
     net = model
     if dist.world_size > 1:
-        # static_graph: MONAI's transformer blocks hold never-used cross-attention norms;
-        # the set of parameters with gradients is the same every step.
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            static_graph=objective.ddp_static_graph,
         )
 
-    # What the data pipeline does (ScaleIntensityRangePercentilesd, per channel), in the
-    # format napari_mae.preprocess / reconstruction read back from the checkpoint.
-    normalization = {"method": "percentile", "lower": DEFAULT_PERCENTILES[0], "upper": DEFAULT_PERCENTILES[1]}
-    model.normalization = dict(normalization)
+    columns = ("step", "epoch", "loss", *metric_names, "lr", "images_per_s", "elapsed_s")
     log: _LossLog | None = None
     if dist.main:
-        (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
-        log = _LossLog(out / LOSS_LOG, keep_until_step=step if resume_path is not None else None)
+        (out / "config.json").write_text(json.dumps(objective.config_json(), indent=2))
+        log = _LossLog(out / LOSS_LOG, columns, keep_until_step=step if resume_path is not None else None)
 
     def _save(path_name: str, epoch_done: int) -> Path:
         path = out / path_name
@@ -779,70 +716,103 @@ def _train(cfg: TrainConfig, out: Path, dist: _Dist, stop) -> Iterator[TrainUpda
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 "best_metric": best,
+                "metric": objective.metric if has_val else "loss",
+                "higher_is_better": bool(objective.higher_is_better) if has_val else False,
+                "objective": objective.state_dict(),
                 "rng": _rng_state(),
                 "world_size": dist.world_size,
-                "config": cfg.to_json(),
+                "config": objective.config_json(),
             }
+            extras = objective.checkpoint_extras()
             save_checkpoint(
                 path,
                 model,
-                normalization=normalization,
+                normalization=extras.get("normalization"),
                 training_state=training_state,
-                extra={
-                    "train_files": [str(f) for f in data.train_files],
-                    "val_files": [str(f) for f in data.val_files],
-                },
+                extra=extras.get("extra"),
             )
         return path
 
-    def _update(kind, epoch, **kw) -> TrainUpdate:
-        return TrainUpdate(kind=kind, epoch=epoch, n_epochs=cfg.epochs, step=step, n_steps=total_steps, **kw)
+    def _update(kind, epoch, metrics=None, **kw) -> TrainUpdate:
+        return TrainUpdate(
+            kind=kind,
+            epoch=epoch,
+            n_epochs=cfg.epochs,
+            step=step,
+            n_steps=total_steps,
+            val_loss=None if not metrics else metrics.get("val_loss"),
+            metrics=metrics,
+            **kw,
+        )
 
-    def _validate() -> float | None:
-        if len(data.val) == 0:
+    def _ctx(generator, epoch: int, training: bool) -> StepContext:
+        return StepContext(
+            net=net if training else model,
+            device=device,
+            step=step,
+            epoch=epoch,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            generator=generator,
+            amp_dtype=autocast_dtype,
+            training=training,
+            _dist=dist,
+        )
+
+    has_val = objective.val_data is not None and len(objective.val_data) > 0
+
+    def _validate(epoch: int) -> dict[str, float] | None:
+        if not has_val:
             return None
-        vsampler = _ShardSampler(len(data.val), dist.rank, dist.world_size)
+        vsampler = _ShardSampler(len(objective.val_data), dist.rank, dist.world_size)
         loader = DataLoader(
-            data.val, batch_size=cfg.batch_size, sampler=vsampler, num_workers=cfg.num_workers
+            objective.val_data, batch_size=cfg.batch_size, sampler=vsampler, num_workers=cfg.num_workers
         )
         model.eval()
-        total = count = 0.0
+        sums = [0.0] * (len(metric_names) + 1)  # weighted sums of each metric, then the count
         gen = torch.Generator(device=device)
         with torch.no_grad():
-            for b, x in enumerate(loader):
-                x = x.to(device, non_blocking=True)
+            for b, batch in enumerate(loader):
                 gen.manual_seed(sample_seed(cfg.seed, 1, dist.rank, b))
-                loss = _forward_loss(model, model, x, gen, autocast_dtype, cfg.mask_ratio)
-                total += float(loss) * x.shape[0]
-                count += x.shape[0]
+                values = objective.validation_step(batch, _ctx(gen, epoch, training=False))
+                n = float(values.get("n", _batch_size(batch)))
+                for i, name in enumerate(metric_names):
+                    sums[i] += float(values[name]) * n
+                sums[-1] += n
         model.train()
-        total, count = dist.all_reduce_sum([total, count], device)
-        return total / count if count else None
+        sums = dist.all_reduce_sum(sums, device)
+        if not sums[-1]:
+            return None
+        return {name: sums[i] / sums[-1] for i, name in enumerate(metric_names)}
 
-    skipped = f", skipped {len(data.skipped)} unusable" if data.skipped else ""
-    start_msg = (
-        f"{'resuming' if resume_path else 'training'} {model_desc} ({spatial_dims}D, crops {img_size}) on "
-        f"{len(data.train_files)} images ({len(data.val_files)} for validation{skipped}); "
-        f"{total_steps} steps of {cfg.batch_size * dist.world_size} crops on {device}"
-        + (f" x {dist.world_size} processes" if dist.world_size > 1 else "")
-    )
     if dist.main:
-        yield _update("start", 0, lr=optimizer.param_groups[0]["lr"], message=start_msg)
+        yield _update(
+            "start",
+            0,
+            lr=optimizer.param_groups[0]["lr"],
+            message=(
+                f"{'resuming' if resume_path else 'training'} {objective.describe()}; "
+                f"{total_steps} steps of {cfg.batch_size * dist.world_size} crops on {device}"
+                + (f" x {dist.world_size} processes" if dist.world_size > 1 else "")
+            ),
+        )
 
     gen = torch.Generator(device=device)
     step_time = None  # smoothed seconds per step
-    val_loss: float | None = None
+    val_metrics: dict[str, float] | None = None
     last_lr = optimizer.param_groups[0]["lr"]
+    ips = 0.0
     model.train()
     start_epoch = step // steps_per_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
             sampler.set_epoch(epoch)
-            data.train.set_epoch(epoch)
+            if hasattr(objective.train_data, "set_epoch"):
+                objective.train_data.set_epoch(epoch)
             skip = step - epoch * steps_per_epoch
             indices = list(sampler)[skip * cfg.batch_size :]
             loader = DataLoader(
-                data.train,
+                objective.train_data,
                 batch_size=cfg.batch_size,
                 sampler=indices,
                 num_workers=cfg.num_workers,
@@ -851,24 +821,25 @@ def _train(cfg: TrainConfig, out: Path, dist: _Dist, stop) -> Iterator[TrainUpda
             )
             epoch_sum = epoch_n = 0.0
             t_prev = time.perf_counter()
-            for x in loader:
+            for batch in loader:
                 if dist.all_reduce_sum([float(_stop_requested(stop))], device)[0] > 0:
                     ckpt = _save(LAST, epoch)
                     if dist.main:
                         yield _update(
                             "stopped",
                             epoch + 1,
-                            val_loss=val_loss,
+                            val_metrics,
                             lr=last_lr,
                             message=f"stopped at step {step}/{total_steps}; resume from {ckpt}",
                             checkpoint=ckpt,
                         )
                     return
-                x = x.to(device, non_blocking=True)
                 gen.manual_seed(sample_seed(cfg.seed, 0, step, dist.rank))
-                loss = _forward_loss(net, model, x, gen, autocast_dtype, cfg.mask_ratio)
+                result = objective.training_step(batch, _ctx(gen, epoch, training=True))
+                loss = result["loss"] if isinstance(result, Mapping) else result
+                n_batch = _batch_size(batch)
                 loss_sum, n_sum = dist.all_reduce_sum(
-                    [float(loss.detach()) * x.shape[0], float(x.shape[0])], device
+                    [float(loss.detach()) * n_batch, float(n_batch)], device
                 )
                 step_loss = loss_sum / n_sum
                 if not math.isfinite(step_loss):
@@ -924,11 +895,16 @@ def _train(cfg: TrainConfig, out: Path, dist: _Dist, stop) -> Iterator[TrainUpda
                             images_per_s=f"{ips:.3g}",
                             elapsed_s=f"{now - t_start:.2f}",
                         )
+                    extra = (
+                        {k: float(v) for k, v in result.items() if k != "loss"}
+                        if isinstance(result, Mapping)
+                        else None
+                    )
                     yield _update(
                         "step",
                         epoch + 1,
+                        val_metrics if not extra else {**(val_metrics or {}), **extra},
                         loss=step_loss,
-                        val_loss=val_loss,
                         lr=last_lr,
                         images_per_s=ips,
                         eta_s=eta,
@@ -936,12 +912,12 @@ def _train(cfg: TrainConfig, out: Path, dist: _Dist, stop) -> Iterator[TrainUpda
                     )
 
             # ---- end of epoch ------------------------------------------------------------
-            val_loss = _validate()
+            val_metrics = _validate(epoch)
             train_loss = epoch_sum / epoch_n if epoch_n else math.nan
-            metric = val_loss if val_loss is not None else train_loss
-            improved = math.isfinite(metric) and metric < best
+            value = sign * val_metrics[objective.metric] if val_metrics is not None else train_loss
+            improved = math.isfinite(value) and value < best
             if improved:
-                best = metric
+                best = value
             ckpt = _save(LAST, epoch + 1)
             if improved:
                 _save(BEST, epoch + 1)
@@ -950,17 +926,19 @@ def _train(cfg: TrainConfig, out: Path, dist: _Dist, stop) -> Iterator[TrainUpda
                     step=step,
                     epoch=epoch + 1,
                     loss=f"{step_loss:.6g}",
-                    val_loss=None if val_loss is None else f"{val_loss:.6g}",
                     lr=f"{last_lr:.6g}",
                     images_per_s=f"{ips:.3g}",
                     elapsed_s=f"{time.perf_counter() - t_start:.2f}",
+                    **{k: f"{v:.6g}" for k, v in (val_metrics or {}).items()},
                 )
-                vtxt = "" if val_loss is None else f", validation loss {val_loss:.4f}"
+                vtxt = "".join(
+                    f", {objective.metric_labels.get(k, k)} {v:.4f}" for k, v in (val_metrics or {}).items()
+                )
                 yield _update(
                     "epoch",
                     epoch + 1,
+                    val_metrics,
                     loss=train_loss,
-                    val_loss=val_loss,
                     lr=last_lr,
                     images_per_s=ips,
                     eta_s=step_time * (total_steps - step),
@@ -969,27 +947,21 @@ def _train(cfg: TrainConfig, out: Path, dist: _Dist, stop) -> Iterator[TrainUpda
                     checkpoint=ckpt,
                 )
         if dist.main:
+            what = (
+                objective.metric_labels.get(objective.metric, objective.metric)
+                if has_val
+                else "training loss"
+            )
             yield _update(
                 "finished",
                 cfg.epochs,
+                val_metrics,
                 loss=train_loss,
-                val_loss=val_loss,
                 lr=last_lr,
                 message=f"finished {total_steps} steps in {time.perf_counter() - t_start:.0f} s; "
-                f"best {'validation' if val_loss is not None else 'training'} loss {best:.4f} in {out / BEST}",
+                f"best {what} {sign * best if has_val else best:.4f} in {out / BEST}",
                 checkpoint=out / LAST,
             )
     finally:
         if log is not None:
             log.close()
-
-
-def _nonfinite_message(out: Path, step: int, value: float, what: str) -> str:
-    last = out / LAST
-    kept = (
-        f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint had been written yet"
-    )
-    return (
-        f"training stopped: the {what} became {value} at step {step + 1}; the update was not applied and "
-        f"{kept}. Lower the learning rate (lr) or check the images for extreme values."
-    )
