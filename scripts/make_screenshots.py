@@ -108,17 +108,19 @@ def training(app, out: Path, state: dict) -> None:
 
 
 def reconstruction(app, out: Path, state: dict) -> None:
-    from napari_mae.models.mae import MODELS_DIR
+    from napari_mae._names import bundled_weights_path
 
     viewer = _viewer("napari-mae: Reconstruction")
     image = _open_nuclei_2d(viewer)
+    viewer.layers.remove("nuclei 2D ground truth")
     _, masking_widget = viewer.window.add_plugin_dock_widget("napari-mae", "Masking")
-    masking_widget.patch_size.set_value((8, 8))  # the model's patch size
-    masking_widget.run()
+    masking_widget.run()  # patch size: the model's (8 x 8)
     _wait(app, masking_widget)
     _, widget = viewer.window.add_plugin_dock_widget("napari-mae", "Reconstruction")
-    widget.image.set_value(image)
-    if (MODELS_DIR / "default-2d.pt").is_file():
+    # The widget offers the original image with the Masking widget's mask by itself.
+    assert widget.image.value() is image, widget.image.currentText()
+    assert widget.mask.currentText() == "nuclei 2D mask", widget.mask.currentText()
+    if bundled_weights_path("default-2d").is_file():
         widget.model.combo.setCurrentText("default-2d")
     else:
         if "checkpoint" not in state:
@@ -126,14 +128,11 @@ def reconstruction(app, out: Path, state: dict) -> None:
             training(app, out / ".tmp", state)
         widget.model.combo.setCurrentText("checkpoint file...")
         widget.model.path.setText(state["checkpoint"])
+    # Input, masked input, reconstruction and error map side by side (the widget's grid view).
+    widget.grid.setChecked(True)
+    viewer.layers.move(viewer.layers.index("nuclei 2D mask"), 0)  # hidden, out of the way
     widget.run()
     _wait(app, widget)
-    # Input, masked input, reconstruction and error map in a 2 x 2 grid.
-    viewer.layers.remove("nuclei 2D ground truth")
-    viewer.layers["nuclei 2D mask"].visible = False
-    viewer.layers.move(viewer.layers.index("nuclei 2D mask"), 0)
-    viewer.grid.enabled = True
-    viewer.grid.shape = (2, 2)
     viewer.window.remove_dock_widget(masking_widget)
     _save(app, viewer, out / "widget_reconstruction.png")
     viewer.close()

@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QHeaderView,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -148,6 +149,9 @@ class SegmentationWidget(JobWidget):
         self.form_layout.addLayout(form)
         self.table = QTableWidget(0, 0)
         self.table.setMinimumHeight(220)
+        # No row numbers beside the 'label' column (they would repeat it); columns as wide as their text.
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.setToolTip("One row per object; the Labels layer's features hold the same table")
         self.results_layout.addWidget(self.table)
         self.results_layout.addWidget(self.export_button)
