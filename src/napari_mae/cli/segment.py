@@ -2,9 +2,14 @@
 
 Examples
 --------
-Every nucleus of a 2D image, automatically::
+Every nucleus of a 2D image, automatically (the bundled learned model)::
 
     napari-mae segment nuclei.tif --out nuclei_labels.tif
+
+The classical pipeline instead, or your own segmentation model::
+
+    napari-mae segment nuclei.tif --method classical --out labels.tif
+    napari-mae segment cells.tif --model run/best.pt --out labels.tif
 
 A volume with its voxel size, a few scribbles (1 = background, 2 = object) and the
 bundled model's features::
@@ -58,10 +63,19 @@ def register(subparsers) -> None:
         help="scribble labels of IMAGE's shape: 0 unlabelled, 1 background, 2.. objects",
     )
     p.add_argument(
+        "--method",
+        choices=("auto", "learned", "classical"),
+        default="auto",
+        help="learned: the MAE encoder's instance decoder; classical: the filter-bank pipeline; auto "
+        "(default): learned without scribbles when a segmentation model is available, else classical",
+    )
+    p.add_argument(
         "--model",
-        default="none",
-        metavar="default-2d|default-3d|CHECKPOINT|PRESET|none",
-        help="masked-autoencoder features for the scribble classifier (default none: filter bank only)",
+        default=None,
+        metavar="default-2d|CHECKPOINT|none",
+        help="without --scribbles: the segmentation model of the learned method (default: the bundled "
+        "default-2d nuclei model); with --scribbles: masked-autoencoder features for the scribble "
+        "classifier (default-2d, default-3d, a checkpoint or preset; default none: filter bank only)",
     )
     p.add_argument(
         "--spacing",
@@ -170,9 +184,14 @@ def run(args: argparse.Namespace) -> int:
     scribbles = None
     if args.scribbles:
         scribbles, _, _ = _read(args.scribbles)
-    model = None if str(args.model).lower() == "none" else args.model
-    if model is not None and scribbles is None:
-        print("napari-mae segment: --model is used only with --scribbles; ignored", file=sys.stderr)
+    method = args.method
+    model = None if args.model is None or str(args.model).lower() == "none" else args.model
+    if scribbles is None and args.model is not None and str(args.model).lower() == "none":
+        if method == "learned":
+            raise CLIError("--method learned needs a segmentation model, not --model none")
+        method = "classical"
+    if scribbles is not None and method == "learned":
+        raise CLIError("--method learned takes no --scribbles (use --method classical or auto)")
 
     interactive = sys.stderr.isatty()
     last_message = [None]
@@ -189,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
     labels, info = segment_instances(
         image,
         scribbles=scribbles,
+        method=method,
         model=model,
         spacing=spacing,
         channel_axis=channel_axis,

@@ -11,6 +11,11 @@ Train a 3D model from scratch on 4 GPUs::
     torchrun --nproc_per_node 4 -m napari_mae.cli train volumes/ --out run3d \\
         --model small-3d --epochs 200 --batch-size 8
 
+Train the segmentation decoder on images + instance labels (same file names), starting
+from the bundled MAE encoder::
+
+    napari-mae train images/ --labels labels/ --out seg_run --epochs 20
+
 Continue a stopped run with ``--resume`` (same ``--out``).
 """
 
@@ -49,6 +54,19 @@ def register(subparsers) -> None:
         metavar="PRESET|CHECKPOINT",
         help="preset to train from scratch (e.g. tiny-2d, small-3d), default-2d/default-3d or a checkpoint "
         "to fine-tune (default: default-2d, or default-3d with --spatial-dims 3)",
+    )
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="LABELS_DIR",
+        help="segmentation task: instance label images with the same file names as the images; trains the "
+        "decoder on the --model MAE encoder (default default-2d), or continues a segmentation checkpoint",
+    )
+    p.add_argument(
+        "--frozen-epochs",
+        type=int,
+        default=1,
+        help="segmentation task: epochs with the encoder frozen before everything trains (default 1)",
     )
     p.add_argument("--spatial-dims", type=int, choices=(2, 3), default=None, help="2D or 3D model")
     p.add_argument("--patch-size", type=_ints, default=None, help="patch size for a preset, e.g. 8 or 4,8,8")
@@ -101,11 +119,11 @@ def run(args: argparse.Namespace) -> int:
     """Train as asked by ``args``; return the exit code (1 when the loss became non-finite)."""
     import sys
 
-    from tqdm import tqdm
-
-    from napari_mae.training.files import DEFAULT_EXCLUDE
     from napari_mae.training import TrainConfig, default_model, guess_spatial_dims, train
+    from napari_mae.training.files import DEFAULT_EXCLUDE
 
+    if args.labels is not None:
+        return _run_segmentation(args)
     spatial_dims = args.spatial_dims
     if args.model is None and spatial_dims is None:
         guess = guess_spatial_dims(args.data_dir, args.pattern, exclude=args.exclude or DEFAULT_EXCLUDE)
@@ -142,9 +160,50 @@ def run(args: argparse.Namespace) -> int:
         patterns=args.pattern,
         exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE,
     )
+    return _report(train(config), args)
+
+
+def _run_segmentation(args: argparse.Namespace) -> int:
+    """The segmentation task: images + labels through the same loop."""
+    from napari_mae.cli import CLIError
+    from napari_mae.training.segmentation import SegmentationConfig, train_segmentation
+
+    if args.spatial_dims == 3:
+        raise CLIError("the segmentation task trains a 2D decoder (volumes are segmented from their planes)")
+    config = SegmentationConfig(
+        data_dir=args.data_dir if len(args.data_dir) > 1 else args.data_dir[0],
+        labels_dir=args.labels,
+        output_dir=args.out,
+        model=args.model or "default-2d",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        samples_per_image=args.samples_per_image,
+        val_fraction=args.val_fraction,
+        frozen_epochs=args.frozen_epochs,
+        num_workers=args.num_workers,
+        checkpoint_every=args.checkpoint_every,
+        device=args.device,
+        seed=args.seed,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    try:
+        updates = train_segmentation(config)
+        return _report(updates, args)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _report(updates, args) -> int:
+    """Progress bar and messages of a run's updates; the exit code."""
+    import sys
+
+    from tqdm import tqdm
+
     bar = None
     code = 0
-    for update in train(config):
+    for update in updates:
         if update.kind == "start":
             print(update.message, file=sys.stderr)
             bar = tqdm(

@@ -231,6 +231,9 @@ class Objective:
         Words for messages, e.g. ``{"val_loss": "validation loss"}``.
     ddp_static_graph : bool
         The same parameters get gradients every step (DDP ``static_graph``).
+    ddp_find_unused_parameters : bool
+        Some steps leave parameters without gradients (a frozen encoder for the first
+        epochs): DDP's ``find_unused_parameters``.
     model : torch.nn.Module
         The network optimised by the loop and written to checkpoints (``config`` with
         ``to_dict()`` and ``state_dict()``, see :func:`napari_mae.io.checkpoint.save_checkpoint`).
@@ -244,6 +247,7 @@ class Objective:
     metrics: tuple[str, ...] = ("val_loss",)
     metric_labels: Mapping[str, str] = {"val_loss": "validation loss"}
     ddp_static_graph: bool = True
+    ddp_find_unused_parameters: bool = False
     model: Any = None
     train_data: Any = None
     val_data: Any = None
@@ -696,6 +700,7 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
             static_graph=objective.ddp_static_graph,
+            find_unused_parameters=getattr(objective, "ddp_find_unused_parameters", False),
         )
 
     columns = ("step", "epoch", "loss", *metric_names, "lr", "images_per_s", "elapsed_s")
