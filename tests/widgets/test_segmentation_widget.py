@@ -255,3 +255,27 @@ def test_segmentation_table_before_a_run_and_export(viewer, add_widget, qtbot, n
     wait_done(qtbot, widget)
     headers = [widget.table.horizontalHeaderItem(c).text() for c in range(widget.table.columnCount())]
     assert "pixels" not in headers and "area (px²)" in headers
+
+
+def test_segmentation_learned_method(viewer, add_widget, qtbot, notifications):
+    """The learned method with the bundled nuclei model; the status names method and model;
+    scribbles with the learned method are a clear notification, nothing added."""
+    viewer.open_sample("napari-mae", "nuclei_2d")
+    image = next(ly for ly in viewer.layers if ly._type_string == "image")
+    widget = add_widget("Segmentation")
+    widget.image.set_value(image)
+    widget.method.value = "learned"
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    assert widget.info["method"] == "learned" and widget.info["model"] == "default-2d"
+    assert "learned, model default-2d" in widget.status.text()
+    labels = viewer.layers[f"{image.name} labels"]
+    assert int(labels.data.max()) > 10
+    n_layers = len(viewer.layers)
+    widget.add_scribbles_layer()
+    widget.scribbles.value().data[5:9, 5:9] = 1
+    widget.scribbles.value().data[100:104, 100:104] = 2
+    widget.run()
+    assert any("learned method takes no scribbles" in m for m in errors(notifications))
+    assert len(viewer.layers) == n_layers + 1  # only the scribbles layer

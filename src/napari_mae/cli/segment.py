@@ -2,13 +2,13 @@
 
 Examples
 --------
-Every nucleus of a 2D image, automatically (the bundled learned model)::
+Every nucleus of a 2D image, automatically::
 
     napari-mae segment nuclei.tif --out nuclei_labels.tif
 
-The classical pipeline instead, or your own segmentation model::
+With the learned decoder (the bundled nuclei model, or your own)::
 
-    napari-mae segment nuclei.tif --method classical --out labels.tif
+    napari-mae segment nuclei.tif --method learned --out labels.tif
     napari-mae segment cells.tif --model run/best.pt --out labels.tif
 
 A volume with its voxel size, a few scribbles (1 = background, 2 = object) and the
@@ -66,15 +66,16 @@ def register(subparsers) -> None:
         "--method",
         choices=("auto", "learned", "classical"),
         default="auto",
-        help="learned: the MAE encoder's instance decoder; classical: the filter-bank pipeline; auto "
-        "(default): learned without scribbles when a segmentation model is available, else classical",
+        help="learned: the MAE encoder's instance decoder (--model, default the bundled default-2d); "
+        "classical: the filter-bank pipeline; auto (default): learned when --model names a segmentation "
+        "model and there are no --scribbles, else classical",
     )
     p.add_argument(
         "--model",
         default=None,
         metavar="default-2d|CHECKPOINT|none",
-        help="without --scribbles: the segmentation model of the learned method (default: the bundled "
-        "default-2d nuclei model); with --scribbles: masked-autoencoder features for the scribble "
+        help="without --scribbles: the segmentation model of the learned method (default-2d: the bundled "
+        "nuclei model, or a checkpoint of napari-mae train --labels); with --scribbles: masked-autoencoder features for the scribble "
         "classifier (default-2d, default-3d, a checkpoint or preset; default none: filter bank only)",
     )
     p.add_argument(

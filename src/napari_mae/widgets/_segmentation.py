@@ -101,6 +101,19 @@ class SegmentationWidget(JobWidget):
         row_layout.setContentsMargins(0, 0, 0, 0)
         row_layout.addWidget(self.scribbles, 1)
         row_layout.addWidget(self.new_scribbles)
+        self.method = magic_field(
+            "auto",
+            choices=("auto", "learned", "classical"),
+            tooltip="learned: a trained network finds the objects (MAE encoder + decoder; the bundled "
+            "default-2d knows fluorescent nuclei); classical: size and brightness rules estimated per "
+            "image; auto: learned when a segmentation model is named below and no scribbles are "
+            "painted, classical otherwise",
+        )
+        self.segmenter = magic_field(
+            "",
+            tooltip="Segmentation model of the learned method: empty or default-2d (bundled, fluorescent "
+            "nuclei), or the path of a model you trained (napari-mae train --labels)",
+        )
         self.use_model = QCheckBox("MAE features")
         self.use_model.setToolTip(
             "Also let the scribble classifier use what the trained network sees in the image "
@@ -140,6 +153,8 @@ class SegmentationWidget(JobWidget):
         form.addRow("image", self.image)
         form.addRow("channel axis", self.channel)
         form.addRow("4D input", self.time_mode)
+        form.addRow("method", self.method.native)
+        form.addRow("segmentation model", self.segmenter.native)
         form.addRow("scribbles", row)
         form.addRow(self.use_model, self.model)
         form.addRow("object radius", self.radius)
@@ -283,7 +298,19 @@ class SegmentationWidget(JobWidget):
                 if not ((scribbles == BACKGROUND).any() and (scribbles >= FOREGROUND).any()):
                     raise UserInputError("Paint both background (label 1) and objects (label 2) scribbles.")
                 scribbles = scribbles.copy()
-            model = self.model.spec() if self.use_model.isChecked() else None
+            method = self.method.value
+            if scribbles is not None and method == "learned":
+                raise UserInputError(
+                    "The learned method takes no scribbles: choose 'classical' or 'auto', or clear the "
+                    "scribbles layer."
+                )
+            named = str(self.segmenter.value).strip()
+            if scribbles is None:
+                model = (named or "default-2d") if method == "learned" else (named or None)
+                if method == "classical":
+                    model = None
+            else:
+                model = self.model.spec() if self.use_model.isChecked() else None
         except (UserInputError, ValueError) as exc:
             self.notify_error(str(exc))
             return
@@ -307,6 +334,7 @@ class SegmentationWidget(JobWidget):
                 lab, info = segment_instances(
                     prep.frame(i, fill_nan=False),
                     scribbles=scribbles,
+                    method=method,
                     model=model,
                     spacing=prep.spacing,
                     channel_axis=prep.channel_axis,
@@ -365,10 +393,16 @@ class SegmentationWidget(JobWidget):
         sizes = features[size_key]
         unit = prep.units
         power = "²" if prep.spatial_dims == 2 else "³"
-        text = (
-            f"{n_objects} objects ({info.get('mode', '')}); radius {_fmt(info.get('radius'))} {unit}, "
-            f"threshold {_fmt(info.get('threshold'))}"
-        )
+        if info.get("method") == "learned":
+            text = (
+                f"{n_objects} objects (learned, model {info.get('model', '')}); "
+                f"radius {_fmt(info.get('radius_found') or info.get('radius'))} {unit}"
+            )
+        else:
+            text = (
+                f"{n_objects} objects ({info.get('mode', '')}, classical); radius "
+                f"{_fmt(info.get('radius'))} {unit}, threshold {_fmt(info.get('threshold'))}"
+            )
         if len(sizes):
             text += f"; median {size_key} {np.median(sizes):.4g} {unit}{power}"
         work = info.get("working_shape")
