@@ -444,8 +444,8 @@ def multiscale_features(
     ----------
     image : ndarray, shape ``([Z,] Y, X)`` or with a channel axis
         Any real dtype; intensities are percentile-normalised per channel first, so
-        dtypes give the same features up to scaling. NaN pixels are filled with the
-        median before filtering.
+        dtypes give the same features up to scaling. Non-finite pixels become 0 (the
+        low percentile, see :func:`as_float_image`) before filtering.
     model : MaskedAutoencoder, str, path or None
         If given (a loaded model, a bundled name such as ``"default-2d"``, or a
         checkpoint path, resolved by :func:`napari_mae.models.mae.load_model`), MAE encoder

@@ -115,7 +115,7 @@ def test_toy_objective_under_torchrun_two_processes(tmp_path):
         str(script),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("finished 4 ") == 1  # 8 samples / 2 processes / batch 2 = 2 steps x 2 epochs
     assert "x 2 processes" in proc.stderr
