@@ -101,12 +101,12 @@ def save_figure(
     plt.close(fig)
 
 
-def _segment_and_score(image, gt, spacing, scribbles, model) -> tuple[np.ndarray, dict, dict]:
+def _segment_and_score(image, gt, spacing, scribbles, method="auto") -> tuple[np.ndarray, dict, dict]:
     from napari_mae.metrics import match_instances
     from napari_mae.segmentation import segment_instances
 
     t0 = time.perf_counter()
-    labels, info = segment_instances(image, scribbles=scribbles, model=model, spacing=spacing)
+    labels, info = segment_instances(image, scribbles=scribbles, method=method, spacing=spacing)
     seconds = time.perf_counter() - t0
     scores = match_instances(gt, labels, iou_threshold=0.5)
     scores["seconds"] = round(seconds, 2)
@@ -218,11 +218,13 @@ def run_demo(
             scribble_kw = {"n_objects": 8, "n_background": 8, "background_where": image > -500}
             modes = ["scribbles"]
         else:
-            gt_eval, scribble_kw, modes = gt, {}, ["auto", "scribbles"]
+            # "auto" is the classical pipeline; "learned" the bundled decoder on the MAE encoder
+            gt_eval, scribble_kw, modes = gt, {}, ["auto", "learned", "scribbles"]
         shown = None
         for mode in modes:
             scribbles = simulate_scribbles(gt_eval, seed=seed, **scribble_kw) if mode == "scribbles" else None
-            labels, info, scores = _segment_and_score(image, gt_eval, spacing, scribbles, None)
+            method = "learned" if mode == "learned" else "auto"
+            labels, info, scores = _segment_and_score(image, gt_eval, spacing, scribbles, method)
             write_tiff(out / f"{name}_labels_{mode}.tif", labels, spacing=spacing, unit=meta["unit"])
             entry["segmentation"][mode] = {"scores": scores, "info": info}
             if scribbles is not None:

@@ -20,7 +20,9 @@ def test_demo_2d_sample(tmp_path):
     rec = entry["reconstruction"]
     # The MAE must beat filling removed patches with the visible mean.
     assert rec["nrmse_masked"] < rec["nrmse_masked_mean_fill"]
-    for mode in ("auto", "scribbles"):
+    assert entry["segmentation"]["learned"]["info"]["method"] == "learned"
+    assert entry["segmentation"]["auto"]["info"]["method"] == "classical"
+    for mode in ("auto", "learned", "scribbles"):
         scores = entry["segmentation"][mode]["scores"]
         assert 0.0 <= scores["accuracy"] <= 1.0
         assert scores["n_pred"] > 0
