@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["iou_matrix", "match_instances", "summarize_matches", "match_dataset"]
+__all__ = ["iou_matrix", "match_instances", "match_instances_at", "summarize_matches", "match_dataset"]
 
 
 def _relabel(labels: np.ndarray) -> tuple[np.ndarray, int]:
@@ -109,9 +109,36 @@ def match_instances(gt: np.ndarray, pred: np.ndarray, *, iou_threshold: float = 
     ValueError
         If the shapes differ or ``iou_threshold`` is outside ``(0, 1]``.
     """
-    if not 0.0 < float(iou_threshold) <= 1.0:
-        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
-    n_gt, n_pred, gi, pj, iou = _pair_ious(gt, pred)
+    return match_instances_at(gt, pred, (iou_threshold,))[0]
+
+
+def match_instances_at(gt: np.ndarray, pred: np.ndarray, iou_thresholds) -> list[dict]:
+    """:func:`match_instances` at several IoU thresholds, the pair IoUs computed once.
+
+    Parameters
+    ----------
+    gt, pred : ndarray of int, shape ``([Z,] Y, X)``
+    iou_thresholds : sequence of float
+        Each in ``(0, 1]``.
+
+    Returns
+    -------
+    list of dict
+        One :func:`match_instances` result per threshold, in order.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ or a threshold is outside ``(0, 1]``.
+    """
+    for t in iou_thresholds:
+        if not 0.0 < float(t) <= 1.0:
+            raise ValueError(f"iou_threshold must be in (0, 1], got {t}")
+    pairs = _pair_ious(gt, pred)
+    return [_match_pairs(*pairs, float(t)) for t in iou_thresholds]
+
+
+def _match_pairs(n_gt, n_pred, gi, pj, iou, iou_threshold: float) -> dict:
     cand = iou >= iou_threshold
     gi, pj, iou = gi[cand], pj[cand], iou[cand]
     # Pairs whose objects are in no other candidate pair match as they are (always the

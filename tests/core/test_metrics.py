@@ -94,3 +94,26 @@ def test_sparse_matching_equals_the_dense_optimal_assignment(iou_threshold):
             rows, cols = linear_sum_assignment(np.where(valid, -iou, 0.0))
             tp = int(valid[rows, cols].sum())
         assert match_instances(a, b, iou_threshold=iou_threshold)["tp"] == tp
+
+
+def test_evaluate_computes_the_pair_ious_once_per_image(tmp_path, monkeypatch, capsys):
+    # cli/evaluate.py recomputed the pair IoUs for every threshold.
+    import tifffile
+
+    from napari_mae import metrics
+    from napari_mae.cli import main
+
+    gt = np.zeros((40, 40), np.uint16)
+    gt[5:15, 5:15], gt[20:35, 20:30] = 1, 2
+    pred = np.roll(gt, 2, axis=1)
+    for folder, arr in (("gt", gt), ("pred", pred)):
+        (tmp_path / folder).mkdir()
+        tifffile.imwrite(tmp_path / folder / "a.tif", arr)
+    calls = []
+    real = metrics._pair_ious
+    monkeypatch.setattr(metrics, "_pair_ious", lambda g, p: calls.append(1) or real(g, p))
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]
+    assert main([*args, "--iou", "0.3", "0.5", "0.7"]) == 0
+    assert len(calls) == 1
+    at = metrics.match_instances_at(gt, pred, (0.3, 0.5, 0.7))
+    assert at == [metrics.match_instances(gt, pred, iou_threshold=t) for t in (0.3, 0.5, 0.7)]

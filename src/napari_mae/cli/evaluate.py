@@ -74,7 +74,7 @@ def _load(path: Path):
 def run(args: argparse.Namespace) -> int:
     """Run ``evaluate``; return the exit code."""
     from napari_mae.cli import CLIError, check_output_path
-    from napari_mae.metrics import match_instances, summarize_matches
+    from napari_mae.metrics import match_instances_at, summarize_matches
 
     json_out = check_output_path(args.json, "--json", (".json",), what="JSON")  # before any work
     pred = _files(Path(args.pred))
@@ -93,8 +93,7 @@ def run(args: argparse.Namespace) -> int:
         if g.shape != p.shape:
             raise CLIError(f"{name}: prediction shape {p.shape} differs from ground truth {g.shape}")
         row = []
-        for t in args.iou:
-            m = match_instances(g, p, iou_threshold=t)
+        for t, m in zip(args.iou, match_instances_at(g, p, args.iou)):  # pair IoUs computed once
             per_image[t].append({"image": name, **m})
             row.append(f"{m['accuracy']:<9.3f}")
         print(f"{name:<32} " + " ".join(row))
