@@ -246,8 +246,9 @@ def segment_block(block: np.ndarray, params: GlobalParameters, *, method: str | 
     polarity inversion are linear), so the global threshold ``t`` on the volume's
     normalisation becomes ``t * (hi_g - lo_g) / (hi_b - lo_b)`` on the block's: the same cut
     in absolute intensity in every block. (Not exact only for the isolated hot/dead pixel
-    repair, which looks at values beyond the normalised range.) For other methods the
-    threshold is passed unchanged.
+    repair, which looks at values beyond the normalised range.) For the learned method the
+    threshold is passed unchanged (no ``model`` is passed: ``"learned"`` uses its bundled
+    default, ``"auto"`` the classical method).
 
     Parameters
     ----------
@@ -265,7 +266,7 @@ def segment_block(block: np.ndarray, params: GlobalParameters, *, method: str | 
     if not np.isfinite(x).any() or np.nanmax(x) == np.nanmin(x):
         return np.zeros(x.shape, np.uint32)
     thr = params.threshold
-    if method in (None, "classical"):
+    if method in (None, "classical", "auto"):  # no model is passed: "auto" runs the classical method
         lo_b, hi_b = _intensity_range(x)
         lo_g, hi_g = params.intensity_range
         thr = thr * (hi_g - lo_g) / (hi_b - lo_b)
