@@ -31,6 +31,7 @@ def test_training_offers_model(viewer, add_widget, qtbot, notifications, nuclei_
     assert "ETA" in widget.eta.text() or "finished" in widget.eta.text()
     # The trained model is offered (and chosen) in the other widgets.
     assert widget.model_name in registry.models
+    assert registry.patch_sizes[widget.model_name] == (8, 8)  # read in the worker from the checkpoint
     assert recon.model.combo.currentText() == widget.model_name
     assert seg.model.combo.findText(widget.model_name) >= 0
     # ... and it reconstructs an image.

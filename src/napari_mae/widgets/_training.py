@@ -399,6 +399,7 @@ class TrainingWidget(JobWidget):
                     yield from train(config, stop=stop_flag)
             finally:
                 release_gpu_memory()
+            return _checkpoint_patch_size(Path(config.output_dir))  # read here, not on the GUI thread
 
         if self.start_job(work, description="Training", on_returned=self._trained, on_yielded=self.on_update):
             self.resume_button.setEnabled(False)
@@ -474,11 +475,7 @@ class TrainingWidget(JobWidget):
         if path is None:
             self.notify_error("Training ended without writing a checkpoint.")
             return
-        patch_size = None
-        with contextlib.suppress(Exception):  # the list works without it (Masking then uses the default)
-            from napari_mae.io.checkpoint import load_checkpoint
-
-            patch_size = tuple(load_checkpoint(path)["config"]["patch_size"])
+        patch_size = _result if isinstance(_result, tuple) else None
         self.model_name = registry.add_model(
             f"trained: {self.output_dir.name}/{Path(path).name}", str(path), patch_size=patch_size
         )
@@ -493,3 +490,15 @@ def _free_folder(path: Path) -> Path:
     while (candidate := path.with_name(f"{path.name}-{i}")).exists() and (candidate / LAST).is_file():
         i += 1
     return candidate
+
+
+def _checkpoint_patch_size(folder: Path) -> tuple[int, ...] | None:
+    """Patch size of the run's checkpoint (best.pt, else last.pt), or None (worker thread)."""
+    from napari_mae._names import BEST
+
+    for name in (BEST, LAST):
+        with contextlib.suppress(Exception):  # the list works without it (Masking then uses the default)
+            from napari_mae.io.checkpoint import load_checkpoint
+
+            return tuple(int(p) for p in load_checkpoint(folder / name)["config"]["patch_size"])
+    return None
