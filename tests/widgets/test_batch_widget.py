@@ -53,7 +53,20 @@ def test_batch_widget_runs_a_folder(viewer, add_widget, qtbot, folder, tmp_path)
     assert [u.status for u in widget.updates] == ["failed", "skipped", "skipped", "skipped"]
 
 
-def test_batch_widget_stop_then_resume(viewer, add_widget, qtbot, folder, tmp_path):
+def test_batch_widget_stop_then_resume(viewer, add_widget, qtbot, folder, tmp_path, monkeypatch):
+    import time
+
+    import napari_mae.segmentation as seg
+
+    # Each file takes at least 1 s, so Stop after the first lands before the last one
+    # finishes even on a loaded machine (tiny files segment in milliseconds).
+    real = seg.segment_instances
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(seg, "segment_instances", slow)
     widget = add_widget("Batch")
     out = tmp_path / "out"
     widget.source.setText(str(folder / "img*.tif"))
