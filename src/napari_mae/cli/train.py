@@ -77,6 +77,14 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
     p.add_argument("--batch-size", type=int, default=8, help="crops per step and process (default 8)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument(
+        "--adversarial-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="MAE task: weight of the adversarial term; above 0 a patch discriminator trains alternately with "
+        "the MAE and judges its reconstructions (default 0: off)",
+    )
     p.add_argument("--samples-per-image", type=int, default=1, help="random crops per image and epoch")
     p.add_argument("--val-fraction", type=float, default=0.1, help="files held out for validation (0.1)")
     p.add_argument(
@@ -157,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         resume=args.resume,
         overwrite=args.overwrite,
+        adversarial_weight=args.adversarial_weight,
         patterns=args.pattern,
         exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE,
     )
@@ -170,6 +179,8 @@ def _run_segmentation(args: argparse.Namespace) -> int:
 
     if args.spatial_dims == 3:
         raise CLIError("the segmentation task trains a 2D decoder (volumes are segmented from their planes)")
+    if args.adversarial_weight:
+        raise CLIError("--adversarial-weight is for the MAE task; leave it out with --labels")
     config = SegmentationConfig(
         data_dir=args.data_dir if len(args.data_dir) > 1 else args.data_dir[0],
         labels_dir=args.labels,

@@ -7,6 +7,7 @@ Torch-free: the Training widget imports this on the GUI thread. The loop itself 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,6 +113,13 @@ class TrainConfig:
         Start afresh in an ``output_dir`` that already holds a run (its
         checkpoints are replaced). Without it, such a folder is refused unless
         ``resume`` is set, so a forgotten ``--resume`` never loses a run.
+    adversarial_weight : float
+        Weight of the adversarial term, >= 0 (0, the default, turns it off). Above 0 a
+        MONAI ``PatchDiscriminator`` trains alternately with the MAE on real crops
+        against composites (removed patches replaced by the reconstruction), and the
+        MAE loss gains ``adversarial_weight * L_adv``; see
+        :class:`napari_mae.training.objectives.MAEObjective`. The discriminator is
+        training state (kept in ``last.pt`` for ``resume``), not part of the model.
     """
 
     data_dir: Any
@@ -143,6 +151,7 @@ class TrainConfig:
     amp: bool | None = None
     resume: bool = False
     overwrite: bool = False
+    adversarial_weight: float = 0.0
 
     def validate(self) -> None:
         """Check ranges.
@@ -167,6 +176,11 @@ class TrainConfig:
             (self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0"),
             (self.spatial_dims in (None, 2, 3), "spatial_dims", "must be 2, 3 or None"),
             (self.cache in ("memory", "disk", "none"), "cache", "must be 'memory', 'disk' or 'none'"),
+            (
+                math.isfinite(self.adversarial_weight) and self.adversarial_weight >= 0,
+                "adversarial_weight",
+                "must be a finite number >= 0 (0 disables the adversarial term)",
+            ),
         ]
         for ok, name, why in checks:
             if not ok:
