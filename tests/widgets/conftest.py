@@ -10,13 +10,15 @@ PLUGIN = "napari-mae"
 @pytest.fixture(autouse=True)
 def config_dir(tmp_path, monkeypatch):
     """The registry of trained models lives in a temporary folder, never in the real home."""
-    from napari_mae.widgets._registry import CONFIG_DIR_ENV, registry
+    from napari_mae.widgets._registry import CONFIG_DIR_ENV, registry, segmenters
 
     folder = tmp_path / "config"
     monkeypatch.setenv(CONFIG_DIR_ENV, str(folder))
     registry.clear()
+    segmenters.clear()
     yield folder
     registry.clear()
+    segmenters.clear()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from psygnal import Signal
 
-from napari_mae._names import BUNDLED_MODELS
+from napari_mae._names import BUNDLED_MODELS, BUNDLED_SEGMENTERS
 
 #: Key of the patch-mask record in a mask layer's ``metadata``.
 MASK_KEY = "napari_mae_mask"
@@ -96,6 +96,11 @@ class Registry:
     One instance: :data:`registry`. The file is read on first use.
     """
 
+    #: Names of the models that ship with the plugin (listed first, never written to the file).
+    bundled: tuple[str, ...] = BUNDLED_MODELS
+    #: Name of the registry file in :func:`config_dir`.
+    file_name = "models.json"
+
     #: Emitted with no argument when a model is added or removed.
     models_changed = Signal()
     #: Emitted with no argument when the model chosen for reconstruction changes.
@@ -110,8 +115,8 @@ class Registry:
 
     @property
     def path(self) -> Path:
-        """The registry file, ``config_dir() / "models.json"``."""
-        return config_dir() / "models.json"
+        """The registry file, ``config_dir() / file_name`` (``models.json`` for the MAEs)."""
+        return config_dir() / self.file_name
 
     @property
     def models(self) -> dict[str, Any]:
@@ -132,7 +137,7 @@ class Registry:
                 name, path = str(entry["name"]), str(entry["path"])
             except (KeyError, TypeError):
                 continue
-            if not Path(path).is_file() or name in BUNDLED_MODELS:
+            if not Path(path).is_file() or name in self.bundled:
                 continue  # deleted since; not listed (the file keeps it until the next save)
             self._models.setdefault(name, path)
             if entry.get("patch_size"):
@@ -169,7 +174,7 @@ class Registry:
             name = existing.pop()  # the same file again (e.g. a resumed run): one entry
         else:
             base, i = name, 1
-            while name in self._models or name in BUNDLED_MODELS:
+            while name in self._models or name in self.bundled:
                 i += 1
                 name = f"{base} ({i})"
         self._models.pop(name, None)
@@ -198,7 +203,7 @@ class Registry:
 
     def model_names(self) -> list[str]:
         """Bundled names, then trained models, newest first."""
-        return list(BUNDLED_MODELS) + list(self.models)[::-1]
+        return list(self.bundled) + list(self.models)[::-1]
 
     def resolve(self, name: str) -> Any:
         """The spec to pass to ``load_model`` for a listed name."""
@@ -222,6 +227,25 @@ class Registry:
 
 
 registry = Registry()
+
+
+class SegmenterRegistry(Registry):
+    """Segmentation models (MAE encoder + instance decoder) a user trained or fine-tuned.
+
+    The same list as :class:`Registry`, kept apart from the MAEs (a segmentation
+    checkpoint is no MAE for the Reconstruction widget): the bundled
+    :data:`napari_mae._names.BUNDLED_SEGMENTERS` first, then trained ones, newest
+    first, in ``segmenters.json`` beside ``models.json``. The Training widget adds
+    each segmentation run it finishes (:meth:`add_model`); the Segmentation widget
+    lists :meth:`model_names` and passes :meth:`resolve` to the core.
+    """
+
+    bundled = tuple(BUNDLED_SEGMENTERS)
+    file_name = "segmenters.json"
+
+
+#: The one list of segmentation models.
+segmenters = SegmenterRegistry()
 
 
 def model_patch_size(spatial_dims: int) -> tuple[int, ...]:
