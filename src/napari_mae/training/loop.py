@@ -112,6 +112,15 @@ class LoopConfig:
         else float16 with a grad scaler). ``None``: on for CUDA, off elsewhere.
     resume, overwrite : bool
         Continue from ``output_dir / "last.pt"``; start afresh in a folder holding a run.
+    max_seconds : float or None
+        Time limit in seconds of wall-clock time, counted from the start of :func:`run`
+        (setup included); checked before every step. When it is reached the epoch under
+        way ends there (validation, ``last.pt``, ``best.pt`` if it improved) and a
+        ``"finished"`` update says so. None: no limit.
+    max_steps : int or None
+        End the same way once this many optimiser steps are done (in all, resumed steps
+        included). None: ``epochs`` decide. The learning-rate schedule still spans
+        ``epochs``; use ``min_lr = lr`` and no warm-up for a constant rate.
     """
 
     output_dir: str | os.PathLike
@@ -130,6 +139,14 @@ class LoopConfig:
     amp: bool | None = None
     resume: bool = False
     overwrite: bool = False
+    max_seconds: float | None = None
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_seconds is not None and not (self.max_seconds > 0 and math.isfinite(self.max_seconds)):
+            raise ValueError(f"max_seconds={self.max_seconds!r} must be a positive number of seconds or None")
+        if self.max_steps is not None and not (isinstance(self.max_steps, int) and self.max_steps >= 1):
+            raise ValueError(f"max_steps={self.max_steps!r} must be a positive integer or None")
 
 
 @dataclass
@@ -809,6 +826,16 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
     ips = 0.0
     model.train()
     start_epoch = step // steps_per_epoch
+    step_loss = train_loss = math.nan
+    limited = ""  # why the run ended before its epochs: the time or step limit
+
+    def _limit() -> str:
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            return f"the step limit ({cfg.max_steps} steps)"
+        if cfg.max_seconds is not None and time.perf_counter() - t_start >= cfg.max_seconds:
+            return f"the time limit ({cfg.max_seconds:g} s)"
+        return ""
+
     try:
         for epoch in range(start_epoch, cfg.epochs):
             sampler.set_epoch(epoch)
@@ -827,7 +854,14 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
             epoch_sum = epoch_n = 0.0
             t_prev = time.perf_counter()
             for batch in loader:
-                if dist.all_reduce_sum([float(_stop_requested(stop))], device)[0] > 0:
+                why = _limit()
+                stop_now, limit_now = dist.all_reduce_sum(
+                    [float(_stop_requested(stop)), float(bool(why))], device
+                )
+                if limit_now > 0 and not stop_now:
+                    limited = why or "the time limit of another process"
+                    break
+                if stop_now > 0:
                     ckpt = _save(LAST, epoch)
                     if dist.main:
                         yield _update(
@@ -917,6 +951,8 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
                     )
 
             # ---- end of epoch ------------------------------------------------------------
+            if limited and not epoch_n:
+                break  # the limit came before this epoch's first step: nothing to evaluate
             val_metrics = _validate(epoch)
             train_loss = epoch_sum / epoch_n if epoch_n else math.nan
             value = sign * val_metrics[objective.metric] if val_metrics is not None else train_loss
@@ -951,6 +987,8 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
                     + (" (best)" if improved else ""),
                     checkpoint=ckpt,
                 )
+            if limited:
+                break
         if dist.main:
             what = (
                 objective.metric_labels.get(objective.metric, objective.metric)
@@ -963,7 +1001,10 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
                 val_metrics,
                 loss=train_loss,
                 lr=last_lr,
-                message=f"finished {total_steps} steps in {time.perf_counter() - t_start:.0f} s; "
+                message=(
+                    f"stopped at {limited} after {step} steps" if limited else f"finished {total_steps} steps"
+                )
+                + f" in {time.perf_counter() - t_start:.0f} s; "
                 f"best {what} {sign * best if has_val else best:.4f} in {out / BEST}",
                 checkpoint=out / LAST,
             )
