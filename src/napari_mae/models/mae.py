@@ -670,14 +670,37 @@ class MaskedAutoencoder(MaskedAutoEncoderViT):
                     f"adversarial_weight={self.config.adversarial_weight} needs "
                     "discriminator=build_discriminator(model.config); set it to 0 to train without"
                 )
-            from monai.losses import PatchAdversarialLoss
-
-            logits = discriminator(self.composite(x, pred, mask))[-1]
-            adversarial = PatchAdversarialLoss(criterion="least_squares")(
-                logits, target_is_real=True, for_discriminator=False
-            )
-            loss = loss + self.config.adversarial_weight * adversarial
+            loss = loss + self.config.adversarial_weight * self.adversarial_loss(discriminator, x, pred, mask)
         return loss
+
+    def adversarial_loss(
+        self, discriminator: nn.Module, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Generator term of the least-squares patch GAN, unweighted: ``mean((D(composite) - 1)^2)``.
+
+        Least-squares GAN: Mao et al., *Least Squares Generative Adversarial Networks*,
+        ICCV 2017; MONAI's ``PatchAdversarialLoss(criterion="least_squares")``. Gradients
+        reach ``pred`` through the composite (removed patches from ``pred``, visible ones
+        from ``x``, :meth:`composite`).
+
+        Parameters
+        ----------
+        discriminator : nn.Module
+            From :func:`build_discriminator`.
+        x : Tensor, shape (B, C, *img_size)
+        pred : Tensor, shape (B, N, prod(patch_size) * C)
+        mask : Tensor of bool or float, shape (B, N); 1 = removed.
+
+        Returns
+        -------
+        Tensor, scalar float32
+        """
+        from monai.losses import PatchAdversarialLoss
+
+        logits = discriminator(self.composite(x, pred, mask))[-1]
+        return PatchAdversarialLoss(criterion="least_squares")(
+            logits.float(), target_is_real=True, for_discriminator=False
+        )
 
     def discriminator_loss(
         self, discriminator: nn.Module, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
@@ -693,8 +716,8 @@ class MaskedAutoencoder(MaskedAutoEncoderViT):
         from monai.losses import PatchAdversarialLoss
 
         criterion = PatchAdversarialLoss(criterion="least_squares")
-        fake = discriminator(self.composite(x, pred.detach(), mask))[-1]
-        real = discriminator(x)[-1]
+        fake = discriminator(self.composite(x, pred.detach(), mask))[-1].float()
+        real = discriminator(x)[-1].float()
         return 0.5 * (
             criterion(real, target_is_real=True, for_discriminator=True)
             + criterion(fake, target_is_real=False, for_discriminator=True)
