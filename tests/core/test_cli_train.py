@@ -121,7 +121,7 @@ def test_train_default_model_follows_the_data(
             image_folder / "vol.tif", np.stack([cell[i * 10 : i * 10 + 40, :40] for i in range(10)])
         )
     configs = []
-    monkeypatch.setattr(training, "train", lambda config: configs.append(config) or iter(()))
+    monkeypatch.setattr(training, "train", lambda config, **kw: configs.append(config) or iter(()))
     assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *extra]) == 0
     assert (configs[0].model, configs[0].spatial_dims) == (model, spatial_dims)
     assert ("vol.tif is a 3D volume" in capsys.readouterr().err) == (model == "default-3d")

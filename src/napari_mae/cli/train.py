@@ -16,12 +16,16 @@ from the bundled MAE encoder::
 
     napari-mae train images/ --labels labels/ --out seg_run --epochs 20
 
-Continue a stopped run with ``--resume`` (same ``--out``).
+Continue a stopped run with ``--resume`` (same ``--out``). Ctrl-C stops a run cleanly: it
+writes ``last.pt`` after the current step and prints the command that resumes it (a second
+Ctrl-C quits at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import threading
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -76,7 +80,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
     p.add_argument("--batch-size", type=int, default=8, help="crops per step and process (default 8)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    # No parser default for --lr and --samples-per-image: each task takes its config's
+    # (TrainConfig, SegmentationConfig), as the Training widget does.
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default 1e-3; 2e-3 with --labels)"
+    )
     p.add_argument(
         "--adversarial-weight",
         type=float,
@@ -85,7 +93,12 @@ def register(subparsers) -> None:
         help="MAE task: weight of the adversarial term; above 0 a patch discriminator trains alternately with "
         "the MAE and judges its reconstructions (default 0: off)",
     )
-    p.add_argument("--samples-per-image", type=int, default=1, help="random crops per image and epoch")
+    p.add_argument(
+        "--samples-per-image",
+        type=int,
+        default=None,
+        help="random crops per image and epoch (default 1; 4 with --labels)",
+    )
     p.add_argument("--val-fraction", type=float, default=0.1, help="files held out for validation (0.1)")
     p.add_argument(
         "--spacing",
@@ -154,8 +167,7 @@ def run(args: argparse.Namespace) -> int:
         mask_ratio=args.mask_ratio,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        lr=args.lr,
-        samples_per_image=args.samples_per_image,
+        **_given(args, "lr", "samples_per_image"),
         val_fraction=args.val_fraction,
         spacing=args.spacing,
         cache=args.cache,
@@ -169,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
         patterns=args.pattern,
         exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE,
     )
-    return _report(train(config), args)
+    stop = threading.Event()
+    return _report(train(config, stop=stop), args, stop)
 
 
 def _run_segmentation(args: argparse.Namespace) -> int:
@@ -188,8 +201,7 @@ def _run_segmentation(args: argparse.Namespace) -> int:
         model=args.model or "default-2d",
         epochs=args.epochs,
         batch_size=args.batch_size,
-        lr=args.lr,
-        samples_per_image=args.samples_per_image,
+        **_given(args, "lr", "samples_per_image"),
         val_fraction=args.val_fraction,
         frozen_epochs=args.frozen_epochs,
         num_workers=args.num_workers,
@@ -200,14 +212,71 @@ def _run_segmentation(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     try:
-        updates = train_segmentation(config)
-        return _report(updates, args)
+        stop = threading.Event()
+        return _report(train_segmentation(config, stop=stop), args, stop)
     except (ValueError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from None
 
 
-def _report(updates, args) -> int:
-    """Progress bar and messages of a run's updates; the exit code."""
+def _given(args: argparse.Namespace, *names: str) -> dict:
+    """The options among ``names`` given on the command line (the others keep the config's default)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(stop: threading.Event):
+    """While training: the first Ctrl-C sets ``stop`` (the loop writes last.pt), a second interrupts."""
+    import signal
+    import sys
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(
+            "\nCtrl-C: stopping after this step and saving last.pt (Ctrl-C again quits at once)",
+            file=sys.stderr,
+        )
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run: the user's own, with ``--resume`` instead of ``--overwrite``."""
+    import os
+    import shlex
+    import sys
+
+    argv = list(sys.argv[1:])
+    if "train" in argv and args.out in argv:
+        argv = argv[argv.index("train") :]
+    else:  # called as a function (tests, scripts): the options that name the run
+        argv = ["train", *args.data_dir, "--out", args.out]
+        argv += ["--labels", args.labels] if args.labels else []
+        argv += ["--model", str(args.model)] if args.model else []
+    argv = [a for a in argv if a not in ("--overwrite", "--resume")] + ["--resume"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    head = (
+        ["torchrun", "--nproc_per_node", str(world), "-m", "napari_mae.cli"] if world > 1 else ["napari-mae"]
+    )
+    return shlex.join(head + argv)
+
+
+def _report(updates, args, stop: threading.Event | None = None) -> int:
+    """Progress bar and messages of a run's updates; the exit code (130 after Ctrl-C)."""
+    with _ctrl_c_stops(stop) if stop is not None else contextlib.nullcontext():
+        return _report_updates(updates, args, stop)
+
+
+def _report_updates(updates, args, stop: threading.Event | None) -> int:
     import sys
 
     from tqdm import tqdm
@@ -237,6 +306,13 @@ def _report(updates, args) -> int:
                 print(update.message, file=sys.stderr)
             if update.kind == "failed":
                 code = 1
+            if update.kind == "stopped" and stop is not None and stop.is_set():
+                print(
+                    f"Interrupted: saved {update.checkpoint}; rerun with --resume to continue: "
+                    f"{_resume_command(args)}",
+                    file=sys.stderr,
+                )
+                code = 130
     if bar is not None:
         bar.close()
     return code
