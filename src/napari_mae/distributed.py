@@ -85,9 +85,19 @@ class GlobalParameters:
     bright_objects : bool
     threshold : float
         Foreground threshold on the background-subtracted image normalised by
-        ``intensity_range`` (the classical method's threshold).
+        ``intensity_range`` (the classical method's threshold); NaN for the learned method
+        (its decoder's maps are cut at its own fixed thresholds).
     spacing : tuple of float
         Physical size per axis.
+    method : {"classical", "learned"}
+        The method every block runs: the one that ran on the sample (``method="auto"``
+        is resolved there, once).
+
+    Raises
+    ------
+    ValueError
+        If the radius is not positive, the range is empty, the method unknown, or the
+        classical method has no finite threshold.
     """
 
     intensity_range: tuple[float, float]
@@ -95,6 +105,26 @@ class GlobalParameters:
     bright_objects: bool
     threshold: float
     spacing: tuple[float, ...]
+    method: str = "classical"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("classical", "learned"):
+            raise ValueError(f"method must be 'classical' or 'learned', got {self.method!r}")
+        if not (math.isfinite(self.object_radius) and self.object_radius > 0):
+            raise ValueError(f"object_radius must be a positive number, got {self.object_radius!r}")
+        lo, hi = self.intensity_range
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise ValueError(f"intensity_range must be finite with hi > lo, got {self.intensity_range!r}")
+        if self.method == "classical" and not math.isfinite(self.threshold):
+            raise ValueError(f"the classical method needs a finite threshold, got {self.threshold!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GlobalParameters:
+        """From :func:`dataclasses.asdict` after a JSON round trip (lists, None for NaN)."""
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if d.get("threshold") is None:
+            d["threshold"] = float("nan")
+        return cls(**d)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -138,12 +168,61 @@ def _central_crop(shape: Sequence[int], max_voxels: int) -> tuple[slice, ...]:
     return tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(shape, side))
 
 
+def sample_crops(shape: Sequence[int], sample_voxels: int, n_samples: int = 4) -> list[tuple[slice, ...]]:
+    """Where the global parameters are estimated: crops of full resolution.
+
+    The whole volume when it holds at most ``sample_voxels``; else ``n_samples`` crops of
+    ``sample_voxels / n_samples`` each, centred on points spread along the volume's
+    longest axis (in its middle along the others), so that they can run in parallel on
+    the workers and see more of the volume than one central crop.
+
+    Returns
+    -------
+    list of tuple of slice
+        One tuple of ``len(shape)`` slices per crop.
+    """
+    shape = tuple(int(n) for n in shape)
+    if float(np.prod(shape)) <= sample_voxels or n_samples <= 1:
+        return [_central_crop(shape, sample_voxels)]
+    one = _central_crop(shape, sample_voxels // n_samples)
+    side = [s.stop - s.start for s in one]
+    axis = int(np.argmax([n - s for n, s in zip(shape, side)]))  # most room to spread the crops
+    crops = []
+    for k in range(n_samples):
+        c = (k + 0.5) / n_samples * shape[axis]
+        start = int(round(min(max(c - side[axis] / 2, 0), shape[axis] - side[axis])))
+        crop = list(one)
+        crop[axis] = slice(start, start + side[axis])
+        crops.append(tuple(crop))
+    return crops
+
+
 def _intensity_range(x: np.ndarray) -> tuple[float, float]:
     """The range ``segment_instances`` normalises one array by (``as_float_image``)."""
     from napari_mae.preprocess import percentile_range
 
     lo, hi = percentile_range(x[None], 1.0, 99.8)
     return float(lo[0]), float(hi[0])
+
+
+def _sample_info(image, crop, sp, object_radius, bright_objects, method, model) -> dict:
+    """``segment_instances``' info on one sample crop, its range; a task for the workers."""
+    from napari_mae.segmentation import segment_instances
+
+    sample = _read(image, crop).astype(np.float32, copy=False)
+    if method == "learned" or (method in (None, "auto") and model is not None):
+        _one_torch_thread_per_worker()
+    _, info = segment_instances(
+        sample,
+        spacing=sp,
+        object_radius=object_radius,
+        bright_objects=bright_objects,
+        **_method_kwargs(method, model),
+    )
+    lo_s, hi_s = _intensity_range(sample)
+    keep = ("n_objects", "radius", "radius_planes", "threshold", "bright_objects", "method", "message")
+    out = {k: info[k] for k in keep if k in info}
+    return dict(out, range=(lo_s, hi_s), crop=[[s.start, s.stop] for s in crop])
 
 
 def estimate_global_parameters(
@@ -154,39 +233,54 @@ def estimate_global_parameters(
     threshold: float | None = None,
     bright_objects: bool | None = None,
     sample_voxels: int = 2**22,
+    n_samples: int = 4,
     method: str | None = None,
+    model=None,
+    client=None,
 ) -> tuple[GlobalParameters, dict]:
     """Estimate normalisation, polarity, radius and threshold once for a whole volume.
 
     Parameters
     ----------
     image : ndarray, zarr.Array or dask.array.Array, shape ``([Z,] Y, X)``
-        One channel; read lazily (a strided subsample for the range, a central crop).
+        One channel; read lazily (a strided subsample for the range, the sample crops).
     spacing : sequence of float or None
         Physical size per axis; None is isotropic 1.
     object_radius, threshold, bright_objects
         Given values are kept; the others are estimated. ``threshold`` is in units of the
         volume's normalised intensity (:attr:`GlobalParameters.threshold`).
     sample_voxels : int
-        Size of the central crop (full resolution) that ``segment_instances`` estimates
-        the radius, polarity and threshold on.
-    method : str or None
-        Passed to ``segment_instances`` (None: its default).
+        Voxels (full resolution) that ``segment_instances`` estimates the radius,
+        polarity and threshold on, in :func:`sample_crops` (``n_samples`` crops; one crop,
+        the whole volume, when it is no larger). Per crop with objects: its radius, its
+        polarity and its threshold in the volume's units; the median radius, the majority
+        polarity (bright on a tie) and the median threshold are kept.
+    n_samples : int
+        Number of crops for a volume larger than ``sample_voxels`` (independent of the
+        number of workers, so 1 and N workers get the same parameters).
+    method : {"auto", "learned", "classical"} or None
+        ``segment_instances``' method (None: its default, ``"auto"``); the method that ran
+        on the sample is the one every block runs (:attr:`GlobalParameters.method`).
+    model : str, path, InstanceDecoder or None
+        The learned method's segmentation model (``segment_instances(model=...)``).
+    client : distributed.Client or None
+        Runs the sample crops in parallel on its workers; None: here, one after the other.
 
     Returns
     -------
     params : GlobalParameters
     info : dict
-        The sample's ``segment_instances`` info, ``sample`` (its slices as lists).
+        ``samples``: per crop, its ``segment_instances`` info (``n_objects``, ``radius``,
+        ``threshold``, ``bright_objects``, ``method``, ``message``), ``range`` and
+        ``crop`` (slices as ``[start, stop]`` lists).
 
     Raises
     ------
     ValueError
-        If the image is not 2D/3D, has no finite pixel, or the sample has no object and
+        If the image is not 2D/3D, has no finite pixel, or no sample has an object and
         no ``object_radius``/``threshold`` were given.
     """
     from napari_mae.preprocess import percentile_range
-    from napari_mae.segmentation import segment_instances
 
     ndim = len(image.shape)
     if ndim not in (2, 3):
@@ -196,65 +290,139 @@ def estimate_global_parameters(
     sp = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * ndim
     if len(sp) != ndim:
         raise ValueError(f"spacing must have {ndim} values, got {sp}")
-    lo, hi = percentile_range(_as_dask(image)[None], 1.0, 99.8)
+    crops = sample_crops(image.shape, sample_voxels, n_samples)
+    args = (sp, object_radius, bright_objects, method)
+    if client is None:
+        lo, hi = percentile_range(_as_dask(image)[None], 1.0, 99.8)
+        samples = [_sample_info(image, crop, *args, model) for crop in crops]
+    else:
+        src = _shippable(client, image)
+        model_f = _shippable_model(client, model)
+        futures = [client.submit(_sample_info, src, crop, *args, model_f, pure=False) for crop in crops]
+        lo, hi = percentile_range(_as_dask(image)[None], 1.0, 99.8)  # meanwhile, on this client
+        samples = client.gather(futures)
     lo_g, hi_g = float(lo[0]), float(hi[0])
-    crop = _central_crop(image.shape, sample_voxels)
-    sample = _read(image, crop).astype(np.float32, copy=False)
-    _, info = segment_instances(
-        sample,
-        spacing=sp,
-        object_radius=object_radius,
-        bright_objects=bright_objects,
-        **_method_kwargs(method),
-    )
-    lo_s, hi_s = _intensity_range(sample)
-    radius = float(object_radius if object_radius is not None else info["radius"])
-    if threshold is None:
-        thr_s = float(info.get("threshold", float("nan")))
-        if not (math.isfinite(thr_s) and math.isfinite(radius)) or info.get("n_objects", 0) == 0:
+    found = [s for s in samples if s.get("n_objects", 0) > 0]
+    used = found or samples
+    methods = {s.get("method", "classical") for s in used}
+    run_method = "learned" if "learned" in methods else "classical"
+    if object_radius is not None:
+        radius = float(object_radius)
+    else:
+        # The learned 3D path measures the objects on a few planes (radius_planes).
+        radii = [s.get("radius_planes") or s.get("radius", float("nan")) for s in found]
+        radii = [float(r) for r in radii if r is not None and math.isfinite(r)]
+        radius = float(np.median(radii)) if radii else float("nan")
+    if bright_objects is None:
+        votes = [bool(s["bright_objects"]) for s in used if "bright_objects" in s]
+        bright_objects = sum(votes) * 2 >= len(votes) if votes else True
+    if threshold is None and run_method == "classical":
+        # Each sample was normalised by its own range; its cut in the volume's units.
+        cuts = [
+            float(s["threshold"]) * (s["range"][1] - s["range"][0]) / (hi_g - lo_g)
+            for s in found
+            if math.isfinite(float(s.get("threshold", float("nan"))))
+        ]
+        if not cuts:
+            sizes = ", ".join(str(tuple(b - a for a, b in s["crop"])) for s in samples)
+            msgs = "; ".join(sorted({s.get("message") or "none found" for s in samples}))
             raise ValueError(
-                f"the central sample {tuple(s.stop - s.start for s in crop)} of the volume has no object "
-                f"({info.get('message') or 'none found'}); give the object radius and threshold "
-                "(--radius, --threshold) or a larger sample"
+                f"the sample crops ({sizes}) of the volume have no object ({msgs}); give the object radius "
+                "and threshold (--radius, --threshold) or a larger sample"
             )
-        # The sample was normalised by its own range; the same cut in the volume's units.
-        threshold = thr_s * (hi_s - lo_s) / (hi_g - lo_g)
+        threshold = float(np.median(cuts))
+    elif threshold is None:
+        threshold = float("nan")
+    if not found and object_radius is None:
+        raise ValueError(
+            "the sample crops of the volume have no object; give the object radius (--radius) or a larger sample"
+        )
     if not math.isfinite(radius) or radius <= 0:
         raise ValueError(f"no object radius could be estimated from the sample (got {radius}); give --radius")
     params = GlobalParameters(
         intensity_range=(lo_g, hi_g),
         object_radius=radius,
-        bright_objects=bool(info["bright_objects"] if bright_objects is None else bright_objects),
+        bright_objects=bool(bright_objects),
         threshold=float(threshold),
         spacing=sp,
+        method=run_method,
     )
-    info = dict(info, sample=[[s.start, s.stop] for s in crop])
-    return params, info
+    return params, {"samples": samples}
 
 
-def _method_kwargs(method: str | None) -> dict:
-    # segment_instances(method=...) is passed only when asked for, so this module works
-    # with versions of it that have a single (classical) method.
-    return {} if method is None else {"method": method}
+def _method_kwargs(method: str | None, model=None) -> dict:
+    # method= and model= are passed only when given (segment_instances' own defaults).
+    kw: dict[str, Any] = {} if method is None else {"method": method}
+    if model is not None:
+        kw["model"] = model
+    return kw
 
 
-def segment_block(block: np.ndarray, params: GlobalParameters, *, method: str | None = None) -> np.ndarray:
+def _one_torch_thread_per_worker() -> None:
+    """In a dask worker: torch uses as many threads as the worker has (1 by default).
+
+    dask's nanny sets ``OMP_NUM_THREADS=1`` before a worker process starts, but not for
+    thread workers nor where the config changes it; two single-threaded workers on two
+    cores must not each start a torch thread pool of two.
+    """
+    try:
+        from distributed import get_worker
+
+        n = int(get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):  # not in a worker
+        return
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def _shippable(client, image):
+    """What the tasks get for ``image``: a scattered numpy array, or a lazy reader."""
+    if isinstance(image, np.ndarray):
+        [image_f] = client.scatter([image], broadcast=True, hash=False)
+        return image_f
+    # Not a dask collection in the task's arguments (the client would compute it whole
+    # first): each worker reads its own block from the (Zarr-backed) array.
+    return _Source(image)
+
+
+def _shippable_model(client, model):
+    """A model given as an object is sent once to every worker; names and paths as text.
+
+    A path travels as an absolute path (the workers of a remote scheduler must see the
+    same file system); each worker process loads it once
+    (:func:`napari_mae.segmentation.learned.cached_segmenter`).
+    """
+    if model is None:
+        return None
+    if isinstance(model, (str, os.PathLike)):
+        p = Path(model)
+        return str(p.resolve()) if p.is_file() else str(model)
+    [model_f] = client.scatter([model], broadcast=True, hash=False)
+    return model_f
+
+
+def segment_block(block: np.ndarray, params: GlobalParameters, *, model=None) -> np.ndarray:
     """Segment one block with the global parameters.
 
-    ``segment_instances`` normalises its input by the input's own 1st/99.8th percentiles;
-    the classical pipeline is equivariant to that affine map (smoothing, top-hat and
-    polarity inversion are linear), so the global threshold ``t`` on the volume's
-    normalisation becomes ``t * (hi_g - lo_g) / (hi_b - lo_b)`` on the block's: the same cut
-    in absolute intensity in every block. (Not exact only for the isolated hot/dead pixel
-    repair, which looks at values beyond the normalised range.) For the learned method the
-    threshold is passed unchanged (no ``model`` is passed: ``"learned"`` uses its bundled
-    default, ``"auto"`` the classical method).
+    Classical method: ``segment_instances`` normalises its input by the input's own
+    1st/99.8th percentiles; the classical pipeline is equivariant to that affine map
+    (smoothing, top-hat and polarity inversion are linear), so the global threshold ``t``
+    on the volume's normalisation becomes ``t * (hi_g - lo_g) / (hi_b - lo_b)`` on the
+    block's: the same cut in absolute intensity in every block. (Not exact only for the
+    isolated hot/dead pixel repair, which looks at values beyond the normalised range.)
+    Learned method: the radius and polarity are passed; the decoder's maps are cut at its
+    own thresholds. (The block is still normalised by its own percentiles, and the 3D
+    decoder re-measures the radius on a few of the block's planes: two limits of
+    ``segment_instances`` that the face stitching absorbs, not an equivalence.)
 
     Parameters
     ----------
     block : ndarray, shape ``([Z,] Y, X)``
     params : GlobalParameters
-    method : str or None
+    model : str, path, InstanceDecoder or None
+        The learned method's segmentation model (None: the bundled ``default-2d``).
 
     Returns
     -------
@@ -265,18 +433,19 @@ def segment_block(block: np.ndarray, params: GlobalParameters, *, method: str | 
     x = np.asarray(block, dtype=np.float32)
     if not np.isfinite(x).any() or np.nanmax(x) == np.nanmin(x):
         return np.zeros(x.shape, np.uint32)
-    thr = params.threshold
-    if method in (None, "classical", "auto"):  # no model is passed: "auto" runs the classical method
+    if params.method == "learned":
+        _one_torch_thread_per_worker()
+        kw = {"method": "learned", "model": model}
+    else:
         lo_b, hi_b = _intensity_range(x)
         lo_g, hi_g = params.intensity_range
-        thr = thr * (hi_g - lo_g) / (hi_b - lo_b)
+        kw = {"method": "classical", "threshold": params.threshold * (hi_g - lo_g) / (hi_b - lo_b)}
     labels, _ = segment_instances(
         x,
         spacing=params.spacing,
         object_radius=params.object_radius,
-        threshold=thr,
         bright_objects=params.bright_objects,
-        **_method_kwargs(method),
+        **kw,
     )
     return labels.astype(np.uint32, copy=False)
 
@@ -339,11 +508,11 @@ def _block_name(index) -> str:
     return "b_" + "_".join(str(i) for i in index) + ".npz"
 
 
-def _run_block(image, index, outer, inner, core, raw_path: str, blocks_dir: str, params, method) -> int:
+def _run_block(image, index, outer, inner, core, raw_path: str, blocks_dir: str, params, model) -> int:
     """Segment one block, write its core into the raw Zarr array and its record; return n."""
     import zarr
 
-    labels = segment_block(_read(image, outer), params, method=method)
+    labels = segment_block(_read(image, outer), params, model=model)
     ids = np.unique(labels[inner])
     ids = ids[ids > 0]
     lut = np.zeros(int(labels.max()) + 1, np.uint32)
@@ -544,7 +713,9 @@ def segment_blockwise(
     threshold: float | None = None,
     bright_objects: bool | None = None,
     method: str | None = None,
+    model=None,
     sample_voxels: int = 2**22,
+    n_samples: int = 4,
     client=None,
     overwrite: bool = False,
     resume: bool = False,
@@ -566,8 +737,10 @@ def segment_blockwise(
         Block cores = the output's chunks; default :func:`default_block_shape`.
     overlap : sequence of int or None
         Pixels per side; at least :func:`block_overlap` (2 object diameters) is used.
-    object_radius, threshold, bright_objects, method, sample_voxels
-        See :func:`estimate_global_parameters`.
+    object_radius, threshold, bright_objects, method, model, sample_voxels, n_samples
+        See :func:`estimate_global_parameters`. ``model`` (the learned method's) is best
+        a name or a path: each worker loads it once; a model object is sent to every
+        worker once.
     client : distributed.Client or None
         Where the blocks run; None: one after the other in this process.
     overwrite, resume
@@ -609,9 +782,9 @@ def segment_blockwise(
     run_file = work / "run.json"
     if state == "resume" and run_file.is_file():
         run = json.loads(run_file.read_text())
-        params = GlobalParameters(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in run["parameters"].items()}
-        )
+        params = GlobalParameters.from_dict(run["parameters"])
+        if run.get("model") is not None and model is not None and str(run["model"]) != _model_name(model):
+            raise ValueError(f"--resume: {out} was started with the model {run['model']}, not {model}")
         bshape, ov = tuple(run["block_shape"]), tuple(run["overlap"])
         if tuple(run["shape"]) != tuple(image.shape):
             raise ValueError(f"--resume: {out} was started on shape {run['shape']}, not {tuple(image.shape)}")
@@ -619,7 +792,8 @@ def segment_blockwise(
         report(progress, 0, 1, "estimating parameters on a sample")
         params, _ = estimate_global_parameters(
             image, spacing=spacing, object_radius=object_radius, threshold=threshold,
-            bright_objects=bright_objects, sample_voxels=sample_voxels, method=method,
+            bright_objects=bright_objects, sample_voxels=sample_voxels, n_samples=n_samples,
+            method=method, model=model, client=client,
         )  # fmt: skip
         r_px = [params.object_radius / s for s in params.spacing]
         need = block_overlap(r_px)
@@ -633,8 +807,11 @@ def segment_blockwise(
         zarr.create_array(
             raw_path, shape=tuple(image.shape), chunks=bshape, dtype="uint32", fill_value=0, overwrite=True
         )
-        run = {"parameters": asdict(params), "block_shape": bshape, "overlap": ov, "shape": list(image.shape)}
-        run_file.write_text(json.dumps(run))
+        run = {
+            "parameters": _jsonable(asdict(params)), "block_shape": bshape, "overlap": ov,
+            "shape": list(image.shape), "model": None if model is None else _model_name(model),
+        }  # fmt: skip
+        run_file.write_text(json.dumps(run, allow_nan=False))
     stages = {"parameters": time.perf_counter() - t0}
     grid = list(block_grid(image.shape, bshape, ov))
     counts = [-(-n // b) for n, b in zip(image.shape, bshape)]
@@ -651,11 +828,11 @@ def segment_blockwise(
     report(progress, n_reused, total, "segmenting blocks")
     if client is None:
         for index, core, outer, inner in todo:
-            _run_block(image, index, outer, inner, core, raw_path, str(blocks_dir), params, method)
+            _run_block(image, index, outer, inner, core, raw_path, str(blocks_dir), params, model)
             records[index] = _load_record(blocks_dir / _block_name(index))
             report(progress, len(records), total, "segmenting blocks")
     elif todo:
-        _run_distributed(client, image, todo, raw_path, blocks_dir, params, method, records, total, progress)
+        _run_distributed(client, image, todo, raw_path, blocks_dir, params, model, records, total, progress)
     stages["blocks"] = time.perf_counter() - t0 - sum(stages.values())
     report(progress, total, total, "stitching block faces")
     lut, offsets, n_links = _stitch(grid, records, counts)
@@ -673,9 +850,13 @@ def segment_blockwise(
         "block_shape": list(bshape),
         "overlap": list(ov),
         "parameters": asdict(params),
+        "method": params.method,
+        "model": _model_name("default-2d" if model is None else model)
+        if params.method == "learned"
+        else None,
     }
     group = zarr.open_group(str(out), mode="r+")
-    group.attrs["napari-mae"] = json.loads(json.dumps({k: v for k, v in result.items() if k != "out"}))
+    group.attrs["napari-mae"] = _jsonable({k: v for k, v in result.items() if k != "out"})
     shutil.rmtree(work, ignore_errors=True)
     report(progress, total, total, "done")
     result["seconds"] = time.perf_counter() - t0
@@ -683,7 +864,20 @@ def segment_blockwise(
     return result
 
 
-def _run_distributed(client, image, todo, raw_path, blocks_dir, params, method, records, total, progress):
+def _model_name(model) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        p = Path(model)
+        return str(p.resolve()) if p.is_file() else str(model)
+    return str(getattr(model, "source", type(model).__name__))
+
+
+def _jsonable(d: dict) -> dict:
+    from napari_mae._json import to_jsonable
+
+    return json.loads(json.dumps(to_jsonable(d), allow_nan=False))
+
+
+def _run_distributed(client, image, todo, raw_path, blocks_dir, params, model, records, total, progress):
     from distributed import as_completed
     from distributed.client import FutureCancelledError
 
@@ -692,18 +886,16 @@ def _run_distributed(client, image, todo, raw_path, blocks_dir, params, method, 
     except ImportError:  # pragma: no cover
         from distributed import KilledWorker
 
-    if isinstance(image, np.ndarray):
-        [image_f] = client.scatter([image], broadcast=True)
-    else:
-        # Not a dask collection in the task's arguments (the client would compute it
-        # whole first): each worker reads its own block from the (Zarr-backed) array.
-        image_f = _Source(image)
+    image_f = _shippable(client, image)
+    model_f = _shippable_model(client, model)
     futures = {}
     for index, core, outer, inner in todo:
+        # Largest blocks first (the volume's edge blocks are smaller): the last round of
+        # a run keeps every worker busy as long as possible.
         f = client.submit(
-            _run_block, image_f, index, outer, inner, core, raw_path, str(blocks_dir), params, method,
+            _run_block, image_f, index, outer, inner, core, raw_path, str(blocks_dir), params, model_f,
             key=f"napari-mae-block-{'-'.join(map(str, index))}-{os.getpid()}-{time.time_ns()}",
-            pure=False,
+            pure=False, priority=int(np.prod([s.stop - s.start for s in outer])),
         )  # fmt: skip
         futures[f] = index
     try:

@@ -231,21 +231,163 @@ def test_scheduler_that_does_not_answer_fails_within_seconds():
     assert time.perf_counter() - t0 < 10
 
 
-def test_method_is_passed_through(monkeypatch):
+def test_block_gets_the_method_model_and_parameters(monkeypatch):
     import napari_mae.segmentation as seg
+    from napari_mae.distributed import segment_block
 
     seen = {}
 
     def fake(image, **kw):
+        seen.clear()
         seen.update(kw)
         return np.zeros(np.shape(image), np.uint32), {}
 
     monkeypatch.setattr(seg, "segment_instances", fake)
-    from napari_mae.distributed import segment_block
+    block = np.random.default_rng(0).random((16, 16))
+    learned = GlobalParameters((0.0, 1.0), 2.0, True, float("nan"), (1.0, 1.0), method="learned")
+    segment_block(block, learned, model="run/best.pt")
+    assert seen["method"] == "learned" and seen["model"] == "run/best.pt" and seen["object_radius"] == 2.0
+    assert "threshold" not in seen  # the decoder's own thresholds
+    classical = GlobalParameters((0.0, 2.0), 2.0, True, 0.3, (1.0, 1.0))
+    segment_block(block, classical, model="ignored")
+    lo, hi = np.percentile(block, [1.0, 99.8])
+    assert seen["method"] == "classical" and "model" not in seen
+    assert seen["threshold"] == pytest.approx(0.3 * 2.0 / (hi - lo))  # the same absolute cut
 
-    params = GlobalParameters((0.0, 1.0), 2.0, True, 0.3, (1.0, 1.0))
-    segment_block(np.random.default_rng(0).random((16, 16)), params, method="learned")
-    assert seen["method"] == "learned" and seen["threshold"] == 0.3 and seen["object_radius"] == 2.0
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(method="auto"), "method"),
+        (dict(object_radius=0.0), "object_radius"),
+        (dict(intensity_range=(1.0, 1.0)), "intensity_range"),
+        (dict(threshold=float("nan")), "finite threshold"),
+    ],
+)
+def test_global_parameters_bad(kwargs, match):
+    good = dict(
+        intensity_range=(0.0, 1.0), object_radius=2.0, bright_objects=True, threshold=0.3, spacing=(1.0,)
+    )
+    with pytest.raises(ValueError, match=match):
+        GlobalParameters(**{**good, **kwargs})
+
+
+def test_sample_crops_spread_and_sized():
+    from napari_mae.distributed import sample_crops
+
+    assert sample_crops((8, 8), 1000) == [(slice(0, 8), slice(0, 8))]  # small: the whole image
+    crops = sample_crops((40, 200, 60), 40 * 60 * 60, n_samples=4)
+    assert len(crops) == 4
+    starts = [c[1].start for c in crops]
+    assert starts == sorted(starts) and len(set(starts)) == 4  # spread along Y, the longest axis
+    for c in crops:
+        assert all(0 <= s.start < s.stop <= n for s, n in zip(c, (40, 200, 60)))
+        assert np.prod([s.stop - s.start for s in c]) <= 1.2 * 40 * 60 * 60 / 4
+
+
+def test_parameters_on_the_workers_equal_those_here():
+    img, _ = _spheres()
+    kw = dict(sample_voxels=img.size // 2, n_samples=4)
+    here, info = estimate_global_parameters(img, **kw)
+    assert len(info["samples"]) == 4
+    with dask_client(2, processes=False) as client:
+        there, _ = estimate_global_parameters(img, client=client, **kw)
+    assert there == here
+
+
+def _disks_2d(shape=(128, 128), step=22, r=6, seed=0):
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(seed)
+    gt = np.zeros(shape, np.int32)
+    k = 0
+    for cy in range(12, shape[0] - 8, step):
+        for cx in range(12, shape[1] - 8, step):
+            k += 1
+            gt[disk((cy + rng.integers(-2, 3), cx + rng.integers(-2, 3)), r, shape=shape)] = k
+    img = ndi.gaussian_filter((gt > 0).astype(np.float32), 1) + 0.05 * rng.standard_normal(shape)
+    return img.astype(np.float32), gt
+
+
+@pytest.fixture
+def segmenter_copy(tmp_path):
+    """The bundled nuclei model under a new path (a fresh cache key)."""
+    import shutil
+
+    from napari_mae._names import bundled_segmenter_path
+
+    src = bundled_segmenter_path("default-2d")
+    if src is None or not src.is_file():
+        pytest.skip("no bundled segmentation model")
+    dst = tmp_path / "seg.pt"
+    shutil.copy(src, dst)
+    return dst
+
+
+def test_learned_blockwise_loads_the_model_once_and_matches_in_memory(tmp_path, monkeypatch, segmenter_copy):
+    import napari_mae.models.decoder as decoder
+    from napari_mae.segmentation.metrics import match_instances
+
+    loads = []
+    real = decoder.load_segmenter
+    monkeypatch.setattr(
+        decoder, "load_segmenter", lambda spec, *a, **k: (loads.append(spec), real(spec, *a, **k))[1]
+    )
+    img, gt = _disks_2d()
+    out = tmp_path / "o.zarr" / "labels" / "seg"
+    res = segment_blockwise(img, out, method="learned", model=segmenter_copy, block_shape=(64, 64))
+    assert res["blocks"] == 4 and res["method"] == "learned" and res["parameters"]["method"] == "learned"
+    assert res["model"] == str(segmenter_copy.resolve())
+    assert len(loads) == 1  # a path: loaded once for the sample and every block
+    lab = np.asarray(zarr.open_array(str(out / "s0")))
+    ref, info = segment_instances(img, method="learned", model=segmenter_copy)
+    assert info["method"] == "learned"
+    assert match_instances(ref, lab)["f1"] >= 0.95 and match_instances(gt, lab)["f1"] >= 0.9
+    # An MAE (not a segmentation model) with method="learned" is an error, not a silent classical run.
+    with pytest.raises(Exception, match="segmentation"):
+        from napari_mae._names import bundled_weights_path
+
+        segment_blockwise(
+            img,
+            tmp_path / "p.zarr" / "labels" / "seg",
+            method="learned",
+            model=bundled_weights_path("default-2d"),
+        )
+
+
+def test_learned_on_thread_workers_same_labels(tmp_path, segmenter_copy):
+    img, _ = _disks_2d()
+    kw = dict(method="learned", model=str(segmenter_copy), block_shape=(64, 64))
+    ref = segment_blockwise(img, tmp_path / "a.zarr" / "labels" / "seg", **kw)
+    with dask_client(2, processes=False) as client:
+        res = segment_blockwise(img, tmp_path / "b.zarr" / "labels" / "seg", client=client, **kw)
+    assert res["method"] == "learned" and res["n_objects"] == ref["n_objects"] > 0
+    a = np.asarray(zarr.open_array(str(tmp_path / "a.zarr" / "labels" / "seg" / "s0")))
+    b = np.asarray(zarr.open_array(str(tmp_path / "b.zarr" / "labels" / "seg" / "s0")))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_learned_blocks_use_one_torch_thread_per_worker_thread(tmp_path, monkeypatch):
+    import torch
+
+    import napari_mae.segmentation as seg
+
+    seen = []
+
+    def fake(image, **kw):  # records the torch threads of the thread that segments
+        seen.append(torch.get_num_threads())
+        info = {"method": "learned", "n_objects": 1, "radius": 5.0, "bright_objects": True}
+        return np.zeros(np.shape(image), np.uint32), dict(info, threshold=float("nan"))
+
+    monkeypatch.setattr(seg, "segment_instances", fake)
+    img, _ = _disks_2d()
+    with dask_client(1, processes=False) as client:
+        client.submit(torch.set_num_threads, 2, pure=False).result()  # the worker's one thread
+        assert client.submit(torch.get_num_threads, pure=False).result() == 2
+        segment_blockwise(
+            img, tmp_path / "o.zarr" / "labels" / "s", method="learned", block_shape=(64, 64), client=client
+        )
+    assert len(seen) == 1 + 4 and set(seen) == {1}  # the sample, then 4 blocks
 
 
 def test_blockwise_error_is_a_runtime_error():
