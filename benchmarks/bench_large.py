@@ -109,7 +109,7 @@ def _maxrss_bytes() -> int:
 def core_shape(shape, work_shape, tile_shape) -> list[int] | None:
     """Tile core on the working grid as ``segment_instances`` derives it from an explicit
     ``tile_shape`` (full-resolution pixels); None if untiled."""
-    from napari_mae.segmentation.classical import _BLOCK_VOXELS
+    from napari_mae.segmentation.tiling import BLOCK_VOXELS as _BLOCK_VOXELS
 
     if tile_shape is None:
         if math.prod(work_shape) <= _BLOCK_VOXELS:
@@ -123,7 +123,8 @@ def auto_tile_shape(shape, radius: float) -> list[int]:
     """The automatic tile core of ``segment_instances`` for objects of ``radius`` pixels,
     in full-resolution pixels (so that passing it reproduces the automatic tiling with
     borders known before the radius is estimated)."""
-    from napari_mae.segmentation.classical import _auto_tile_core, working_shape
+    from napari_mae.segmentation.scale import working_shape
+    from napari_mae.segmentation.tiling import auto_tile_core as _auto_tile_core
 
     work = working_shape(shape, radius, [1.0] * len(shape))
     r_px = [radius * w / n for n, w in zip(shape, work)]

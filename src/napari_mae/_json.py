@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ def to_jsonable(value: Any) -> Any:
     numpy scalars become Python numbers; paths become strings; NaN and infinities become
     ``None`` (``null``), which strict JSON parsers such as ``jq`` accept.
     """
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # dicts and records such as SegmentationInfo
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, np.ndarray):
         value = value.tolist()

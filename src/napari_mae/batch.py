@@ -121,14 +121,9 @@ def list_images(source: str | os.PathLike, *, exclude: str | os.PathLike | None 
 
 def output_name(path: Path) -> str:
     """``<name>_labels`` without the image suffix (``a.nii.gz`` -> ``a_labels``)."""
-    name = path.name
-    for suffix in sorted(
-        (*_suffixes(), ".ome.tif", ".ome.tiff", ".ome.zarr", ".zarr"), key=len, reverse=True
-    ):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return f"{name}_labels"
+    from napari_mae.io.readers import image_stem
+
+    return f"{image_stem(path)}_labels"
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:

@@ -7,7 +7,7 @@ For each sample (2D fluorescence nuclei, 3D nuclei, abdominal CT) :func:`run_dem
    ``default-3d``) and scores them against the original (normalised RMSE over removed
    pixels, with the mean-fill baseline beside it),
 3. segments it: microscopy automatically and with scribbles simulated from the sample's
-   labels (:func:`napari_mae.scribbles.simulate_scribbles`, the benchmark's simulation);
+   labels (:func:`napari_mae.segmentation.scribbles.simulate_scribbles`, the benchmark's simulation);
    the CT with scribbles on bone (vertebrae and ribs) and soft tissue,
 4. scores each segmentation against the sample's ground truth (precision, recall, F1 and
    accuracy = TP / (TP + FP + FN) at IoU 0.5),
@@ -102,8 +102,8 @@ def save_figure(
 
 
 def _segment_and_score(image, gt, spacing, scribbles, method="auto") -> tuple[np.ndarray, dict, dict]:
-    from napari_mae.metrics import match_instances
     from napari_mae.segmentation import segment_instances
+    from napari_mae.segmentation.metrics import match_instances
 
     t0 = time.perf_counter()
     labels, info = segment_instances(image, scribbles=scribbles, method=method, spacing=spacing)
@@ -159,7 +159,7 @@ def run_demo(
     from napari_mae.masking import make_mask
     from napari_mae.models.mae import load_model
     from napari_mae.reconstruction import reconstruct
-    from napari_mae.scribbles import ct_bone_labels, simulate_scribbles
+    from napari_mae.segmentation.scribbles import ct_bone_labels, simulate_scribbles
 
     unknown = set(samples) - set(SAMPLES)
     if unknown:

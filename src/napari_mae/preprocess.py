@@ -25,6 +25,9 @@ import numpy as np
 __all__ = [
     "apply_normalization",
     "as_channels_first",
+    "check_channel_axis",
+    "check_spacing",
+    "guess_rgb_axis",
     "denormalize",
     "normalize_percentile",
     "percentile_range",
@@ -49,6 +52,83 @@ def _check_dtype(dtype: np.dtype) -> None:
             "or image.real for the real part"
         )
     raise ValueError(f"image dtype {dtype} is not supported; pass a bool, integer or floating-point array")
+
+
+def check_channel_axis(channel_axis: int | None, ndim: int) -> int | None:
+    """The one range check of a ``channel_axis`` argument.
+
+    Parameters
+    ----------
+    channel_axis : int or None
+        Axis holding channels; negative values count from the end.
+    ndim : int
+        Number of axes of the array.
+
+    Returns
+    -------
+    int or None
+        ``channel_axis`` made non-negative, or None.
+
+    Raises
+    ------
+    ValueError
+        If ``channel_axis`` is not an integer or not in ``[-ndim, ndim)``.
+    """
+    if channel_axis is None:
+        return None
+    if isinstance(channel_axis, bool) or not isinstance(channel_axis, int | np.integer):
+        raise ValueError(f"channel_axis must be an integer or None, got {channel_axis!r}")
+    if not -ndim <= channel_axis < ndim:
+        raise ValueError(f"channel_axis={channel_axis} is out of range for an array of {ndim} dims")
+    return int(channel_axis) % ndim
+
+
+def check_spacing(spacing: Any, ndim: int) -> np.ndarray:
+    """The one check of a ``spacing`` argument (physical pixel size per spatial axis).
+
+    Parameters
+    ----------
+    spacing : sequence of float or None
+        One positive, finite value per spatial axis; None means 1 per axis (pixels).
+    ndim : int
+        Number of spatial axes.
+
+    Returns
+    -------
+    ndarray of float64, shape ``(ndim,)``
+
+    Raises
+    ------
+    ValueError
+        If ``spacing`` does not have ``ndim`` values or one is not positive and finite.
+    """
+    if spacing is None:
+        return np.ones(ndim)
+    try:
+        sp = np.asarray(spacing, dtype=float)
+    except (TypeError, ValueError):
+        sp = None
+    if sp is None or sp.shape != (ndim,) or not np.all(np.isfinite(sp)) or not np.all(sp > 0):
+        raise ValueError(f"spacing must have {ndim} positive values (one per spatial axis), got {spacing!r}")
+    return sp
+
+
+def guess_rgb_axis(shape: tuple[int, ...], *, spacing: Any = None) -> int | None:
+    """Channels-last RGB(A) guess for an array whose ``channel_axis`` was not given.
+
+    An array of 3 axes whose last one has 3 or 4 entries and whose other two are longer
+    than 16 is a ``(Y, X, 3|4)`` RGB(A) image, unless ``spacing`` has 3 values (then it is
+    a volume); anything else has no channel axis. The segmentation entry point and the
+    ``segment`` command guess with this; the MAE functions, which know the model's
+    ``spatial_dims``, use :func:`resolve_channel_axis`.
+
+    Returns
+    -------
+    int or None
+        ``len(shape) - 1`` for RGB(A), else None.
+    """
+    rgb_like = len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:-1]) > 16
+    return 2 if rgb_like and (spacing is None or len(spacing) == 2) else None
 
 
 def resolve_channel_axis(
@@ -93,9 +173,7 @@ def resolve_channel_axis(
     if spatial_dims is not None and spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if channel_axis is not None:
-        if not -ndim <= channel_axis < ndim:
-            raise ValueError(f"channel_axis={channel_axis} is out of range for an image of shape {shape}")
-        channel_axis = channel_axis % ndim
+        channel_axis = check_channel_axis(channel_axis, ndim)
         n_spatial = ndim - 1
         if spatial_dims is not None and n_spatial != spatial_dims:
             raise ValueError(

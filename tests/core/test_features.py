@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import napari_mae.features as F
-from napari_mae.features import multiscale_features
+import napari_mae.segmentation.features as F
+from napari_mae.segmentation.features import multiscale_features
 
 
 def _blobs(shape, seed=0):

@@ -7,10 +7,10 @@ import pytest
 import torch
 from skimage.draw import disk, ellipse
 
-from napari_mae.metrics import match_instances
 from napari_mae.models.decoder import DecoderConfig, InstanceDecoder
 from napari_mae.models.mae import build_model
 from napari_mae.segmentation.learned import LearnedParams, instances_from_maps, median_radius, segment_learned
+from napari_mae.segmentation.metrics import match_instances
 from napari_mae.segmentation.targets import distance_targets
 
 

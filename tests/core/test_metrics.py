@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_mae.metrics import iou_matrix, match_dataset, match_instances, summarize_matches
+from napari_mae.segmentation.metrics import iou_matrix, match_dataset, match_instances, summarize_matches
 
 
 def _squares(shape, boxes):
@@ -100,8 +100,8 @@ def test_evaluate_computes_the_pair_ious_once_per_image(tmp_path, monkeypatch, c
     # cli/evaluate.py recomputed the pair IoUs for every threshold.
     import tifffile
 
-    from napari_mae import metrics
     from napari_mae.cli import main
+    from napari_mae.segmentation import metrics
 
     gt = np.zeros((40, 40), np.uint16)
     gt[5:15, 5:15], gt[20:35, 20:30] = 1, 2

@@ -301,3 +301,29 @@ def test_text_named_like_a_medical_volume(tmp_path, name, capfd):
     assert message.startswith("not a NIfTI file" if ".nii" in name else "not an NRRD file")
     assert name in message and "install" not in message and "<monai" not in message
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [
+        ("a.nii.gz", "a"),
+        ("b.OME.TIF", "b"),
+        ("c.ome.tiff", "c"),
+        ("d.tif", "d"),
+        ("e.zarr", "e"),
+        ("f.ome.zarr", "f"),
+        ("g.nrrd", "g"),
+        ("h.jpeg", "h"),
+        ("i.v2.tif", "i.v2"),
+        ("noext", "noext"),
+    ],
+)
+def test_image_stem_is_the_one_suffix_rule(name, stem, tmp_path):
+    # One rule for the batch output names, training's image/label matching and the reader.
+    from napari_mae.batch import output_name
+    from napari_mae.io.readers import image_stem
+    from napari_mae.training.segmentation import _stem
+
+    assert image_stem(tmp_path / name) == stem
+    assert output_name(tmp_path / name) == f"{stem}_labels"
+    assert _stem(tmp_path / name) == stem

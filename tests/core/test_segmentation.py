@@ -9,9 +9,9 @@ import pytest
 from skimage.draw import disk, ellipsoid
 
 from napari_mae._progress import Cancelled
-from napari_mae.metrics import match_instances
 from napari_mae.segmentation import detect_polarity, estimate_object_radius
 from napari_mae.segmentation import segment_instances as _segment_instances
+from napari_mae.segmentation.metrics import match_instances
 
 # These are the classical pipeline's tests: pin its method (the default "auto" runs the
 # learned decoder where a segmentation model is bundled).
@@ -229,7 +229,7 @@ def test_progress_is_frequent_on_the_3d_sample(sample_data_dir):
     img = _read(sample_data_dir / "nuclei_3d" / "image.tif")
     gt = _read(sample_data_dir / "nuclei_3d" / "labels.tif")
     spacing = (0.2837, 0.1268, 0.1268)
-    from napari_mae.scribbles import simulate_scribbles
+    from napari_mae.segmentation.scribbles import simulate_scribbles
 
     for mode, scribbles, min_calls in (("auto", None, 25), ("scribbles", simulate_scribbles(gt, seed=0), 60)):
         stamps, calls = [time.perf_counter()], []
@@ -258,7 +258,7 @@ def test_h_maxima_matches_scikit_image():
     from scipy import ndimage as ndi
     from skimage.morphology import h_maxima
 
-    from napari_mae.segmentation.classical import _h_maxima
+    from napari_mae.segmentation.watershed import h_maxima as _h_maxima
 
     rng = np.random.default_rng(0)
     for shape in [(50, 60), (20, 30, 40), (7, 1, 9)]:
@@ -311,7 +311,7 @@ def test_ct_bones_from_scribbles(shared_data):
     stroke radius, class-balanced strokes, the low-probability threshold and dropping the
     boundary term of wrong automatic objects; 0.47 after)."""
     from napari_mae.io.readers import read_image
-    from napari_mae.scribbles import ct_bone_labels, simulate_scribbles
+    from napari_mae.segmentation.scribbles import ct_bone_labels, simulate_scribbles
 
     folder = shared_data / "totalsegmentator_ct_mr_3d"
     image, spacing, _ = read_image(folder / "images" / "example_ct_sm.nii.gz")
@@ -396,7 +396,7 @@ def test_tiled_stitching_matches_whole_image(shared_data):
 def test_large_objects_are_segmented_on_a_shrunk_grid():
     """Disks of radius 24 px: segmented on a grid where the radius spans 8 px, labels back
     at full resolution with outlines as good as a full-resolution run's."""
-    import napari_mae.segmentation.classical as seg
+    from napari_mae.segmentation import SegmentationParams
 
     img, gt = _disks(shape=(400, 400), radius=24, n=12, seed=3)
     labels, info = segment_instances(img)
@@ -406,12 +406,7 @@ def test_large_objects_are_segmented_on_a_shrunk_grid():
     assert np.array_equal(np.unique(labels), np.arange(labels.max() + 1))  # consecutive
     m = match_instances(gt, labels)
     assert m["accuracy"] >= 0.9 and m["mean_matched_iou"] >= 0.9
-    old = seg.PARAMS["working_radius_px"]
-    try:
-        seg.PARAMS["working_radius_px"] = 1e6  # full resolution
-        full, finfo = segment_instances(img)
-    finally:
-        seg.PARAMS["working_radius_px"] = old
+    full, finfo = segment_instances(img, params=SegmentationParams(working_radius_px=1e6))  # full resolution
     assert finfo["working_shape"] == img.shape
     assert match_instances(full, labels, iou_threshold=0.8)["accuracy"] >= 0.9
 
@@ -435,7 +430,7 @@ def test_upsampled_labels_are_consecutive_and_cover_the_outline(shape):
     from scipy import ndimage as ndi
     from skimage.transform import resize
 
-    from napari_mae.segmentation.classical import _upsample_labels
+    from napari_mae.segmentation.scale import upsample_labels as _upsample_labels
 
     rng = np.random.default_rng(0)
     coarse = tuple(max(2, n // 3) for n in shape)
@@ -452,7 +447,9 @@ def test_upsampled_labels_are_consecutive_and_cover_the_outline(shape):
     [((8192, 8192), (5.5, 5.5)), ((200, 1024, 1024), (5.5, 5.5, 5.5)), ((1000, 30), (3.0, 3.0))],
 )
 def test_automatic_tiles_divide_each_axis_evenly(shape, r_px):
-    from napari_mae.segmentation.classical import _TILE_VOXELS, _auto_tile_core, _tile_margin
+    from napari_mae.segmentation.tiling import TILE_VOXELS as _TILE_VOXELS
+    from napari_mae.segmentation.tiling import auto_tile_core as _auto_tile_core
+    from napari_mae.segmentation.tiling import tile_margin as _tile_margin
 
     core = _auto_tile_core(shape, r_px)
     margin = _tile_margin(r_px)
@@ -469,7 +466,7 @@ def test_log_scale_space_matches_scipy(spacing):
     """The FFT pyramid's responses follow scipy's spatial -sigma^2 LoG away from the borders."""
     from scipy import ndimage as ndi
 
-    from napari_mae.segmentation.classical import _max_log_response
+    from napari_mae.segmentation.scale import max_log_response as _max_log_response
 
     img, _ = _disks(shape=(180, 200), radius=9, n=10, seed=2)
     sp = np.asarray(spacing)

@@ -57,25 +57,25 @@ def test_tiled_scribble_run_reports_its_own_threshold():
 def test_h_maxima_falls_back_to_scikit_image_when_its_private_helper_changes(monkeypatch):
     from skimage.morphology import _grayreconstruct, h_maxima
 
-    from napari_mae.segmentation import classical
+    from napari_mae.segmentation import watershed
 
     rng = np.random.default_rng(1)
     image = ndi.gaussian_filter(rng.random((40, 50)), 2)
     expected = h_maxima(image, 0.01)
-    assert np.array_equal(classical._h_maxima(image, 0.01), expected)  # the private path
+    assert np.array_equal(watershed.h_maxima(image, 0.01), expected)  # the private path
 
     def changed(*args):
         raise TypeError("reconstruction_loop() takes 7 positional arguments")
 
     monkeypatch.setattr(_grayreconstruct, "reconstruction_loop", changed)
-    assert np.array_equal(classical._h_maxima(image, 0.01), expected)
+    assert np.array_equal(watershed.h_maxima(image, 0.01), expected)
 
 
 @pytest.mark.parametrize("kind", ["random", "repeated_pair", "all_equal", "diagonal", "zero"])
 def test_closed_form_eigenvalues_match_scikit_image(kind):
     from skimage.feature import hessian_matrix_eigvals
 
-    from napari_mae.features import _eigvals_sym3
+    from napari_mae.segmentation.features import _eigvals_sym3
 
     rng = np.random.default_rng(2)
     n = 200

@@ -74,7 +74,7 @@ def _load(path: Path):
 def run(args: argparse.Namespace) -> int:
     """Run ``evaluate``; return the exit code."""
     from napari_mae.cli import CLIError, check_output_path
-    from napari_mae.metrics import match_instances_at, summarize_matches
+    from napari_mae.segmentation.metrics import match_instances_at, summarize_matches
 
     json_out = check_output_path(args.json, "--json", (".json",), what="JSON")  # before any work
     pred = _files(Path(args.pred))

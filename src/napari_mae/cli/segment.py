@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from napari_mae._json import to_jsonable
     from napari_mae.cli import CLIError, _many, check_output_path
     from napari_mae.io.writers import write_image
+    from napari_mae.preprocess import check_channel_axis, guess_rgb_axis
     from napari_mae.segmentation import segment_instances
 
     for name in ("radius", "threshold"):
@@ -145,9 +146,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.image} has a time axis (axes {axes}, shape {image.shape}); save one time point as its own file"
         )
-    channel_axis = args.channel_axis
-    if channel_axis is not None and not -image.ndim <= channel_axis < image.ndim:
-        raise CLIError(f"--channel-axis {channel_axis} is out of range for an image of shape {image.shape}")
+    try:
+        channel_axis = check_channel_axis(args.channel_axis, image.ndim)
+    except ValueError as exc:
+        raise CLIError(f"--channel-axis: {exc} (image of shape {image.shape})") from None
     if axes.endswith("C"):
         # The reader found channels (or RGB samples) and put them last.
         if channel_axis is not None and channel_axis % image.ndim != image.ndim - 1:
@@ -160,9 +162,7 @@ def run(args: argparse.Namespace) -> int:
         channel_axis is None
         and args.spacing is None
         and meta.get("unit", "pixel") == "pixel"
-        and image.ndim == 3
-        and image.shape[-1] in (3, 4)
-        and min(image.shape[:-1]) > 16
+        and guess_rgb_axis(image.shape) is not None
     ):
         # An uncalibrated (Y, X, 3|4) stack is RGB(A) saved without its photometric tag,
         # as segment_instances guesses for arrays (a 3-pixel-wide volume is unlikely).

@@ -33,6 +33,8 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd",)
 SUPPORTED_SUFFIXES = TIFF_SUFFIXES + NIFTI_SUFFIXES + NRRD_SUFFIXES
+#: Every suffix an image file or store of this package may have (what :func:`image_stem` strips).
+IMAGE_SUFFIXES = SUPPORTED_SUFFIXES + (".ome.tif", ".ome.tiff", ".ome.zarr", ".zarr", ".png", ".jpg", ".jpeg")
 
 # Micrometres per unit, for the units found in TIFF resolution tags and ImageJ metadata.
 _UM_PER_UNIT = {
@@ -62,12 +64,34 @@ class ImageReadError(ValueError):
     """A file exists but cannot be read as an image (corrupt, empty, unsupported)."""
 
 
+def _matching_suffix(name: str, suffixes: tuple[str, ...]) -> str:
+    """The longest of ``suffixes`` that ``name`` ends with (case-insensitive), or ""."""
+    low = name.lower()
+    return max((s for s in suffixes if low.endswith(s)), key=len, default="")
+
+
 def _suffix(path: str | os.PathLike) -> str:
-    name = str(path).lower()
-    for suffix in SUPPORTED_SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    return Path(name).suffix
+    name = str(path)
+    return _matching_suffix(name, SUPPORTED_SUFFIXES) or Path(name.lower()).suffix
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """The file name without its image suffix: ``a.nii.gz`` -> ``a``, ``b.ome.tif`` -> ``b``.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A file or store (``.zarr``) name; only the last component is used.
+
+    Returns
+    -------
+    str
+        The name without the longest of :data:`IMAGE_SUFFIXES` it ends with
+        (case-insensitive), or the whole name where it ends with none.
+    """
+    name = Path(path).name
+    suffix = _matching_suffix(name, IMAGE_SUFFIXES)
+    return name[: len(name) - len(suffix)]
 
 
 def is_supported(path: str | os.PathLike) -> bool:

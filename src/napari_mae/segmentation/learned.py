@@ -5,7 +5,8 @@ The pipeline of micro-sam's automatic instance segmentation with a decoder
 
 1. **Scale**: the image is resampled so that its objects have the radius the
    decoder was trained on (``r_ref``, stored in the checkpoint). The radius
-   comes from the classical estimate (:func:`estimate_object_radius`); optionally
+   comes from the classical estimate
+   (:func:`napari_mae.segmentation.scale.estimate_object_radius`); optionally
    (``LearnedParams.rescale_tolerance``) it is checked against the objects the
    decoder itself finds, as Cellpose's size model refines its estimate
    (Stringer et al. 2021, Methods): where their median radius is off ``r_ref``
@@ -35,7 +36,11 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 from skimage.transform import resize
 
-__all__ = ["LearnedParams", "instances_from_maps", "predict_maps"]
+# The input preparation both pipelines share (re-exported: callers import it from here).
+from napari_mae.segmentation.prepare import prepare_image
+from napari_mae.segmentation.watershed import relabel, remove_small_labels
+
+__all__ = ["LearnedParams", "instances_from_maps", "predict_maps", "prepare_image"]
 
 
 @dataclass(frozen=True)
@@ -183,19 +188,8 @@ def instances_from_maps(maps: np.ndarray, params: LearnedParams | None = None) -
     seeds, _ = ndi.label((c < prm.center_threshold) & (b < prm.boundary_threshold) & mask)
     labels = watershed(b, markers=seeds, mask=mask).astype(np.int32)
     if prm.min_size:
-        counts = np.bincount(labels.ravel())
-        small = counts < prm.min_size
-        small[0] = False
-        labels[small[labels]] = 0
-    return _relabel(labels)
-
-
-def _relabel(labels: np.ndarray) -> np.ndarray:
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    lut = np.zeros(int(labels.max()) + 1 if labels.size else 1, dtype=np.int32)
-    lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
-    return lut[labels]
+        remove_small_labels(labels, prm.min_size)
+    return relabel(labels, np.int32)
 
 
 def median_radius(labels: np.ndarray) -> float | None:
@@ -373,7 +367,7 @@ def segment_learned(
     found = median_radius(lab)
     labels = resize(lab, image.shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
     iso = radius / r_ref
-    return _relabel(labels), {
+    return relabel(labels, np.int32), {
         "scale": factor,
         "passes": 1,
         "radius_planes": radius_planes,
@@ -406,54 +400,6 @@ def _radius_from_planes(net, volume, sp, radius, r_ref, prm, *, bf16=False, n_pl
     if not found:
         return None
     return float(np.median(found)) * r_xy / _SECTION_RADIUS
-
-
-def prepare_image(
-    image: np.ndarray, *, channel_axis: int | None = None, bright_objects: bool | None = None
-) -> tuple[np.ndarray, dict]:
-    """One normalised channel with bright objects: what the decoder is trained and run on.
-
-    The classical pipeline's preparation: per-channel 1-99.8 % percentile
-    normalisation (NaN pixels to the low percentile), RGB to luminance (other
-    channels to their first principal component), isolated hot/dead pixels
-    repaired, and dark objects on a bright background inverted.
-
-    Parameters
-    ----------
-    image : ndarray, shape ``([Z,] Y, X)`` or with a channel axis
-    channel_axis : int or None
-        Axis holding channels (3 or 4 of them: RGB).
-    bright_objects : bool or None
-        Polarity; detected when None.
-
-    Returns
-    -------
-    prepared : ndarray of float32, shape: the spatial axes of ``image``
-    info : dict
-        ``bright_objects``, ``invalid`` (bool mask of the non-finite pixels),
-        ``outlier_pixels``.
-    """
-    from napari_mae.features import as_float_image
-    from napari_mae.segmentation.classical import (
-        _remove_isolated_outliers,
-        _to_single_channel,
-        detect_polarity,
-    )
-
-    arr = np.asarray(image)
-    rgb = channel_axis is not None and arr.shape[channel_axis] in (3, 4)
-    x, invalid, _ = as_float_image(arr, channel_axis=channel_axis)
-    img = _to_single_channel(x, rgb)
-    n_outliers = _remove_isolated_outliers(img)
-    if bright_objects is None:
-        bright_objects = detect_polarity(img[~invalid] if invalid.any() else img)
-    if not bright_objects:
-        img = 1.0 - img
-    return img.astype(np.float32, copy=False), {
-        "bright_objects": bool(bright_objects),
-        "invalid": invalid,
-        "outlier_pixels": int(n_outliers),
-    }
 
 
 _CACHE: dict = {}

@@ -57,9 +57,9 @@ def distance_targets(labels: np.ndarray, *, spacing: Sequence[float] | None = No
         raise ValueError(f"labels must be integer instance ids, got dtype {labels.dtype}")
     if labels.size and labels.min() < 0:
         raise ValueError("labels must not be negative")
-    sp = np.ones(labels.ndim) if spacing is None else np.asarray(spacing, dtype=float)
-    if sp.shape != (labels.ndim,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise ValueError(f"spacing {spacing} must be {labels.ndim} positive finite values")
+    from napari_mae.preprocess import check_spacing
+
+    sp = check_spacing(spacing, labels.ndim)
     out = np.ones((3,) + labels.shape, dtype=np.float32)
     out[0] = 0.0
     for i, sl in enumerate(ndi.find_objects(labels), start=1):

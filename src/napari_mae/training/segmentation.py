@@ -200,11 +200,9 @@ def match_label_files(images: Sequence[Path], labels_dir: str | os.PathLike) -> 
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif", ".nii.gz", ".tiff", ".tif", ".nii", ".nrrd", ".png"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    from napari_mae.io.readers import image_stem
+
+    return image_stem(path)
 
 
 def _read_pair(image_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
@@ -497,8 +495,8 @@ class SegmentationObjective(Objective):
     def validation_step(self, batch, ctx: StepContext) -> dict[str, float]:
         import torch
 
-        from napari_mae.metrics import match_instances
         from napari_mae.segmentation.learned import instances_from_maps
+        from napari_mae.segmentation.metrics import match_instances
 
         x = batch["image"].to(ctx.device)
         with torch.no_grad():

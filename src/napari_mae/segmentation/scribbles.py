@@ -1,0 +1,131 @@
+"""Scribbles simulated from ground-truth labels, as a user would draw them.
+
+Used by the segmentation benchmark (``benchmarks/bench_segmentation.py``) and the demo
+(:mod:`napari_mae.demo`), so that both score the same scribbles on the same images.
+Also :func:`ct_bone_labels`, the vertebra and rib instances of a TotalSegmentator class map.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+
+def simulate_scribbles(
+    gt: np.ndarray,
+    *,
+    n_objects: int = 5,
+    n_background: int = 5,
+    seed: int = 0,
+    max_fraction: float = 0.02,
+    background_where: np.ndarray | None = None,
+) -> np.ndarray:
+    """Short strokes inside about ``n_objects`` objects (label 2) and in the background (1).
+
+    Each object stroke is a straight line through the object's innermost pixel along a
+    random direction, clipped to the object shrunk by one pixel (3D: in that pixel's Z
+    plane). Background strokes are lines of about two object diameters at random
+    background places at least 2 pixels from any object, clipped to the background. The
+    total is capped at ``max_fraction`` of the pixels (strokes are dropped from the end).
+    ``background_where`` (bool, ``gt.shape``) restricts where background strokes start
+    (CT: inside the body, as a user would scribble soft tissue rather than air).
+
+    Parameters
+    ----------
+    gt : ndarray of int, shape ``([Z,] Y, X)``
+        Instance ground truth.
+
+    Returns
+    -------
+    ndarray of uint8, shape ``gt.shape``
+    """
+    from skimage.draw import line
+
+    rng = np.random.default_rng(seed)
+    out = np.zeros(gt.shape, np.uint8)
+    ids = np.unique(gt)
+    ids = ids[ids > 0]
+    if ids.size == 0:
+        return out
+    sizes = ndi.sum(np.ones(gt.shape), gt, ids)
+    big = ids[sizes >= np.median(sizes) * 0.5]
+    chosen = rng.choice(big, size=min(n_objects, big.size), replace=False)
+    diam = (
+        2 * np.sqrt(np.median(sizes) / np.pi)
+        if gt.ndim == 2
+        else 2 * np.cbrt(np.median(sizes) * 3 / 4 / np.pi)
+    )
+    strokes = []
+    slices = ndi.find_objects(gt)
+    for obj in chosen:
+        sl = slices[obj - 1]
+        sub = ndi.binary_erosion(gt[sl] == obj)
+        if ndi.distance_transform_edt(sub).max() < 2:  # thin object (a rib): no erosion
+            sub = gt[sl] == obj
+        dist = ndi.distance_transform_edt(sub)
+        c = np.unravel_index(np.argmax(dist), sub.shape)
+        plane = sub[c[0]] if gt.ndim == 3 else sub
+        cy, cx = c[-2:]
+        theta = rng.uniform(0, np.pi)
+        half = max(1.0, dist.max() * 1.5)
+        y0, x0 = cy - half * np.sin(theta), cx - half * np.cos(theta)
+        y1, x1 = cy + half * np.sin(theta), cx + half * np.cos(theta)
+        rr, cc = line(int(round(y0)), int(round(x0)), int(round(y1)), int(round(x1)))
+        keep = (rr >= 0) & (rr < plane.shape[0]) & (cc >= 0) & (cc < plane.shape[1])
+        rr, cc = rr[keep], cc[keep]
+        keep = plane[rr, cc]
+        rr, cc = rr[keep] + sl[-2].start, cc[keep] + sl[-1].start
+        idx = (np.full(rr.shape, c[0] + sl[0].start), rr, cc) if gt.ndim == 3 else (rr, cc)
+        strokes.append((idx, 2))
+    bg_ok = ~ndi.binary_dilation(gt > 0, iterations=2)
+    cand = np.flatnonzero(bg_ok if background_where is None else bg_ok & background_where)
+    for _ in range(n_background if cand.size else 0):
+        p = np.unravel_index(rng.choice(cand), gt.shape)
+        theta = rng.uniform(0, np.pi)
+        half = diam
+        cy, cx = p[-2:]
+        rr, cc = line(
+            int(round(cy - half * np.sin(theta))),
+            int(round(cx - half * np.cos(theta))),
+            int(round(cy + half * np.sin(theta))),
+            int(round(cx + half * np.cos(theta))),
+        )
+        keep = (rr >= 0) & (rr < gt.shape[-2]) & (cc >= 0) & (cc < gt.shape[-1])
+        rr, cc = rr[keep], cc[keep]
+        idx = (np.full(rr.shape, p[0]), rr, cc) if gt.ndim == 3 else (rr, cc)
+        keep = bg_ok[idx]
+        idx = tuple(i[keep] for i in idx)
+        strokes.append((idx, 1))
+    budget = int(max_fraction * gt.size)
+    for idx, value in strokes:
+        if np.count_nonzero(out) + idx[0].size > budget:
+            continue
+        out[idx] = value
+    return out
+
+
+def ct_bone_labels(class_labels: np.ndarray, class_map: dict[str, str] | str | Path) -> np.ndarray:
+    """Keep the vertebra and rib ids of a TotalSegmentator ``total`` class map.
+
+    Parameters
+    ----------
+    class_labels : ndarray of int, shape (Z, Y, X)
+        TotalSegmentator class ids.
+    class_map : dict or path
+        ``{"id": "name"}`` (the ``total`` entry of ``class_map.json``) or the path of a
+        JSON file holding it (either the dict itself or ``{"total": {...}}``).
+
+    Returns
+    -------
+    ndarray of int32, same shape
+        The ids named ``vertebrae_*`` or ``rib_*`` kept (each bone its own instance),
+        everything else 0.
+    """
+    if not isinstance(class_map, dict):
+        class_map = json.loads(Path(class_map).read_text())
+        class_map = class_map.get("total", class_map)
+    bone_ids = [int(k) for k, v in class_map.items() if str(v).startswith(("vertebrae_", "rib_"))]
+    return np.where(np.isin(class_labels, bone_ids), class_labels, 0).astype(np.int32)

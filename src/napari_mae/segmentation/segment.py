@@ -1,0 +1,253 @@
+"""The entry point of instance segmentation: one function for both pipelines.
+
+:func:`segment_instances` checks the input, prepares one normalised channel with bright
+objects (:mod:`~napari_mae.segmentation.prepare`), estimates the object radius
+(:mod:`~napari_mae.segmentation.scale`), then runs the learned decoder
+(:mod:`~napari_mae.segmentation.learned`, imported only then: it needs torch) or the
+classical pipeline (:mod:`~napari_mae.segmentation.classical`), and returns the labels
+with a :class:`~napari_mae.segmentation.params.SegmentationInfo`. Neither pipeline
+imports this module or the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from napari_mae._progress import ProgressCallback, report, sub_progress
+from napari_mae.preprocess import check_channel_axis, check_spacing, guess_rgb_axis
+from napari_mae.segmentation.classical import segment_classical
+from napari_mae.segmentation.features import as_float_image
+from napari_mae.segmentation.params import DEFAULT_PARAMS, SegmentationInfo, SegmentationParams
+from napari_mae.segmentation.prepare import bright_single_channel
+from napari_mae.segmentation.scale import estimate_object_radius
+from napari_mae.segmentation.watershed import relabel
+
+__all__ = ["segment_instances"]
+
+
+def segment_instances(
+    image: np.ndarray,
+    *,
+    scribbles: np.ndarray | None = None,
+    method: str = "auto",
+    model=None,
+    spacing: Sequence[float] | None = None,
+    channel_axis: int | None = None,
+    object_radius: float | None = None,
+    threshold: float | None = None,
+    bright_objects: bool | None = None,
+    tile_shape: Sequence[int] | None = None,
+    params: SegmentationParams | None = None,
+    progress: ProgressCallback | None = None,
+) -> tuple[np.ndarray, SegmentationInfo]:
+    """Segment every object of a 2D image or 3D volume as its own label.
+
+    Parameters
+    ----------
+    image : ndarray, shape ``([Z,] Y, X)``, ``(Y, X, 3)`` RGB, or with ``channel_axis``
+        Any real dtype (uint8/uint16/int32/float32/float64 give the same labels); NaN
+        pixels are ignored (never labelled). An RGB image is recognised by a last axis
+        of length 3 or 4 on a 3-dimensional array whose other axes are both longer than 16
+        and with no ``spacing`` of length 3 (:func:`napari_mae.preprocess.guess_rgb_axis`);
+        otherwise pass ``channel_axis``.
+    scribbles : ndarray of int or None, shape ``image.shape[spatial]``
+        0 = unlabelled, 1 = background, 2.. = object classes (all merged into
+        "object"). None for the automatic mode.
+    method : {"auto", "learned", "classical"}
+        ``"learned"``: the MAE encoder's instance decoder
+        (:func:`napari_mae.segmentation.learned.segment_learned`; volumes from their
+        orthogonal planes); ``"classical"``: the filter-bank pipeline (with scribbles, the
+        scribble classifier); ``"auto"``: learned when ``model`` is a segmentation model and
+        there are no scribbles, classical otherwise (the bundled decoder is not the default:
+        on the dev sets it scores below the classical pipeline, see the README).
+        ``info["method"]`` says which ran.
+    model : str, path, model or None
+        With the learned method, the segmentation model: a segmentation checkpoint or
+        ``"default-2d"`` (bundled; the default of ``method="learned"``). With the classical method and scribbles,
+        an MAE whose encoder features join the scribble classifier (see
+        :func:`napari_mae.segmentation.features.multiscale_features`); ignored without scribbles.
+    spacing : sequence of float or None
+        Physical pixel size per spatial axis, e.g. ``(0.28, 0.13, 0.13)`` um (Z, Y, X).
+        Radii are then reported in the same unit. None means isotropic 1.
+    channel_axis : int or None
+        Axis of ``image`` holding channels.
+    object_radius : float or None
+        Typical object radius in physical units; estimated when None.
+    threshold : float or None
+        Foreground threshold on the background-subtracted, normalised image (automatic
+        mode) or on the object probability (scribble mode, default 0.5); estimated
+        (Otsu) when None.
+    bright_objects : bool or None
+        Polarity; detected when None (dark-on-bright images are inverted).
+    tile_shape : sequence of int or None
+        Core tile shape in pixels for tiled processing; None tiles automatically above
+        about 8 M pixels (on the working grid): tiles of about 16 M pixels (4096^2,
+        256^3; half that with scribbles) including margins of 6 object radii, with equal
+        cores that divide each axis.
+    params : SegmentationParams or None
+        Lengths and thresholds of the classical pipeline; default
+        :data:`~napari_mae.segmentation.params.DEFAULT_PARAMS`.
+    progress : callable or None
+        ``progress(done, total, message)``; raise :class:`napari_mae._progress.Cancelled`
+        from it to stop.
+
+    Returns
+    -------
+    labels : ndarray of uint32, shape ``image.shape[spatial]``
+        0 = background, objects 1..n consecutive.
+    info : SegmentationInfo
+        A read-only mapping (``info["radius"]``, ``dict(info)``): ``n_objects``, ``radius`` (physical), ``radius_px`` (per axis), ``radius_log``,
+        ``radius_foreground``, ``threshold``, ``bright_objects``, ``spacing``, ``mode``
+        ("automatic" / "scribbles"), ``working_shape`` (the grid segmented, see
+        :func:`~napari_mae.segmentation.scale.working_shape`), ``tiles``, and ``message`` (non-empty when the
+        result is empty for a reason, e.g. a constant image); ``method`` ("learned" /
+        "classical"), and for the learned method ``model``, ``scale`` (resampling factor
+        per axis), ``passes`` and ``radius_found`` (the median radius of the objects the
+        decoder found, physical units).
+
+    Raises
+    ------
+    ValueError
+        If the image is empty or not 2D/3D, ``channel_axis`` is out of range, ``spacing``
+        is malformed, ``object_radius`` is not positive, the scribbles have the wrong
+        shape, negative values or lack either background or object strokes, ``method`` is
+        unknown, or ``method="learned"`` is given scribbles.
+    napari_mae.io.checkpoint.CheckpointError
+        ``method="learned"`` with a ``model`` that is not a segmentation model.
+    """
+    if method not in ("auto", "learned", "classical"):
+        raise ValueError(f"method={method!r} must be 'auto', 'learned' or 'classical'")
+    prm = DEFAULT_PARAMS if params is None else params
+    if not isinstance(prm, SegmentationParams):
+        raise ValueError(f"params must be a SegmentationParams, got {type(params).__name__}")
+    arr = np.asarray(image)
+    if arr.size == 0:
+        raise ValueError(f"the image is empty (shape {arr.shape})")
+    channel_axis = check_channel_axis(channel_axis, arr.ndim)
+    if channel_axis is None:
+        channel_axis = guess_rgb_axis(arr.shape, spacing=spacing)
+    rgb = channel_axis is not None and arr.shape[channel_axis] in (3, 4)
+    x, invalid, _ = as_float_image(arr, channel_axis=channel_axis)
+    shape = x.shape[1:]
+    ndim = len(shape)
+    sp = check_spacing(spacing, ndim)
+    scrib = _check_scribbles(scribbles, shape)
+    if object_radius is not None and not (np.isfinite(object_radius) and object_radius > 0):
+        raise ValueError(f"object_radius must be a positive number, got {object_radius!r}")
+    if method == "learned" and scrib is not None:
+        raise ValueError("the learned method takes no scribbles; use method='classical' for scribbles")
+    net = None
+    if scrib is None and (method == "learned" or (method == "auto" and model is not None)):
+        net = _learned_model(model, method == "learned")
+    info: dict = {
+        "mode": "scribbles" if scrib is not None else "automatic",
+        "method": "learned" if net is not None else "classical",
+        "spacing": tuple(float(s) for s in sp),
+        "message": "",
+        "tiles": 1,
+    }
+    valid = ~invalid
+    if not valid.any() or all(np.ptp(x[c][valid]) == 0 for c in range(x.shape[0])):
+        info.update(
+            n_objects=0,
+            radius=float("nan"),
+            radius_px=(float("nan"),) * ndim,
+            threshold=float("nan"),
+            bright_objects=True,
+            message="image is constant or empty: no objects",
+        )
+        return np.zeros(shape, np.uint32), SegmentationInfo(**info)
+    report(progress, 0, 100, "preparing")
+    img, prep = bright_single_channel(x, invalid, rgb=rgb, bright_objects=bright_objects, scribbles=scrib)
+    del x
+    if prep["outlier_pixels"]:
+        info["outlier_pixels"] = prep["outlier_pixels"]
+    info["bright_objects"] = prep["bright_objects"]
+
+    report(progress, 2, 100, "estimating object size")
+    if object_radius is None:
+        est = estimate_object_radius(img, sp, progress=sub_progress(progress, 2, 20, 100))
+    else:
+        r = float(object_radius)
+        est = {"radius": r, "radius_px": tuple(r / s for s in sp), "radius_log": float("nan"),
+               "radius_foreground": float("nan")}  # fmt: skip
+    info.update(est)
+    if net is not None:
+        labels, extra = _learned_labels(img, net, sp, est["radius"], progress)
+        info.update(extra)
+        if invalid.any():
+            labels[invalid] = 0
+        labels = relabel(labels)
+    else:
+        labels, extra = segment_classical(
+            img, sp, est["radius"], scribbles=scrib, model=model, estimated_radius=object_radius is None,
+            threshold=threshold, tile_shape=tile_shape, params=prm, progress=progress,
+        )  # fmt: skip
+        info.update(extra)
+        if invalid.any():
+            labels[invalid] = 0
+            labels = relabel(labels)
+    info["n_objects"] = int(labels.max())
+    if info["n_objects"] == 0 and not info["message"]:
+        info["message"] = (
+            "the decoder found no object" if net is not None else "no object above the threshold"
+        )
+    report(progress, 100, 100, "done")
+    return labels, SegmentationInfo(**info)
+
+
+def _learned_model(model, required: bool):
+    """The segmentation model for the learned method, or None to fall back to the classical one."""
+    from napari_mae.segmentation.learned import cached_segmenter
+
+    spec = "default-2d" if model is None else model
+    try:
+        return cached_segmenter(spec)
+    except Exception:
+        if required:
+            raise
+        return None  # no bundled weights, or an MAE (not a segmentation) checkpoint
+
+
+def _learned_labels(img, net, sp, r, progress):
+    """Labels (uint32) of the learned method on the prepared image, and its info entries."""
+    from napari_mae.segmentation.learned import segment_learned
+
+    report(progress, 20, 100, "learned decoder")
+    labels, extra = segment_learned(
+        img, net, net.decoder_config.object_radius, spacing=sp, radius=r,
+        progress=sub_progress(progress, 20, 97, 100),
+    )  # fmt: skip
+    extra = dict(extra)
+    extra["model"] = getattr(net, "source", "model")
+    extra["threshold"] = float("nan")
+    extra["working_shape"] = tuple(int(round(n * f)) for n, f in zip(img.shape, extra["scale"], strict=True))
+    return labels.astype(np.uint32, copy=False), extra
+
+
+def _check_scribbles(scribbles, shape) -> np.ndarray | None:
+    """Scribbles as int64 of the image's spatial shape with both kinds of strokes, or None."""
+    if scribbles is None:
+        return None
+    s = np.asarray(scribbles)
+    if s.shape != tuple(shape):
+        raise ValueError(f"scribbles must have the image's spatial shape {tuple(shape)}, got {s.shape}")
+    if (
+        not np.issubdtype(s.dtype, np.integer)
+        and s.dtype != bool
+        and not (np.all(np.isfinite(s)) and np.all(np.mod(s, 1) == 0))
+    ):
+        raise ValueError("scribbles must be integer labels (0 unlabelled, 1 background, 2.. objects)")
+    s = s.astype(np.int64)
+    if (s < 0).any():
+        raise ValueError("scribbles must be non-negative (0 unlabelled, 1 background, 2.. objects)")
+    has_bg = bool((s == 1).any())
+    has_fg = bool((s >= 2).any())
+    if not (has_bg and has_fg):
+        raise ValueError(
+            "scribbles need both background (label 1) and object (label >= 2) strokes; "
+            f"got background={'yes' if has_bg else 'no'}, objects={'yes' if has_fg else 'no'}"
+        )
+    return s
