@@ -163,7 +163,7 @@ def check_batch_output(out_dir: str | os.PathLike, *, overwrite: bool = False, r
         )
 
 
-def _segment_one(path: Path, *, spacing, object_radius, threshold, bright_objects, method, progress):
+def _segment_one(path: Path, *, spacing, object_radius, threshold, bright_objects, method, model, progress):
     """Read and segment one file; return (labels, image, spacing, meta, channel_axis, info)."""
     from napari_mae.segmentation import segment_instances
 
@@ -188,6 +188,8 @@ def _segment_one(path: Path, *, spacing, object_radius, threshold, bright_object
     elif sp is not None and len(sp) != n_spatial:
         sp = None
     kwargs = {} if method is None else {"method": method}
+    if model is not None:
+        kwargs["model"] = model
     labels, info = segment_instances(
         image,
         spacing=sp,
@@ -207,6 +209,60 @@ def _jsonable(info: dict) -> dict:
     return json.loads(json.dumps(to_jsonable(info), allow_nan=True))
 
 
+def _process_file(
+    k: int, total: int, path: Path, name: str, out: Path, settings: dict, progress=None
+) -> BatchUpdate:
+    """Segment, write and measure one file; a failure is returned, not raised.
+
+    Module-level so that dask workers run it (``segment_folder(client=...)``);
+    ``settings``: ``spacing``, ``object_radius``, ``threshold``, ``bright_objects``,
+    ``method``, ``model``.
+    """
+    from napari_mae._progress import Cancelled
+    from napari_mae.io.writers import write_image
+    from napari_mae.measure import object_table, write_table_csv
+
+    records = out / RECORD_DIR
+    rec_json, rec_csv = records / f"{name}.json", records / f"{name}.csv"
+    spacing = settings.get("spacing")
+    t0 = time.perf_counter()
+    try:
+        if settings.get("method") == "learned" or settings.get("model") is not None:
+            _one_torch_thread_per_worker()
+        labels, image, sp, meta, channel_axis, info = _segment_one(path, progress=progress, **settings)
+        medical = str(meta.get("format", "")) != "ome-zarr" and "voxel_affine" in meta
+        suffix = ".nii.gz" if medical and labels.ndim == 3 else ".tif"
+        dest = out / f"{name}{suffix}"
+        tmp = out / f"{name}.partial{suffix}"
+        unit = meta.get("unit", "pixel")
+        if spacing is not None and unit == "pixel":
+            unit = "um"
+        write_image(tmp, labels, spacing=sp, unit=unit, metadata=meta)
+        os.replace(tmp, dest)
+        table = object_table(labels, image, spacing=sp, channel_axis=channel_axis)
+        write_table_csv(rec_csv, table)
+        info = _jsonable(dict(info, out=str(dest), file=str(path), unit=unit))
+        rec_json.write_text(json.dumps(info))
+        return BatchUpdate(
+            k, total, path, "done", n_objects=int(labels.max()),
+            seconds=time.perf_counter() - t0, out=dest, info=info,
+        )  # fmt: skip
+    except Exception as exc:  # a bad file is reported; the others go on
+        if isinstance(exc, Cancelled):
+            raise
+        msg = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+        return BatchUpdate(
+            k, total, path, "failed", seconds=time.perf_counter() - t0, error=msg,
+            info={"traceback": traceback.format_exc(limit=3)},
+        )  # fmt: skip
+
+
+def _one_torch_thread_per_worker() -> None:
+    from napari_mae.distributed import _one_torch_thread_per_worker as limit
+
+    limit()
+
+
 def segment_folder(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -216,8 +272,10 @@ def segment_folder(
     threshold: float | None = None,
     bright_objects: bool | None = None,
     method: str | None = None,
+    model=None,
     resume: bool = False,
     overwrite: bool = False,
+    client=None,
     progress=None,
 ) -> Iterator[BatchUpdate]:
     """Segment every image of a folder or glob; yield one :class:`BatchUpdate` per file.
@@ -234,12 +292,19 @@ def segment_folder(
         As :func:`napari_mae.segmentation.segment_instances`; None estimates them per file.
     method : str or None
         ``segment_instances``' method, passed only when given.
+    model : str, path or None
+        ``segment_instances``' model (the learned method's segmentation model: a name or
+        a checkpoint path, loaded once per process), passed only when given.
     resume : bool
         Skip files done by an earlier run into ``out_dir``.
     overwrite : bool
         Segment every file again (an existing ``out_dir`` is otherwise refused).
+    client : distributed.Client or None
+        Run the files on its workers, one file per task (the workers must see
+        ``source`` and ``out_dir``); updates come in the order the files finish and
+        ``progress`` is not called. None: one after the other in this process.
     progress : callable or None
-        ``progress(done, total, message)`` within the current file.
+        ``progress(done, total, message)`` within the current file (``client=None``).
 
     Yields
     ------
@@ -250,9 +315,6 @@ def segment_folder(
     FileExistsError, NotADirectoryError, ValueError
         See :func:`check_batch_output`; FileNotFoundError from :func:`list_images`.
     """
-    from napari_mae.io.writers import write_image
-    from napari_mae.measure import object_table, write_table_csv
-
     out = Path(out_dir)
     check_batch_output(out, overwrite=overwrite, resume=resume)
     paths = list_images(source, exclude=out)
@@ -260,7 +322,13 @@ def segment_folder(
     records.mkdir(parents=True, exist_ok=True)
     names = _unique_names(paths)
     total = len(paths)
+    settings = dict(
+        spacing=None if spacing is None else tuple(spacing), object_radius=object_radius,
+        threshold=threshold, bright_objects=bright_objects, method=method, model=model,
+    )  # fmt: skip
+    futures: list = []
     try:
+        todo = []
         for k, (path, name) in enumerate(zip(paths, names)):
             rec_json, rec_csv = records / f"{name}.json", records / f"{name}.csv"
             if resume and not overwrite and rec_json.is_file() and rec_csv.is_file():
@@ -269,41 +337,29 @@ def segment_folder(
                     k, total, path, "skipped", n_objects=int(rec.get("n_objects", 0)),
                     out=Path(rec["out"]) if rec.get("out") else None, info=rec,
                 )  # fmt: skip
-                continue
-            t0 = time.perf_counter()
-            try:
-                labels, image, sp, meta, channel_axis, info = _segment_one(
-                    path, spacing=spacing, object_radius=object_radius, threshold=threshold,
-                    bright_objects=bright_objects, method=method, progress=progress,
-                )  # fmt: skip
-                medical = str(meta.get("format", "")) != "ome-zarr" and "voxel_affine" in meta
-                suffix = ".nii.gz" if medical and labels.ndim == 3 else ".tif"
-                dest = out / f"{name}{suffix}"
-                tmp = out / f"{name}.partial{suffix}"
-                unit = meta.get("unit", "pixel")
-                if spacing is not None and unit == "pixel":
-                    unit = "um"
-                write_image(tmp, labels, spacing=sp, unit=unit, metadata=meta)
-                os.replace(tmp, dest)
-                table = object_table(labels, image, spacing=sp, channel_axis=channel_axis)
-                write_table_csv(rec_csv, table)
-                info = _jsonable(dict(info, out=str(dest), file=str(path), unit=unit))
-                rec_json.write_text(json.dumps(info))
-                yield BatchUpdate(
-                    k, total, path, "done", n_objects=int(labels.max()),
-                    seconds=time.perf_counter() - t0, out=dest, info=info,
-                )  # fmt: skip
-            except Exception as exc:  # a bad file is reported; the others go on
-                from napari_mae._progress import Cancelled
+            elif client is None:
+                yield _process_file(k, total, path, name, out, settings, progress)
+            else:
+                todo.append((k, path, name))
+        if client is not None and todo:
+            from distributed import as_completed
 
-                if isinstance(exc, Cancelled):
-                    raise
-                msg = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-                yield BatchUpdate(
-                    k, total, path, "failed", seconds=time.perf_counter() - t0, error=msg,
-                    info={"traceback": traceback.format_exc(limit=3)},
-                )  # fmt: skip
+            futures = [
+                client.submit(_process_file, k, total, path, name, out, settings, pure=False)
+                for k, path, name in todo
+            ]
+            where = {f.key: (k, path) for f, (k, path, _) in zip(futures, todo)}
+            for f in as_completed(futures):
+                try:
+                    up = f.result()
+                except Exception as exc:  # the worker died (KilledWorker): this file failed
+                    k, path = where[f.key]
+                    msg = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+                    up = BatchUpdate(k, total, path, "failed", error=msg)
+                yield up
     finally:
+        if futures:
+            client.cancel(futures)  # Stop / Ctrl-C: the files not started are not run
         combine_tables(out, paths, names)
 
 

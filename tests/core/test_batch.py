@@ -79,17 +79,97 @@ def test_stopping_between_files_keeps_the_table(folder, tmp_path):
     assert [u.status for u in ups][1:] == ["skipped", "done", "done"]
 
 
-def test_method_is_passed_through(folder, tmp_path, monkeypatch):
+def test_method_and_model_are_passed_through(folder, tmp_path, monkeypatch):
     import napari_mae.segmentation as seg
 
     seen = []
-    monkeypatch.setattr(
-        seg,
-        "segment_instances",
-        lambda image, **kw: (seen.append(kw["method"]), (np.zeros(image.shape[:2], np.uint32), {}))[1],
-    )
-    list(segment_folder(str(folder / "img*.tif"), tmp_path / "o", method="learned"))
-    assert seen == ["learned"] * 3
+
+    def fake(image, **kw):
+        seen.append((kw.get("method"), kw.get("model", "not given")))
+        return np.zeros(image.shape[:2], np.uint32), {}
+
+    monkeypatch.setattr(seg, "segment_instances", fake)
+    list(segment_folder(str(folder / "img*.tif"), tmp_path / "o", method="learned", model="run/best.pt"))
+    assert seen == [("learned", "run/best.pt")] * 3
+    seen.clear()
+    list(segment_folder(str(folder / "img*.tif"), tmp_path / "p"))
+    assert seen == [(None, "not given")] * 3  # segment_instances' own defaults
+
+
+def _bundled_segmenter():
+    from napari_mae._names import bundled_segmenter_path
+
+    path = bundled_segmenter_path("default-2d")
+    if path is None or not path.is_file():
+        pytest.skip("no bundled segmentation model")
+
+
+def test_cli_folder_and_ome_zarr_learned(folder, tmp_path, capsys):
+    from ome_zarr.writer import write_image
+
+    _bundled_segmenter()
+    out = tmp_path / "learned"
+    args = ["segment", str(folder / "img*.tif"), "--out", str(out), "--method", "learned", "--quiet"]
+    assert main([*args, "--model", "default-2d"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_objects"] == 14
+    rec = json.loads((out / ".napari-mae-batch" / "img2_labels.json").read_text())
+    assert rec["method"] == "learned" and rec["model"] == "default-2d"
+    assert main([*args, "--model", "none", "--overwrite"]) == 2
+    assert "needs a segmentation model" in capsys.readouterr().err
+    assert main([*args, "--model", str(tmp_path / "missing.pt"), "--overwrite"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+    img = np.concatenate([_nuclei(6, 0), _nuclei(6, 1)], axis=1).astype(np.float32)  # (80, 160)
+    path = tmp_path / "plane.zarr"
+    write_image(img, str(path), axes="yx", scale={"y": 1.0, "x": 1.0}, scale_factors=())
+    zargs = [
+        "segment",
+        str(path),
+        "--workers",
+        "0",
+        "--block-size",
+        "40",
+        "80",
+        "--method",
+        "learned",
+        "--quiet",
+    ]
+    assert main(zargs) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["method"] == "learned" and res["model"] == "default-2d"
+    assert res["n_objects"] == 12 and res["blocks"] == 4
+
+
+def test_folder_on_dask_workers_equals_one_by_one(folder, tmp_path):
+    from napari_mae.distributed import dask_client
+
+    ref = {u.path.name: u for u in segment_folder(folder, tmp_path / "a")}
+    with dask_client(2, processes=False) as client:
+        ups = list(segment_folder(folder, tmp_path / "b", client=client))
+    assert sorted(u.index for u in ups) == [0, 1, 2, 3]
+    got = {u.path.name: u for u in ups}
+    assert {k: u.status for k, u in got.items()} == {k: u.status for k, u in ref.items()}
+    assert got["broken.tif"].error  # reported by the worker, the others went on
+    for name in ("img0", "img1", "img2"):
+        a = tifffile.imread(tmp_path / "a" / f"{name}_labels.tif")
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "b" / f"{name}_labels.tif"), a)
+    assert (tmp_path / "b" / "objects.csv").read_text() == (
+        tmp_path / "a" / "objects.csv"
+    ).read_text().replace(str(tmp_path / "a"), str(tmp_path / "b"))
+
+
+def test_cli_folder_scheduler_that_does_not_answer(folder, tmp_path, capsys):
+    args = [
+        "segment",
+        str(folder),
+        "--out",
+        str(tmp_path / "o"),
+        "--scheduler",
+        "tcp://127.0.0.1:9",
+        "--quiet",
+    ]
+    assert main(args) == 2
+    assert "no dask scheduler answered" in capsys.readouterr().err
 
 
 def test_cli_folder_mode(folder, tmp_path, capsys):

@@ -7,6 +7,7 @@ a Zarr store; the core is :mod:`napari_mae.batch` and :mod:`napari_mae.distribut
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -37,14 +38,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="OME-Zarr input: dask LocalCluster of N single-threaded worker processes (default: one per "
-        "core; 0 runs the blocks in this process)",
+        help="OME-Zarr input: dask LocalCluster of N single-threaded worker processes for the blocks "
+        "(default: one per core; 0 runs them in this process); a folder: its files over N workers "
+        "(default: one after the other here)",
     )
     g.add_argument(
         "--scheduler",
         default=None,
         metavar="tcp://HOST:PORT",
-        help="OME-Zarr input: run the blocks on this running dask scheduler instead",
+        help="run the blocks (OME-Zarr) or the files (a folder) on this running dask scheduler instead",
     )
     g.add_argument(
         "--block-size",
@@ -73,20 +75,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _common(args) -> dict:
+    """The segmentation settings of folder and block-wise mode (as for one file)."""
     bright = None if args.objects == "auto" else args.objects == "bright"
+    method = getattr(args, "method", None)
+    model = getattr(args, "model", None)
+    if model is not None and str(model).lower() == "none":
+        if method == "learned":
+            raise CLIError("--method learned needs a segmentation model, not --model none")
+        method, model = "classical", None
+    looks_like_path = model is not None and (Path(model).suffix in (".pt", ".pth") or "/" in str(model))
+    if looks_like_path and not Path(model).is_file():  # before any file or worker starts
+        raise CLIError(f"--model {model}: no such file (give a checkpoint path or default-2d)")
     return {
         "object_radius": args.radius,
         "threshold": args.threshold,
         "bright_objects": bright,
-        "method": getattr(args, "method", None),
+        "method": method,
+        "model": None if model is None else str(model),
     }
 
 
 def run_folder(args: argparse.Namespace) -> int:
-    """Folder / glob mode: labels per file, ``objects.csv``; exit 1 if any file failed."""
-    from tqdm import tqdm
+    """Folder / glob mode: labels per file, ``objects.csv``; exit 1 if any file failed.
 
-    from napari_mae.batch import check_batch_output, list_images, segment_folder
+    ``--workers N`` (N > 0) or ``--scheduler`` run the files on dask workers, one file
+    per task; without them (or ``--workers 0``) one after the other here.
+    """
+    from napari_mae.batch import check_batch_output, list_images
 
     if args.scribbles:
         raise CLIError("--scribbles is for one image; a folder is segmented automatically")
@@ -95,6 +110,30 @@ def run_folder(args: argparse.Namespace) -> int:
     n = len(list_images(args.image, exclude=out))
     if n == 0:
         raise CLIError(f"{args.image}: no TIFF, NIfTI, NRRD or OME-Zarr image found")
+    if args.block_size is not None or args.level != 0:
+        raise CLIError("--block-size and --level are for OME-Zarr input, not a folder")
+    if args.workers is not None and args.workers < 0:
+        raise CLIError(f"--workers must be 0 or more, got {args.workers}")
+    settings = _common(args)
+    with contextlib.ExitStack() as stack:
+        client = None
+        if (args.workers or 0) > 0 or args.scheduler is not None:  # files over dask workers
+            from napari_mae.distributed import BlockwiseError, dask_client
+
+            try:
+                client = stack.enter_context(
+                    dask_client(args.workers, args.scheduler, memory_limit=args.memory_limit)
+                )
+            except BlockwiseError as exc:
+                raise CLIError(str(exc)) from exc
+        return _folder_loop(args, out, n, settings, client)
+
+
+def _folder_loop(args, out: Path, n: int, settings: dict, client) -> int:
+    from tqdm import tqdm
+
+    from napari_mae.batch import segment_folder
+
     failed, done, skipped, n_objects = [], 0, 0, 0
     bar = tqdm(total=n, unit="file", disable=args.quiet, file=sys.stderr)
     for up in segment_folder(
@@ -103,7 +142,8 @@ def run_folder(args: argparse.Namespace) -> int:
         spacing=args.spacing,
         resume=args.resume,
         overwrite=args.overwrite,
-        **_common(args),
+        client=client,
+        **settings,
     ):
         bar.update(1)
         if up.status == "failed":
