@@ -9,6 +9,7 @@ import pytest
 from widget_helpers import crop_folder, errors, setup_training, small_nuclei_2d, wait_done
 
 from napari_mae.widgets._registry import registry
+from napari_mae.widgets._training import TASK_MAE, TASK_SEGMENTATION
 
 
 @pytest.fixture
@@ -162,25 +163,49 @@ def test_training_again_on_a_folder_with_a_run(
     assert widget.last_update.kind == "finished" and (out / "last.pt").stat().st_mtime_ns != before
 
 
-def test_training_defaults_are_the_cli_defaults(viewer, add_widget, nuclei_folder):
-    """Issue 12.16: one set of defaults (TrainConfig's, which napari-mae train uses too)."""
+@pytest.mark.parametrize("task", [TASK_MAE, TASK_SEGMENTATION])
+def test_training_defaults_are_the_cli_defaults(viewer, add_widget, nuclei_folder, tmp_path, task):
+    """Issue 12.16: one set of defaults per task (its config's, which napari-mae train uses too)."""
     import argparse
 
     from napari_mae.cli import train as cli_train
     from napari_mae.training import TrainConfig
+    from napari_mae.training.segmentation import SegmentationConfig
 
     widget = add_widget("Training")
+    widget.task.setCurrentText(task)
     widget.folder.setText(str(nuclei_folder))
+    cli = ["train", str(nuclei_folder), "--out", "x"]
+    if task == TASK_SEGMENTATION:
+        (tmp_path / "labels").mkdir()
+        widget.labels.setText(str(tmp_path / "labels"))
+        reference = SegmentationConfig(str(nuclei_folder), str(tmp_path / "labels"), "x")
+        keys = ["frozen_epochs", "crop_size", "model"]  # a new decoder on the bundled MAE encoder
+        cli += ["--labels", str(tmp_path / "labels")]
+    else:
+        reference = TrainConfig(data_dir=str(nuclei_folder), output_dir="x")
+        keys = ["mask_ratio", "patterns", "adversarial_weight"]
     config = widget.build_config()
-    reference = TrainConfig(data_dir=str(nuclei_folder), output_dir="x")
-    for key in ("epochs", "samples_per_image", "batch_size", "lr", "mask_ratio", "patterns"):
+    assert type(config) is type(reference)
+    for key in ("epochs", "samples_per_image", "batch_size", "lr", "val_fraction", *keys):
         assert getattr(config, key) == getattr(reference, key), key
     parser = argparse.ArgumentParser()
     cli_train.register(parser.add_subparsers())
-    args = parser.parse_args(["train", str(nuclei_folder), "--out", "x"])
-    assert (args.epochs, args.samples_per_image, args.batch_size, args.lr, args.mask_ratio, args.pattern) == (
-        config.epochs, config.samples_per_image, config.batch_size, config.lr, config.mask_ratio, config.patterns
-    )  # fmt: skip
+    args = parser.parse_args(cli)
+    # An option the user leaves out is None and the config's default applies (cli.train._given).
+    for arg, key in [
+        ("epochs", "epochs"),
+        ("samples_per_image", "samples_per_image"),
+        ("batch_size", "batch_size"),
+        ("lr", "lr"),
+        ("val_fraction", "val_fraction"),
+        ("frozen_epochs" if task == TASK_SEGMENTATION else "mask_ratio",) * 2,
+        ("pattern", "patterns"),
+    ]:
+        if arg == "pattern" and task == TASK_SEGMENTATION:
+            continue
+        value = getattr(args, arg)
+        assert (getattr(reference, key) if value is None else value) == getattr(config, key), key
 
 
 def test_loss_plot_legend_is_outside_the_curves(viewer, add_widget):

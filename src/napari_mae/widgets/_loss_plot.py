@@ -1,4 +1,4 @@
-"""Live loss curve (train and validation) drawn with matplotlib's Qt canvas."""
+"""Live training curves drawn with matplotlib's Qt canvas: loss (train, validation) and a validation metric."""
 
 from __future__ import annotations
 
@@ -6,12 +6,17 @@ import time
 
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
+TEXT = "#dddddd"
+
 
 class LossPlot(QWidget):
-    """A small matplotlib canvas with a train and a validation loss curve.
+    """A small matplotlib canvas: train and validation loss, and optionally a metric on a second axis.
 
-    Redraws at most every :attr:`min_interval_s` seconds so a fast training
-    loop cannot flood the GUI thread.
+    The metric (the segmentation task's validation acc@0.5, in [0, 1]) is drawn
+    against the right-hand axis once :meth:`show_metric` names it. The legend
+    sits above the axes, never over the curves. Redraws at most every
+    :attr:`min_interval_s` seconds so a fast training loop cannot flood the GUI
+    thread.
     """
 
     min_interval_s = 0.25
@@ -30,40 +35,63 @@ class LossPlot(QWidget):
         lay.addWidget(self.canvas)
         ax = self.axes = self.figure.add_subplot(1, 1, 1)
         ax.set_facecolor("#262930")
-        for spine in ax.spines.values():
-            spine.set_color("#aaaaaa")
-        ax.tick_params(colors="#dddddd", labelsize=7)
-        ax.set_xlabel("epoch", color="#dddddd", fontsize=8)
-        ax.set_ylabel("loss", color="#dddddd", fontsize=8)
+        ax.set_xlabel("epoch", color=TEXT, fontsize=8)
+        ax.set_ylabel("loss", color=TEXT, fontsize=8)
         (self.train_line,) = ax.plot([], [], color="#4fc3f7", lw=1.2, label="train")
         (self.val_line,) = ax.plot([], [], "o-", color="#ffb74d", lw=1.2, ms=3, label="validation")
+        # The metric's own axis on the right (a fraction in [0, 1], the loss is not).
+        self.metric_axes = ax.twinx()
+        self.metric_axes.set_ylim(0.0, 1.0)
+        (self.metric_line,) = self.metric_axes.plot([], [], "s-", color="#81c784", lw=1.2, ms=3, label="")
+        for axes in (ax, self.metric_axes):
+            for spine in axes.spines.values():
+                spine.set_color("#aaaaaa")
+            axes.tick_params(colors=TEXT, labelsize=7)
+        self.train: tuple[list[float], list[float]] = ([], [])
+        self.val: tuple[list[float], list[float]] = ([], [])
+        self.metric: tuple[list[float], list[float]] = ([], [])
+        self.metric_label: str | None = None
+        self._last_draw = 0.0
+        self.show_metric(None)
+
+    def show_metric(self, label: str | None) -> None:
+        """Draw a metric curve named ``label`` on the right-hand axis; ``None`` hides it."""
+        self.metric_label = label
+        self.metric_axes.set_visible(label is not None)
+        lines = [self.train_line]
+        if label is None:
+            lines.append(self.val_line)  # the segmentation task reports no validation loss
+        else:
+            self.metric_line.set_label(label)
+            self.metric_axes.set_ylabel(label, color=TEXT, fontsize=8)
+            lines.append(self.metric_line)
         # Above the axes, not over the curves (a falling loss curve runs through "upper right").
-        legend = ax.legend(
+        legend = self.axes.legend(
+            handles=lines,
             fontsize=7,
             loc="lower right",
             bbox_to_anchor=(1.0, 1.0),
-            ncol=2,
+            ncol=len(lines),
             frameon=False,
             borderaxespad=0.2,
         )
         for text in legend.get_texts():
-            text.set_color("#dddddd")
-        self.train: tuple[list[float], list[float]] = ([], [])
-        self.val: tuple[list[float], list[float]] = ([], [])
-        self._last_draw = 0.0
+            text.set_color(TEXT)
+        self.redraw(force=True)
 
     def clear(self) -> None:
         """Forget all points."""
         self.train = ([], [])
         self.val = ([], [])
+        self.metric = ([], [])
         self.redraw(force=True)
 
-    def add(self, kind: str, x: float, loss: float) -> None:
-        """Add a point to the ``"train"`` or ``"val"`` curve (x in epochs)."""
-        xs, ys = self.train if kind == "train" else self.val
+    def add(self, kind: str, x: float, value: float) -> None:
+        """Add a point (x in epochs) to the ``"train"``, ``"val"`` (losses) or ``"metric"`` curve."""
+        xs, ys = {"train": self.train, "val": self.val, "metric": self.metric}[kind]
         xs.append(float(x))
-        ys.append(float(loss))
-        self.redraw(force=kind == "val")
+        ys.append(float(value))
+        self.redraw(force=kind != "train")
 
     def redraw(self, force: bool = False) -> None:
         """Update the lines and axes (throttled unless ``force``)."""
@@ -73,6 +101,9 @@ class LossPlot(QWidget):
         self._last_draw = now
         self.train_line.set_data(*self.train)
         self.val_line.set_data(*self.val)
+        self.metric_line.set_data(*self.metric)
         self.axes.relim()
         self.axes.autoscale_view()
+        self.metric_axes.set_xlim(self.axes.get_xlim())
+        self.metric_axes.set_ylim(0.0, 1.0)
         self.canvas.draw_idle()

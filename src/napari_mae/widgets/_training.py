@@ -1,12 +1,26 @@
-"""Training dock widget: pre-train or fine-tune an MAE on a folder of images.
+"""Training dock widget: MAE pretraining on a folder of images, or segmentation training from labels.
 
-Builds a :class:`napari_mae.training.TrainConfig` from the form and iterates
-:func:`napari_mae.training.train` in a superqt generator worker; each yielded
-update drives the epoch/step progress bars, the ETA and the live loss curve
-(train and validation). Stop sets the flag ``train`` checks between steps;
-Resume continues from the last checkpoint in the output folder. When training
-ends the model is offered in the Reconstruction and Segmentation widgets and
-cached CUDA memory is released.
+Two tasks share one form and one worker pattern:
+
+* **MAE pretraining** (unlabelled images): builds a
+  :class:`napari_mae.training.TrainConfig` and iterates
+  :func:`napari_mae.training.train`; the model is offered in the MAE lists
+  (Reconstruction, Segmentation's "MAE features") through
+  :data:`~._registry.registry`.
+* **Segmentation** (images + a folder of instance labels with the same file
+  names): builds a :class:`napari_mae.training.segmentation.SegmentationConfig`
+  (encoder to start from, frozen epochs, crop size) and iterates
+  :func:`~napari_mae.training.segmentation.train_segmentation`; the plot adds
+  the validation acc@0.5 per epoch on a second axis, and the model joins the
+  segmentation-model list (:data:`~._registry.segmenters`). Bad labels (missing
+  or extra names, shapes, float ids, empty images) are refused by the core
+  before anything is written, and shown as a notification.
+
+Each yielded update drives the epoch/step progress bars, the ETA and the live
+curves. Stop sets the flag the loop checks between steps; Resume continues from
+the last checkpoint in the output folder. A folder of a single image is refused
+with a message (nothing would be held out for validation). Cached CUDA memory
+is released when a run ends.
 
 As ``napari-mae train``, it starts by default from the bundled model for the
 data's dimensionality (:func:`napari_mae.training.default_model`): choosing a
@@ -40,18 +54,28 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_mae._names import LAST
+from napari_mae._names import BEST, BUNDLED_SEGMENTERS, LAST, PRESET_NAMES, bundled_segmenter_path
 
 from ._common import JobWidget, magic_field, torch_threads_leaving_a_core
 from ._masking import PatchSizeEdit
 from ._model_picker import CHECKPOINT_TEXT, device_combo
 from ._reconstruction import release_gpu_memory
-from ._registry import registry
+from ._registry import registry, segmenters
 
-#: Presets trained from scratch, per number of spatial dimensions (napari_mae.model.PRESETS).
-PRESETS = {2: ("tiny-2d", "small-2d"), 3: ("tiny-3d", "small-3d")}
 SCRATCH_SUFFIX = " (from scratch)"
 FINETUNE_SUFFIX = " (fine-tune)"
+
+#: The two tasks of the "task" combo.
+TASK_MAE = "MAE pretraining \N{EM DASH} unlabelled images"
+TASK_SEGMENTATION = "Segmentation \N{EM DASH} images + labels folder"
+
+#: Where a segmentation run's encoder (or whole model) comes from: combo text suffixes.
+ENCODER_SUFFIX = " (MAE encoder)"
+RANDOM_SUFFIX = " (random encoder)"
+CONTINUE_SUFFIX = " (continue training)"
+
+#: Default output folder inside the image folder, per task.
+DEFAULT_OUTPUT = {TASK_MAE: "napari-mae-training", TASK_SEGMENTATION: "napari-mae-segmentation"}
 
 
 def _path_row(placeholder: str, directory: bool = True) -> tuple[QWidget, QLineEdit]:
@@ -86,7 +110,7 @@ def _fmt_seconds(s: float) -> str:
 
 
 class TrainingWidget(JobWidget):
-    """Train an MAE on a folder of 2D or 3D images, with a live loss curve.
+    """Train an MAE on unlabelled images, or a segmentation model on images + labels, with live curves.
 
     Parameters
     ----------
@@ -101,17 +125,35 @@ class TrainingWidget(JobWidget):
     def __init__(self, napari_viewer) -> None:
         super().__init__(napari_viewer, run_text="Start")
         from napari_mae.training import TrainConfig  # torch-free
+        from napari_mae.training.segmentation import SegmentationConfig  # torch-free
 
         from ._loss_plot import LossPlot  # matplotlib only when the widget opens
 
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        #: Each task's defaults: its config's, as ``napari-mae train`` (with or without --labels).
+        self.task_defaults = {
+            TASK_MAE: {f.name: f.default for f in dataclasses.fields(TrainConfig)},
+            TASK_SEGMENTATION: {f.name: f.default for f in dataclasses.fields(SegmentationConfig)},
+        }
+        defaults = self.task_defaults[TASK_MAE]
+        seg_defaults = self.task_defaults[TASK_SEGMENTATION]
         self.run_button.setToolTip("Start training a new model on the folder's images")
         self.stop_button.setToolTip(
             "Stop after the current step (shortcut Shift-X); the last checkpoint is kept for Resume"
         )
         form = QFormLayout()
+        self.task = QComboBox()
+        self.task.addItems([TASK_MAE, TASK_SEGMENTATION])
+        self.task.setToolTip(
+            "What to train: an MAE that learns what your images look like (no annotation needed), or a "
+            "segmentation model that learns to outline objects from a folder of label images you made"
+        )
         folder_row, self.folder = _path_row("folder of training images")
         self.folder.setToolTip("Folder with your images (its subfolders are searched too)")
+        labels_row, self.labels = _path_row("folder of label images (same file names as the images)")
+        self.labels.setToolTip(
+            "Folder of instance label images, one per training image with the same file name "
+            "(0 = background, one number per object), e.g. saved from napari Labels layers"
+        )
         self.pattern = QLineEdit("")
         self.pattern.setPlaceholderText("all image formats")
         self.pattern.setToolTip(
@@ -123,10 +165,6 @@ class TrainingWidget(JobWidget):
         self.dims.setToolTip("Set from the first image of the folder until you choose")
         self.dims.currentTextChanged.connect(self._dims_changed)
         self.start_from = QComboBox()
-        self.start_from.setToolTip(
-            "Bundled weights to fine-tune (the default, as napari-mae train), "
-            "a preset to train from scratch, or a checkpoint to fine-tune"
-        )
         # ``activated`` is emitted only for the user's choices, never for setCurrentText.
         self.user_chose_start = False
         self.dims.activated.connect(self._user_chose)
@@ -134,7 +172,7 @@ class TrainingWidget(JobWidget):
         self._dims_worker = None
         self.folder.editingFinished.connect(self.guess_dims)
         self.pattern.editingFinished.connect(self.guess_dims)
-        ckpt_row, self.checkpoint = _path_row("checkpoint to fine-tune", directory=False)
+        ckpt_row, self.checkpoint = _path_row("checkpoint to start from", directory=False)
         self._ckpt_row = ckpt_row
         self.start_from.currentTextChanged.connect(self._start_from_changed)
         ckpt_row.setVisible(False)
@@ -150,6 +188,31 @@ class TrainingWidget(JobWidget):
             step=0.01,
             tooltip="Share of each image's patches hidden while the model learns to fill them in "
             "(0.75 as in the MAE paper)",
+        )
+        self.adversarial_weight = magic_field(
+            float(defaults["adversarial_weight"]),
+            "FloatSpinBox",
+            min=0.0,
+            max=10.0,
+            step=0.01,
+            tooltip="Weight of a second network that judges whether the filled-in patches look real: "
+            "above 0 the reconstructions come out sharper but training is slower and less stable "
+            "(0 = off, the plain MAE; try 0.01 to 0.1)",
+        )
+        self.adversarial_weight.native.setDecimals(3)
+        self.frozen_epochs = magic_field(
+            int(seg_defaults["frozen_epochs"]),
+            min=0,
+            max=100000,
+            tooltip="Epochs in which only the new decoder learns and the MAE encoder stays as it is; "
+            "after them both learn (the encoder at a tenth of the learning rate)",
+        )
+        self.crop_size = magic_field(
+            int(seg_defaults["crop_size"]),
+            min=16,
+            max=4096,
+            tooltip="Side in pixels of the random pieces cut from each image for training, after the "
+            "images are rescaled to the model's object size (larger: more context, slower)",
         )
         self.epochs = magic_field(
             int(defaults["epochs"]),
@@ -183,24 +246,35 @@ class TrainingWidget(JobWidget):
         out_row, self.output = _path_row("output folder for checkpoints")
         self.output.setToolTip(
             "Where checkpoints (last.pt, best.pt) and the loss log go; default: a folder "
-            "'napari-mae-training' inside the image folder"
+            "'napari-mae-training' (segmentation: 'napari-mae-segmentation') inside the image folder"
         )
-        for label, widget in [
-            ("images", folder_row),
-            ("pattern", self.pattern),
-            ("dimensions", self.dims),
-            ("start from", self.start_from),
-            ("", ckpt_row),
-            ("patch size", self.patch_size),
-            ("mask ratio", self.mask_ratio.native),
-            ("epochs", self.epochs.native),
-            ("crops per image", self.crops_per_image.native),
-            ("batch size", self.batch_size.native),
-            ("learning rate", self.lr.native),
-            ("device", self.device),
-            ("output", out_row),
-        ]:
+        #: Rows shown for one task only: task -> [(label, field)].
+        self._task_rows: dict[str, list[tuple[QLabel, QWidget]]] = {TASK_MAE: [], TASK_SEGMENTATION: []}
+        rows = [
+            ("task", self.task, None),
+            ("images", folder_row, None),
+            ("labels", labels_row, TASK_SEGMENTATION),
+            ("pattern", self.pattern, TASK_MAE),
+            ("dimensions", self.dims, None),
+            ("start from", self.start_from, None),
+            ("", ckpt_row, None),
+            ("patch size", self.patch_size, TASK_MAE),
+            ("mask ratio", self.mask_ratio.native, TASK_MAE),
+            ("adversarial weight", self.adversarial_weight.native, TASK_MAE),
+            ("frozen epochs", self.frozen_epochs.native, TASK_SEGMENTATION),
+            ("crop size", self.crop_size.native, TASK_SEGMENTATION),
+            ("epochs", self.epochs.native, None),
+            ("crops per image", self.crops_per_image.native, None),
+            ("batch size", self.batch_size.native, None),
+            ("learning rate", self.lr.native, None),
+            ("device", self.device, None),
+            ("output", out_row, None),
+        ]
+        for text, widget, task in rows:
+            label = QLabel(text)
             form.addRow(label, widget)
+            if task is not None:
+                self._task_rows[task].append((label, widget))
         self.form_layout.addLayout(form)
         self.resume_button = QPushButton("Resume")
         self.resume_button.setToolTip("Continue from the last checkpoint in the output folder")
@@ -223,8 +297,17 @@ class TrainingWidget(JobWidget):
         self.last_update = None
         self.checkpoint_path: Path | None = None
         self.model_name: str | None = None
+        self._run_task = TASK_MAE
+        self._job_failed = False
+        self._clear_plot_on_start = False
+        self.task.currentTextChanged.connect(self._task_changed)
+        segmenters.models_changed.connect(self._segmenters_changed)
+        registry.models_changed.connect(self._segmenters_changed)
+        self.destroyed.connect(lambda *_: _disconnect_lists(self._segmenters_changed))
         self._dims_changed(self.dims.currentText())
+        self._task_changed(self.task.currentText())
 
+    # ----------------------------------------------------------------- form
     def _existing_run_row(self) -> QWidget:
         """Hidden until Start meets a folder that holds a run: overwrite / new folder / resume."""
         row = QWidget()
@@ -259,23 +342,102 @@ class TrainingWidget(JobWidget):
             return
         self.run(overwrite=True)
 
-    def _dims_changed(self, text: str) -> None:
+    @property
+    def segmentation(self) -> bool:
+        """Whether the segmentation task is chosen."""
+        return self.task.currentText() == TASK_SEGMENTATION
+
+    def _task_changed(self, task: str) -> None:
+        """Show the chosen task's rows, its defaults and its start-from choices."""
+        other = TASK_MAE if task == TASK_SEGMENTATION else TASK_SEGMENTATION
+        for label, widget in self._task_rows[other]:
+            label.setVisible(False)
+            widget.setVisible(False)
+        for label, widget in self._task_rows[task]:
+            label.setVisible(True)
+            widget.setVisible(True)
+        # A shared field still at the other task's default takes this task's (values the user typed stay).
+        new, old = self.task_defaults[task], self.task_defaults[other]
+        for field, name, cast in (
+            (self.epochs, "epochs", int),
+            (self.crops_per_image, "samples_per_image", int),
+            (self.batch_size, "batch_size", int),
+            (self.lr, "lr", float),
+        ):
+            if cast(field.value) == cast(old[name]):
+                field.value = cast(new[name])
+        seg = task == TASK_SEGMENTATION
+        if seg:
+            self.dims.setCurrentText("2D")  # the decoder trains on 2D images (volumes: their planes)
+        self.dims.setEnabled(not seg)
+        self.dims.setToolTip(
+            "The segmentation model trains on 2D images (it segments volumes plane by plane)"
+            if seg
+            else "Set from the first image of the folder until you choose"
+        )
+        self.run_button.setToolTip(
+            "Start training a segmentation model on the images and their labels"
+            if seg
+            else "Start training a new model on the folder's images"
+        )
+        self._fill_start_from()
+
+    def _segmenters_changed(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the widget was closed meanwhile
+            if self.segmentation:
+                self._fill_start_from()
+
+    def _fill_start_from(self) -> None:
+        """The start-from choices of the task (and dimensionality), keeping the current one if listed."""
         from napari_mae.training import bundled_model_available, default_model
 
+        current = self.start_from.currentText()
+        self.start_from.blockSignals(True)
+        self.start_from.clear()
+        if self.segmentation:
+            items = [default_model(2) + ENCODER_SUFFIX]
+            items += [
+                name + ENCODER_SUFFIX
+                for name in registry.model_names()
+                if name in registry.models and len(registry.patch_sizes.get(name, (0, 0))) == 2
+            ]
+            items += [
+                name + CONTINUE_SUFFIX
+                for name in segmenters.model_names()
+                if name in segmenters.models or bundled_segmenter_path(name).is_file()
+            ]
+            items += [p + RANDOM_SUFFIX for p in PRESET_NAMES[2]] + [CHECKPOINT_TEXT]
+            self.start_from.addItems(items)
+            self.start_from.setToolTip(
+                "Where the segmentation model starts: the encoder of an MAE (bundled default-2d or one "
+                "you pretrained on your images) with a new decoder, a segmentation model to train further "
+                "(the bundled nuclei model or yours), a random encoder, or a checkpoint file"
+            )
+            default = default_model(2) + ENCODER_SUFFIX
+        else:
+            ndim = 3 if self.dims.currentText() == "3D" else 2
+            default = default_model(ndim) + FINETUNE_SUFFIX
+            self.start_from.addItems(
+                [p + SCRATCH_SUFFIX for p in PRESET_NAMES[ndim]] + [default, CHECKPOINT_TEXT]
+            )
+            self.start_from.setToolTip(
+                "Bundled weights to fine-tune (the default, as napari-mae train), "
+                "a preset to train from scratch, or a checkpoint to fine-tune"
+            )
+            # The CLI's default; a scratch preset only where the bundled weights are missing.
+            if not bundled_model_available(default_model(ndim)):
+                default = self.start_from.itemText(0)
+        keep = self.user_chose_start and self.start_from.findText(current) >= 0
+        self.start_from.setCurrentText(current if keep else default)
+        self.start_from.blockSignals(False)
+        self._start_from_changed(self.start_from.currentText())
+
+    def _dims_changed(self, text: str) -> None:
         ndim = 3 if text == "3D" else 2
         self.patch_size.set_dims(ndim)
         self.patch_size.set_value((4, 8, 8) if ndim == 3 else (8, 8))
-        default = default_model(ndim)
-        self.start_from.blockSignals(True)
-        self.start_from.clear()
-        self.start_from.addItems(
-            [p + SCRATCH_SUFFIX for p in PRESETS[ndim]] + [default + FINETUNE_SUFFIX, CHECKPOINT_TEXT]
-        )
-        # The CLI's default; a scratch preset only where the bundled weights are missing.
-        if bundled_model_available(default):
-            self.start_from.setCurrentText(default + FINETUNE_SUFFIX)
-        self.start_from.blockSignals(False)
-        self._start_from_changed(self.start_from.currentText())
+        if not self.segmentation:
+            self._fill_start_from()
 
     def _user_chose(self, _index: int = 0) -> None:
         self.user_chose_start = True
@@ -287,7 +449,7 @@ class TrainingWidget(JobWidget):
         from napari_mae.training import guess_spatial_dims
 
         folder = self.folder.text().strip()
-        if self.user_chose_start or not folder or not Path(folder).is_dir():
+        if self.user_chose_start or self.segmentation or not folder or not Path(folder).is_dir():
             return
         patterns = self._patterns()
         worker = create_worker(guess_spatial_dims, folder, patterns, _start_thread=False)
@@ -299,7 +461,7 @@ class TrainingWidget(JobWidget):
         with contextlib.suppress(RuntimeError):  # the widget was closed meanwhile
             if self.user_chose_start or (folder, patterns) != (self.folder.text().strip(), self._patterns()):
                 return  # the user chose meanwhile, or the folder changed (its own guess follows)
-            if guess is not None:
+            if guess is not None and not self.segmentation:
                 self.dims.setCurrentText(f"{guess[0]}D")
 
     def _patterns(self) -> tuple[str, ...] | None:
@@ -311,39 +473,21 @@ class TrainingWidget(JobWidget):
 
     # ----------------------------------------------------------------- config
     def build_config(self, resume: bool = False, overwrite: bool = False):
-        """The :class:`~napari_mae.training.TrainConfig` the form describes.
+        """The config the form describes: a ``TrainConfig`` (MAE) or a ``SegmentationConfig``.
 
         Raises
         ------
         ValueError
             If a folder is missing or the core rejects a value.
         """
-        from napari_mae.training import TrainConfig
-
         folder = self.folder.text().strip()
         if not folder or not Path(folder).is_dir():
             raise ValueError(f"Choose a folder of training images (got '{folder}').")
-        output = self.output.text().strip() or str(Path(folder) / "napari-mae-training")
-        start = self.start_from.currentText()
-        patch_size = None
-        if start == CHECKPOINT_TEXT:
-            model = self.checkpoint.text().strip()
-            if not model:
-                raise ValueError("Choose a checkpoint to fine-tune.")
-        elif start.endswith(SCRATCH_SUFFIX):
-            model = start.removesuffix(SCRATCH_SUFFIX)
-            patch_size = self.patch_size.value()
-        else:
-            model = start.removesuffix(FINETUNE_SUFFIX)
-        patterns = self._patterns()
-        return TrainConfig(
+        task = self.task.currentText()
+        output = self.output.text().strip() or str(Path(folder) / DEFAULT_OUTPUT[task])
+        common = dict(
             data_dir=folder,
             output_dir=output,
-            model=model,
-            spatial_dims=3 if self.dims.currentText() == "3D" else 2,
-            patch_size=patch_size,
-            patterns=patterns,
-            mask_ratio=float(self.mask_ratio.value),
             epochs=int(self.epochs.value),
             samples_per_image=int(self.crops_per_image.value),
             batch_size=int(self.batch_size.value),
@@ -352,8 +496,74 @@ class TrainingWidget(JobWidget):
             resume=resume,
             overwrite=overwrite,
         )
+        if task == TASK_SEGMENTATION:
+            return self._segmentation_config(common)
+        from napari_mae.training import TrainConfig
+
+        start = self.start_from.currentText()
+        patch_size = None
+        if start == CHECKPOINT_TEXT:
+            model = self._checkpoint_text()
+        elif start.endswith(SCRATCH_SUFFIX):
+            model = start.removesuffix(SCRATCH_SUFFIX)
+            patch_size = self.patch_size.value()
+        else:
+            model = start.removesuffix(FINETUNE_SUFFIX)
+        return TrainConfig(
+            **common,
+            model=model,
+            spatial_dims=3 if self.dims.currentText() == "3D" else 2,
+            patch_size=patch_size,
+            patterns=self._patterns(),
+            mask_ratio=float(self.mask_ratio.value),
+            adversarial_weight=float(self.adversarial_weight.value),
+        )
+
+    def _checkpoint_text(self) -> str:
+        path = self.checkpoint.text().strip()
+        if not path:
+            raise ValueError("Choose a checkpoint file to start from.")
+        return path
+
+    def _segmentation_config(self, common: dict):
+        from napari_mae.training.segmentation import SegmentationConfig
+
+        labels = self.labels.text().strip()
+        if not labels or not Path(labels).is_dir():
+            raise ValueError(
+                f"Choose the folder of label images (one per image, same file names; got '{labels}')."
+            )
+        if Path(labels).resolve() == Path(common["data_dir"]).resolve():
+            raise ValueError(
+                "The labels folder is the image folder: keep the label images in a folder of their own."
+            )
+        start = self.start_from.currentText()
+        if start == CHECKPOINT_TEXT:
+            model = self._checkpoint_text()
+        elif start.endswith(CONTINUE_SUFFIX):
+            name = start.removesuffix(CONTINUE_SUFFIX)
+            model = (
+                str(bundled_segmenter_path(name)) if name in BUNDLED_SEGMENTERS else segmenters.resolve(name)
+            )
+        elif start.endswith(RANDOM_SUFFIX):
+            model = start.removesuffix(RANDOM_SUFFIX)
+        else:
+            model = registry.resolve(start.removesuffix(ENCODER_SUFFIX))
+        return SegmentationConfig(
+            **common,
+            labels_dir=labels,
+            model=model,
+            frozen_epochs=int(self.frozen_epochs.value),
+            crop_size=int(self.crop_size.value),
+        )
 
     # ----------------------------------------------------------------- run
+    def notify_error(self, message: str) -> None:
+        """Show an error (napari notification and status line); a running job's error marks it failed."""
+        if self.busy:
+            self._job_failed = True
+        super().notify_error(message)
+
     def run(self, resume: bool = False, overwrite: bool = False) -> None:
         """Start (or resume) training in a worker thread.
 
@@ -383,23 +593,34 @@ class TrainingWidget(JobWidget):
             return
         self.stop_flag.clear()
         stop_flag = self.stop_flag
-        if not resume:
-            self.plot.clear()
+        task = self._run_task = self.task.currentText()
+        # The curves of the last run stay until this one has started (bad labels lose nothing).
+        self._clear_plot_on_start = not resume
+        self.plot.show_metric("validation acc@0.5" if task == TASK_SEGMENTATION else None)
         self.epoch_bar.setRange(0, config.epochs)
         self.epoch_bar.setValue(0)
         self.eta.setText("")
         self.checkpoint_path = None
+        self.last_update = None
+        self._job_failed = False
         self.output_dir = Path(config.output_dir)
+        # The files the run reads: the MAE task's patterns and exclusions; segmentation takes every image.
+        patterns = getattr(config, "patterns", None)
+        exclude = getattr(config, "exclude", ())
 
         def work(progress):
-            from napari_mae.training import train
-
+            if task == TASK_SEGMENTATION:
+                from napari_mae.training.segmentation import train_segmentation as train_fn
+            else:
+                from napari_mae.training import train as train_fn
+            _check_more_than_one_image(config.data_dir, patterns, exclude)
             try:
                 with torch_threads_leaving_a_core():
-                    yield from train(config, stop=stop_flag)
+                    yield from train_fn(config, stop=stop_flag)
             finally:
                 release_gpu_memory()
-            return _checkpoint_patch_size(Path(config.output_dir))  # read here, not on the GUI thread
+            # Read here, not on the GUI thread.
+            return None if task == TASK_SEGMENTATION else _checkpoint_patch_size(Path(config.output_dir))
 
         if self.start_job(work, description="Training", on_returned=self._trained, on_yielded=self.on_update):
             self.resume_button.setEnabled(False)
@@ -425,11 +646,17 @@ class TrainingWidget(JobWidget):
             self.progress_bar.setRange(0, max(int(update.n_steps), 1))
             self.progress_bar.setValue(int(update.step))
             self.progress_bar.setFormat(f"{update.kind} at step %v/%m")
+        elif self._job_failed:
+            # Refused before the first step (bad labels, one image, ...): not "done in 0.1 s".
+            self.progress_bar.setValue(0)
+            self.progress_bar.setFormat("not started: see the message")
 
     def on_update(self, update) -> None:
         """Show one :class:`~napari_mae.training.TrainUpdate` (GUI thread)."""
         self.last_update = update
         kind = update.kind
+        if kind == "start" and self._clear_plot_on_start:
+            self.plot.clear()
         if update.n_steps:
             self.progress_bar.setRange(0, int(update.n_steps))
             self.progress_bar.setValue(int(update.step))
@@ -444,11 +671,15 @@ class TrainingWidget(JobWidget):
             self.plot.add("train", x, update.loss)
         if kind == "epoch" and update.val_loss is not None:
             self.plot.add("val", update.epoch, update.val_loss)
+        metric = (update.metrics or {}).get("val_acc50")
+        if kind == "epoch" and metric is not None:
+            self.plot.add("metric", update.epoch, metric)
         if update.checkpoint:
             self.checkpoint_path = Path(update.checkpoint)
         if kind in ("step", "epoch"):
+            acc = f", val acc@0.5 {self.plot.metric[1][-1]:.3f}" if self.plot.metric[1] else ""
             self.eta.setText(
-                f"epoch {update.epoch}/{update.n_epochs}, {update.images_per_s:.1f} crops/s, "
+                f"epoch {update.epoch}/{update.n_epochs}, {update.images_per_s:.1f} crops/s{acc}, "
                 f"ETA {_fmt_seconds(update.eta_s)}"
             )
         if kind in ("start", "stopped", "failed", "finished") and update.message:
@@ -467,20 +698,50 @@ class TrainingWidget(JobWidget):
 
     def _trained(self, _result=None) -> None:
         kind = getattr(self.last_update, "kind", "finished")
-        best = self.output_dir / "best.pt"
+        best = self.output_dir / BEST
         path = best if kind == "finished" and best.is_file() else self.checkpoint_path
         if path is None or not Path(path).is_file():
-            last = self.output_dir / "last.pt"
+            last = self.output_dir / LAST
             path = last if last.is_file() else None
         if path is None:
             self.notify_error("Training ended without writing a checkpoint.")
             return
-        patch_size = _result if isinstance(_result, tuple) else None
-        self.model_name = registry.add_model(
-            f"trained: {self.output_dir.name}/{Path(path).name}", str(path), patch_size=patch_size
-        )
-        self.notify_info(
-            f"Training {kind}; model '{self.model_name}' is offered in the Reconstruction and Segmentation widgets."
+        name = f"trained: {self.output_dir.name}/{Path(path).name}"
+        if self._run_task == TASK_SEGMENTATION:
+            self.model_name = segmenters.add_model(name, str(path))
+            where = "the Segmentation widget's segmentation models"
+        else:
+            patch_size = _result if isinstance(_result, tuple) else None
+            self.model_name = registry.add_model(name, str(path), patch_size=patch_size)
+            where = "the Reconstruction and Segmentation widgets"
+        self.notify_info(f"Training {kind}; model '{self.model_name}' is offered in {where}.")
+
+
+def _disconnect_lists(callback) -> None:
+    for emitter in (segmenters.models_changed, registry.models_changed):
+        with contextlib.suppress(Exception):
+            emitter.disconnect(callback)
+
+
+def _check_more_than_one_image(data_dir, patterns, exclude) -> None:
+    """Refuse a folder of a single image (worker thread): nothing could be held out for validation.
+
+    Raises
+    ------
+    ValueError
+        Naming the folder and its one image. No image at all is left to the core's own message.
+    """
+    from napari_mae.training.files import DEFAULT_PATTERNS, find_images
+
+    try:
+        files = find_images(data_dir, tuple(patterns or DEFAULT_PATTERNS), exclude=tuple(exclude))
+    except (ValueError, FileNotFoundError):
+        return  # none: training says so itself, with the patterns it searched
+    if len(files) == 1:
+        raise ValueError(
+            f"{data_dir} holds one image ({files[0].name}): training needs at least two, one of them held "
+            "out to check the model on an image it has not learnt from. Add images (or save crops of a "
+            "large image as separate files) and Start again."
         )
 
 
@@ -494,8 +755,6 @@ def _free_folder(path: Path) -> Path:
 
 def _checkpoint_patch_size(folder: Path) -> tuple[int, ...] | None:
     """Patch size of the run's checkpoint (best.pt, else last.pt), or None (worker thread)."""
-    from napari_mae._names import BEST
-
     for name in (BEST, LAST):
         with contextlib.suppress(Exception):  # the list works without it (Masking then uses the default)
             from napari_mae.io.checkpoint import load_checkpoint
