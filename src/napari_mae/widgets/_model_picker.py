@@ -94,7 +94,7 @@ class ModelPicker(QWidget):
             self.combo.setCurrentText(f"default-{spatial_dims}d")
 
     def spec(self):
-        """What to pass to ``napari_mae.model.load_model``.
+        """What to pass to :func:`napari_mae.models.mae.load_model`.
 
         Raises
         ------
