@@ -3,6 +3,10 @@
 Each function returns napari layer-data tuples ``(data, kwargs, layer_type)`` with
 ``scale`` set to the physical voxel spacing read from the file, plus the ground-truth
 Labels layer where the sample has one. See ``sample_data/README.md`` for provenance.
+
+napari selects every layer it adds, so the hidden ground truth (added last) would be
+left selected with the Labels paint tools showing; after File > Open Sample the image
+is made the selected layer instead (:func:`_select_image_when_opened`).
 """
 
 from __future__ import annotations
@@ -42,7 +46,44 @@ def _layers(name: str, display: str, unit: str, contrast_limits=None) -> list[tu
     labels_kwargs = {"name": f"{display} ground truth", "scale": spacing, "opacity": 0.4, "visible": False}
     if "units" in image_kwargs:
         labels_kwargs["units"] = image_kwargs["units"]
+    _select_image_when_opened()
     return [(image, image_kwargs, "image"), (labels, labels_kwargs, "labels")]
+
+
+def _select_image_when_opened() -> None:
+    """Make the sample's image the selected layer once napari has added (and selected) its ground truth.
+
+    A sample function only returns layer data; napari adds the layers and selects each
+    new one. So the current viewer is asked, once, to move the selection from the
+    hidden ground-truth Labels layer of a napari-mae sample to the image of the same
+    sample. The callback runs after napari's own (``position="last"``), so every view
+    ends on the image. Without a viewer (a script calling the sample function) nothing
+    happens.
+    """
+    try:
+        from napari import current_viewer
+
+        viewer = current_viewer()
+    except ImportError:  # pragma: no cover - napari is a dependency
+        return
+    if viewer is None:
+        return
+    layers = viewer.layers
+    emitter = layers.selection.events.active
+
+    def on_active(event) -> None:
+        layer = event.value
+        sample = getattr(getattr(layer, "source", None), "sample", None)
+        if layer is None or layer._type_string != "labels" or layer.visible or not sample:
+            return
+        if sample[0] != "napari-mae":
+            return
+        emitter.disconnect(on_active)
+        images = [ly for ly in layers if ly._type_string == "image" and ly.source.sample == sample]
+        if images:
+            layers.selection.active = images[-1]
+
+    emitter.connect(on_active, position="last")
 
 
 def nuclei_2d() -> list[tuple]:
