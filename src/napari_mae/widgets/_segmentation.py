@@ -12,6 +12,18 @@ as CSV) gives each object's size, centroid and mean intensity in physical units.
 Shortcuts (:data:`~._shortcuts.SHORTCUTS`): Shift-S segments, Shift-N switches
 the scribble label between background (1) and objects (2), Shift-X stops.
 
+**Fine-tune** trains the chosen segmentation model a little further on the image
+(:func:`napari_mae.segmentation.finetune.finetune`, in a worker, for the seconds in
+the box beside it) from the scribbles layer and from the objects the user corrected
+in the labels result layer: every id whose pixels were painted or changed since the
+widget last wrote that layer counts as one object corrected *whole*, and pixels
+whose object was erased (painted 0) count as background strokes. The labels layer
+follows the training live (a few times a minute); Stop keeps the best model so
+far. The new model is saved in the user's model folder (:func:`finetuned_folder`),
+added to the segmentation-model list (:data:`~._registry.segmenters`, listed after
+restarts) and selected, the previous one staying in the list; the image is then
+segmented with it.
+
 The radius and threshold boxes stay hand-built Qt: their "auto (last: ...)"
 special value text has no magicgui equivalent.
 """
@@ -20,18 +32,23 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 from napari.layers import Image, Labels
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QHeaderView,
     QPushButton,
+    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QWidget,
@@ -49,6 +66,7 @@ from ._common import (
 )
 from ._layers import UserInputError, add_or_update, prepare_image
 from ._model_picker import ModelPicker
+from ._registry import config_dir, segmenters
 
 #: Scribble label values (the core's convention).
 BACKGROUND, FOREGROUND = 1, 2
@@ -109,11 +127,31 @@ class SegmentationWidget(JobWidget):
             "image; auto: learned when a segmentation model is named below and no scribbles are "
             "painted, classical otherwise",
         )
-        self.segmenter = magic_field(
-            "",
-            tooltip="Segmentation model of the learned method: empty or default-2d (bundled, fluorescent "
-            "nuclei), or the path of a model you trained (napari-mae train --labels)",
+        self.segmenter = SegmenterField(
+            "Segmentation model of the learned method: default-2d (bundled, fluorescent nuclei), the "
+            "models you trained or fine-tuned (listed after a restart too), or type the path of a model "
+            "(napari-mae train --labels, napari-mae finetune)"
         )
+        self.finetune_button = QPushButton("Fine-tune")
+        self.finetune_button.setToolTip(
+            "Teach the segmentation model your image: trains it a little further from the scribbles "
+            "(1 = background, 2 = objects) and from the objects you corrected in the labels layer, then "
+            "saves it as a new model in the list (the previous one stays) and segments with it"
+        )
+        self.finetune_button.clicked.connect(self.finetune)
+        self.finetune_seconds = QSpinBox()
+        self.finetune_seconds.setRange(5, 3600)
+        self.finetune_seconds.setValue(60)
+        self.finetune_seconds.setSuffix(" s")
+        self.finetune_seconds.setToolTip(
+            "How long fine-tuning runs (seconds, preparation included); Stop ends it earlier and keeps "
+            "the best model so far"
+        )
+        finetune_row = QWidget()
+        finetune_layout = QHBoxLayout(finetune_row)
+        finetune_layout.setContentsMargins(0, 0, 0, 0)
+        finetune_layout.addWidget(self.finetune_button)
+        finetune_layout.addWidget(self.finetune_seconds)
         self.use_model = QCheckBox("MAE features")
         self.use_model.setToolTip(
             "Also let the scribble classifier use what the trained network sees in the image "
@@ -155,6 +193,7 @@ class SegmentationWidget(JobWidget):
         form.addRow("4D input", self.time_mode)
         form.addRow("method", self.method.native)
         form.addRow("segmentation model", self.segmenter.native)
+        form.addRow("", finetune_row)
         form.addRow("scribbles", row)
         form.addRow(self.use_model, self.model)
         form.addRow("object radius", self.radius)
@@ -171,6 +210,12 @@ class SegmentationWidget(JobWidget):
         self.results_layout.addWidget(self.table)
         self.results_layout.addWidget(self.export_button)
         self.labels_layer = None
+        self._written = None  # (layer, copy of the labels this widget last wrote into it)
+        self._finetune_stop: threading.Event | None = None
+        self.finetune_result = None  # the last fine-tuning's final update
+        #: Further :class:`~napari_mae.segmentation.finetune.FinetuneConfig` settings (the seconds
+        #: come from the box), e.g. ``{"encoder_blocks": 2}``; tests use tiny budgets.
+        self.finetune_options: dict = {}
         self.info: dict = {}
         self.features: dict = {}
         self.debounce = QTimer(self)
@@ -258,6 +303,8 @@ class SegmentationWidget(JobWidget):
             self.debounce.stop()
 
     def _live_run(self) -> None:
+        if self._finetune_stop is not None:  # painting while fine-tuning: the strokes were read
+            return
         if self.busy:  # re-run once the current job has stopped
             self._rerun = True
             self.stop()
@@ -266,6 +313,9 @@ class SegmentationWidget(JobWidget):
 
     def _on_finished(self, job) -> None:
         super()._on_finished(job)
+        if job is self.job:
+            self._finetune_stop = None
+            self.finetune_button.setEnabled(True)
         if job is self.job and self._rerun:
             self._rerun = False
             self.debounce.start()
@@ -304,7 +354,7 @@ class SegmentationWidget(JobWidget):
                     "The learned method takes no scribbles: choose 'classical' or 'auto', or clear the "
                     "scribbles layer."
                 )
-            named = str(self.segmenter.value).strip()
+            named = self.segmenter.spec()
             if scribbles is None:
                 model = (named or "default-2d") if method == "learned" else (named or None)
                 if method == "classical":
@@ -381,6 +431,7 @@ class SegmentationWidget(JobWidget):
             metadata=dict(metadata or {}),
             **kwargs,
         )
+        self._remember_written()
         self.export_button.setEnabled(True)
         info = infos[0]
         self.info = info
@@ -423,6 +474,168 @@ class SegmentationWidget(JobWidget):
         self.notify_notes(prep.notes)
         self._fill_table(features, size_key, size_header)
 
+    # ----------------------------------------------------------------- fine-tuning
+    def _remember_written(self) -> None:
+        """Keep a copy of the labels this widget wrote, to tell the user's corrections from them."""
+        layer = self.labels_layer
+        self._written = None if layer is None else (layer, np.array(layer.data, copy=True))
+
+    def corrected_objects(self, prep) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The user's corrections in the labels result layer since this widget last wrote it.
+
+        Returns
+        -------
+        corrected : ndarray of int32 or None
+            The objects (ids) with any pixel painted or changed, whole; 0 elsewhere.
+        erased : ndarray of bool or None
+            Pixels of an object that were painted 0 (background).
+        Both have ``prep.spatial_shape``; None when there is no such layer or no change.
+        """
+        if self._written is None:
+            return None, None
+        layer, before = self._written
+        if layer is not self.labels_layer or layer not in self.viewer.layers:
+            return None, None
+        now = np.asarray(layer.data)
+        if now.shape != before.shape or now.size != int(np.prod(prep.spatial_shape)):
+            return None, None
+        now, before = now.reshape(prep.spatial_shape), before.reshape(prep.spatial_shape)
+        changed = now != before
+        if not changed.any():
+            return None, None
+        ids = np.unique(now[changed])
+        ids = ids[ids > 0]
+        corrected = np.where(np.isin(now, ids), now, 0) if ids.size else None
+        erased = changed & (now == 0)
+        return corrected, (erased if erased.any() else None)
+
+    def finetune(self) -> None:
+        """Fine-tune the chosen segmentation model on the image from the scribbles and corrections."""
+        layer = self.image.value()
+        scribbles_layer = self.scribbles.value()
+        try:
+            prep = prepare_image(
+                layer,
+                self.viewer,
+                channel_axis=parse_channel_axis(self.channel.currentText()),
+                time_mode=self.time_mode.currentText(),
+            )
+            if len(prep.frames) != 1:
+                raise UserInputError("Fine-tune on one time point: set '4D input' to the current time point.")
+            if scribbles_layer is None:
+                raise UserInputError(
+                    "Fine-tuning learns from scribbles: press 'New scribbles' and paint objects (2) and "
+                    "background (1)."
+                )
+            scribbles = np.asarray(scribbles_layer.data)
+            if scribbles.shape != prep.spatial_shape:
+                raise UserInputError(
+                    f"Scribbles '{scribbles_layer.name}' have shape {scribbles.shape}, the image "
+                    f"{prep.spatial_shape}; use 'New scribbles' to make a matching layer."
+                )
+            if scribbles.dtype.kind == "i" and scribbles.size and scribbles.min() < 0:
+                raise UserInputError(f"Scribbles '{scribbles_layer.name}' hold negative labels.")
+            scribbles = scribbles.astype(np.uint8 if scribbles.max(initial=0) < 256 else np.int64)
+            corrected, erased = self.corrected_objects(prep)
+            if erased is not None:
+                scribbles = np.where((scribbles == 0) & erased, 1, scribbles).astype(scribbles.dtype)
+            model = self.segmenter.spec() or "default-2d"
+        except (UserInputError, ValueError) as exc:
+            self.notify_error(str(exc))
+            return
+        seconds = float(self.finetune_seconds.value())
+        options = {"seconds": seconds, **self.finetune_options}
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = _free_path(finetuned_folder() / f"{_safe(prep.name)}-{stamp}.pt")
+        stop = threading.Event()
+        shown = {"labels": False}
+
+        def work(progress):
+            from napari_mae.segmentation import segment_instances
+            from napari_mae.segmentation.finetune import FinetuneConfig, finetune
+
+            from ._common import torch_threads_leaving_a_core
+
+            frame = prep.frame(0, fill_nan=False)
+            final = None
+            with torch_threads_leaving_a_core():
+                for update in finetune(
+                    frame,
+                    scribbles,
+                    out=out,
+                    model=model,
+                    corrected=corrected,
+                    spacing=prep.spacing,
+                    channel_axis=prep.channel_axis,
+                    config=FinetuneConfig(**options),
+                    stop=stop,
+                ):
+                    final = update
+                    progress(min(int(update.elapsed_s), int(seconds)), int(seconds), _progress_text(update))
+                    if update.kind in ("prepared", "evaluated"):
+                        yield update
+                if final is None or final.checkpoint is None:
+                    return final, None
+                progress(int(seconds), int(seconds), "segmenting with the fine-tuned model")
+                lab, info = segment_instances(
+                    frame, method="learned", model=str(final.checkpoint), spacing=prep.spacing,
+                    channel_axis=prep.channel_axis,
+                )  # fmt: skip
+            table = object_table(lab, prep.frame(0), spacing=prep.spacing, t=prep.time_point)
+            return final, ([lab], [info], table)
+
+        def on_update(update) -> None:
+            if update.message:
+                self.status.setText(update.message)
+            if update.labels is not None:
+                self.labels_layer = add_or_update(
+                    self.viewer, "labels", prep.to_layer_layout([update.labels]), f"{prep.name} labels",
+                    **prep.output_kwargs(),
+                )  # fmt: skip
+                self._remember_written()
+                shown["labels"] = True
+
+        def done(result) -> None:
+            final, segmented = result
+            self.finetune_result = final
+            if final is None or final.checkpoint is None:
+                message = final.message if final is not None else "fine-tuning ended without a result"
+                if final is not None and final.kind == "stopped":
+                    self.notify_info(f"Fine-tuning {message}")
+                else:
+                    self.notify_error(f"Fine-tuning {message}")
+                return
+            name = segmenters.add_model(f"fine-tuned: {prep.name} {stamp}", str(final.checkpoint))
+            self.segmenter.value = name
+            if segmented is not None:
+                self.show_result(prep, *segmented)
+            self.notify_info(
+                f"Fine-tuning {final.message}. Model '{name}' is selected; the previous model stays in "
+                "the list. Choose scribbles 'none' and method 'learned' to segment other images with it."
+            )
+
+        self._finetune_stop = stop
+        self.finetune_result = None
+        job = self.start_job(
+            work,
+            description="Fine-tuning",
+            on_returned=done,
+            on_yielded=on_update,
+            layers=[layer, scribbles_layer],
+        )
+        if job is None:
+            self._finetune_stop = None
+            return
+        self.finetune_button.setEnabled(False)
+
+    def stop(self) -> None:
+        """Stop the running job; fine-tuning stops after its current step and keeps the best model."""
+        if self.busy and self._finetune_stop is not None:
+            self._finetune_stop.set()
+            self.status.setText("Stopping: the best model so far is saved...")
+            return
+        super().stop()
+
     def export_table(self, path=None):
         """Save the last result's object table as CSV (asks for a file name unless ``path`` is given)."""
         layer = self.labels_layer
@@ -452,6 +665,82 @@ class SegmentationWidget(JobWidget):
                 v = features[k][r]
                 text = f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v)
                 self.table.setItem(r, c, QTableWidgetItem(text))
+
+
+class SegmenterField:
+    """The segmentation models of the learned method (:data:`~._registry.segmenters`), or a typed path.
+
+    An editable combo box kept in sync with the registry; ``value`` is its text.
+    """
+
+    def __init__(self, tooltip: str) -> None:
+        self.native = QComboBox()
+        self.native.setEditable(True)
+        self.native.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
+        self.native.setToolTip(tooltip)
+        self.native.lineEdit().setPlaceholderText("default-2d")
+        self.native.lineEdit().setToolTip(tooltip)
+        segmenters.models_changed.connect(self.refresh)
+        self.native.destroyed.connect(lambda *_: _disconnect_quietly(segmenters.models_changed, self.refresh))
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-list the models, keeping the current text."""
+        current = self.native.currentText()
+        self.native.blockSignals(True)
+        self.native.clear()
+        self.native.addItems(segmenters.model_names())
+        self.native.setEditText(current)
+        self.native.blockSignals(False)
+
+    @property
+    def value(self) -> str:
+        return self.native.currentText()
+
+    @value.setter
+    def value(self, text) -> None:
+        idx = self.native.findText(str(text))
+        if idx >= 0:
+            self.native.setCurrentIndex(idx)
+        self.native.setEditText(str(text))
+
+    def spec(self) -> str:
+        """What to pass to the core: a listed model's checkpoint path, else the text ('' for the default)."""
+        name = self.value.strip()
+        return str(segmenters.resolve(name)) if name in segmenters.models else name
+
+
+def _disconnect_quietly(signal, slot) -> None:
+    with contextlib.suppress(RuntimeError, TypeError, ValueError):
+        signal.disconnect(slot)
+
+
+def finetuned_folder() -> Path:
+    """Where the Segmentation widget saves fine-tuned models: ``models/`` in the registry's folder.
+
+    That is ``platformdirs.user_config_dir("napari-mae")`` (or ``$NAPARI_MAE_CONFIG_DIR``),
+    beside the model lists that name them.
+    """
+    return config_dir() / "models"
+
+
+def _free_path(path: Path) -> Path:
+    i = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{i}{path.suffix}")
+        i += 1
+    return candidate
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60] or "image"
+
+
+def _progress_text(update) -> str:
+    if update.kind == "step":
+        return f"fine-tuning: step {update.step}, loss {update.loss:.3f}"
+    return f"fine-tuning: {update.kind}"
 
 
 def _size_header(spatial_dims: int, units: str) -> tuple[str, str]:
