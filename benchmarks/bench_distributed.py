@@ -126,6 +126,8 @@ def write_volume(path: Path, gt_path: Path, shape, block: int, seed: int) -> dic
 
     objects = make_objects(shape, block, seed)
     group = zarr.open_group(str(path), mode="w")
+    # Input chunks no larger than a block: a worker reading its block decompresses only
+    # the chunks it needs (chunks of whole planes would tie its memory to the volume's Y x X).
     chunks = (min(block, 64),) + tuple(min(block, n) for n in shape[1:])
     image = group.create_array("s0", shape=shape, chunks=chunks, dtype="float32")
     gt = zarr.create_array(str(gt_path), shape=shape, chunks=chunks, dtype="uint32", overwrite=True)
@@ -146,9 +148,11 @@ def write_volume(path: Path, gt_path: Path, shape, block: int, seed: int) -> dic
 # --------------------------------------------------------------------------- scoring
 
 
-def contingency_zarr(gt, pred, rows: int = 32):
+def contingency_zarr(gt, pred, rows: int | None = None):
     """Sparse overlap table (gt id, pred id, count) of two Zarr arrays, slab by slab."""
     n_p = 1 << 32
+    if rows is None:  # slabs of about 4 M voxels
+        rows = max(1, (1 << 22) // int(np.prod(gt.shape[1:])))
     us, cs = [], []
     for z0 in range(0, gt.shape[0], rows):
         g = np.asarray(gt[z0 : z0 + rows]).astype(np.int64)
@@ -205,29 +209,50 @@ def _worker_maxrss() -> int:
         return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
 
 
+def _reset_maxrss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0: ``clear_refs`` 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _worker_rss() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def run_workers(
-    n_workers: int, image_path: Path, out: Path, block: int, cap_bytes: float, extra=None
+    n_workers: int, image_path: Path, out: Path, block: int, worker_cap_bytes: float, extra=None
 ) -> dict:
     from napari_mae.distributed import dask_client, segment_blockwise
     from napari_mae.io.omezarr import read_ome_zarr_image
 
     data, spacing, _ = read_ome_zarr_image(image_path)
-    limit = int(cap_bytes / n_workers)
+    limit = int(worker_cap_bytes)
     t_start = time.perf_counter()
     with dask_client(n_workers, memory_limit=limit) as client:
         startup = time.perf_counter() - t_start
         idle = client.run(_worker_rss)
+        cpu0 = client.run(_cpu_seconds)
+        reset = _reset_maxrss()  # the client's peak from here on: the run's, not the data generation's
+        load0, ccpu0 = os.getloadavg(), _cpu_seconds()
         t0 = time.perf_counter()
         res = segment_blockwise(
             data, out, spacing=spacing, axes="ZYX", unit="micrometer", block_shape=(block,) * 3, client=client
         )
         wall = time.perf_counter() - t0
+        client_cpu, load1 = _cpu_seconds() - ccpu0, os.getloadavg()
+        client_peak = _worker_maxrss() if reset else None
         peaks = client.run(_worker_maxrss)
+        cpu = {k: v - cpu0.get(k, 0.0) for k, v in client.run(_cpu_seconds).items()}
         n_alive = len(client.scheduler_info()["workers"])
         extra_res = extra(client) if extra is not None else None
     return {
@@ -237,6 +262,10 @@ def run_workers(
         "memory_limit_per_worker": limit,
         "idle_rss": sorted(idle.values()),
         "peak_rss": sorted(peaks.values()),
+        "client_peak_rss": client_peak,
+        "worker_cpu_s": sorted(cpu.values()),
+        "client_cpu_s": client_cpu,
+        "loadavg": [load0, load1],
         "workers_alive_at_end": n_alive,
         "result": res,
         "extra": extra_res,
@@ -248,7 +277,11 @@ def identity_check(client, crop: np.ndarray, block: tuple[int, ...], tmp: Path) 
     import zarr
 
     from napari_mae.distributed import segment_blockwise
-    from napari_mae.metrics import match_instances
+
+    try:
+        from napari_mae.segmentation.metrics import match_instances
+    except ImportError:  # before segmentation/ held the metrics
+        from napari_mae.metrics import match_instances
     from napari_mae.segmentation import segment_instances
 
     kw = dict(block_shape=block, sample_voxels=crop.size)
@@ -288,15 +321,26 @@ def report(r: dict) -> None:
           f"blocks {r['block']}^3, cap {_gb(r['cap_bytes'])} (volume / cap = {vol / r['cap_bytes']:.2f})")  # fmt: skip
     print(f"load average at start: {r['loadavg']}")
     print(
-        f"{'workers':>7} {'wall s':>8} {'speed-up':>8} {'peak RSS per worker':>24} {'idle RSS':>18} {'limit':>9} {'F1@0.5':>7}"
+        f"{'workers':>7} {'wall s':>8} {'speed-up':>8} {'parameters/blocks/stitch/write s':>34} "
+        f"{'worker CPU s':>14} {'peak RSS per worker':>24} {'client peak':>11} {'sum/cap':>8} {'limit':>9} "
+        f"{'F1@0.5':>7} {'load 1-min before, after':>25}"
     )
     base = r["runs"][0]["wall_s"]
     for run in r["runs"]:
         peaks = ", ".join(_gb(p) for p in run["peak_rss"])
-        idle = ", ".join(_gb(p) for p in run["idle_rss"])
-        print(f"{run['workers']:>7} {run['wall_s']:>8.1f} {base / run['wall_s']:>8.2f} {peaks:>24} {idle:>18} "
-              f"{_gb(run['memory_limit_per_worker']):>9} {run['score']['f1']:>7.4f}")  # fmt: skip
-    print(f"client (this process) peak RSS {_gb(r['client_maxrss'])}")
+        st = run["result"].get("stage_seconds", {})
+        stages = " / ".join(
+            f"{st.get(k, float('nan')):.0f}" for k in ("parameters", "blocks", "stitch", "write")
+        )
+        cpu = ", ".join(f"{c:.0f}" for c in run["worker_cpu_s"])
+        client = run["client_peak_rss"] or 0
+        total = sum(run["peak_rss"]) + client
+        load = f"{run['loadavg'][0][0]:.1f}, {run['loadavg'][1][0]:.1f}"
+        print(f"{run['workers']:>7} {run['wall_s']:>8.1f} {base / run['wall_s']:>8.2f} {stages:>34} {cpu:>14} "
+              f"{peaks:>24} {_gb(client):>11} {total / r['cap_bytes']:>8.2f} "
+              f"{_gb(run['memory_limit_per_worker']):>9} {run['score']['f1']:>7.4f} {load:>25}")  # fmt: skip
+    print(f"this process's peak RSS over the whole benchmark (data generation and scoring included) "
+          f"{_gb(r['client_maxrss'])}; 'client peak' is its peak during the segmentation run only")  # fmt: skip
     s = r["runs"][-1]["score"]
     print(
         f"\n{'GT objects':<22} {'n':>7} {'IoU>=0.5':>9} {'one label':>9} {'split':>8} {'merged':>8} {'missed':>8}"
@@ -322,6 +366,19 @@ def main(argv=None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="volume size / 8.4 GB (default 1)")
     parser.add_argument("--block", type=int, default=128, help="block core side, voxels (default 128)")
     parser.add_argument("--min-worker-gb", type=float, default=0.75, help="floor of the cap per worker")
+    parser.add_argument(
+        "--cap-gb",
+        type=float,
+        default=None,
+        help="the run's memory cap: client + workers (default 4 GB x scale, floored as above)",
+    )
+    parser.add_argument(
+        "--worker-gb",
+        type=float,
+        default=None,
+        help="dask memory_limit per worker, enforced by its nanny (default cap / workers)",
+    )
+    parser.add_argument("--no-identity", action="store_true", help="skip the in-memory identity check")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", default=None, help="folder to keep the data in (default: a temp folder)")
@@ -332,6 +389,8 @@ def main(argv=None) -> int:
     shape = volume_shape(args.scale, args.block)
     vol = 4 * float(np.prod(shape))
     cap = max(FULL_CAP_GB * 1e9 * args.scale, args.min_worker_gb * 1e9 * max(args.workers))
+    if args.cap_gb is not None:
+        cap = args.cap_gb * 1e9
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_distributed_"))
     tmp.mkdir(parents=True, exist_ok=True)
     try:
@@ -353,7 +412,7 @@ def main(argv=None) -> int:
         for n in args.workers:
             out = tmp / "bench.zarr" / "labels" / f"w{n}"
             extra = None
-            if n == max(args.workers):
+            if n == max(args.workers) and not args.no_identity:
                 crop_shape = tuple(min(s, c) for s, c in zip(shape, (96, 128, 128)))
                 crop = np.asarray(
                     zarr.open_array(str(tmp / "bench.zarr" / "s0"))[tuple(slice(0, c) for c in crop_shape)]
@@ -363,7 +422,8 @@ def main(argv=None) -> int:
                 def extra(client, crop=crop, half=half):
                     return identity_check(client, crop, half, tmp / "identity")
 
-            run = run_workers(n, tmp / "bench.zarr", out, args.block, cap, extra)
+            worker_cap = args.worker_gb * 1e9 if args.worker_gb is not None else cap / n
+            run = run_workers(n, tmp / "bench.zarr", out, args.block, worker_cap, extra)
             pred = zarr.open_array(str(out / "s0"), mode="r")
             run["score"] = score(gt, pred, objects)
             identity = run.pop("extra")

@@ -540,15 +540,19 @@ def _run_block(image, index, outer, inner, core, raw_path: str, blocks_dir: str,
     return n
 
 
-def _load_record(path: Path) -> dict | None:
+def _load_record(path: Path, keys: Sequence[str] = ("n",)) -> dict | None:
+    """A finished block's record (only ``keys``: the client keeps the counts, and reads the
+    face planes of two blocks at a time when it stitches); None if there is none."""
     try:
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+        with np.load(path) as f:  # an .npz reads only the members asked for
+            return {k: f[k] for k in keys}
     except Exception:
         return None
 
 
-def _stitch(grid: list, records: dict, counts: Sequence[int]) -> tuple[np.ndarray, dict, int]:
+def _stitch(
+    grid: list, records: dict, counts: Sequence[int], blocks_dir: Path
+) -> tuple[np.ndarray, dict, int]:
     """Global lookup table old -> final id from the block counts and face links.
 
     Returns ``(lut, offsets, n_links)``: ``lut[offsets[index] + local]`` is the final id.
@@ -571,7 +575,10 @@ def _stitch(grid: list, records: dict, counts: Sequence[int]) -> tuple[np.ndarra
             # (above) saw k-1 (margin) and k (core). Where the two views agree about an
             # object (a of A and b of B share at least half of the smaller one's pixels
             # there), a and b are the same object.
-            rec_a, rec_b = records[index], records[nb]
+            rec_a = _load_record(Path(blocks_dir) / _block_name(index), (f"hi{d}_in", f"hi{d}_out"))
+            rec_b = _load_record(Path(blocks_dir) / _block_name(nb), (f"lo{d}_out", f"lo{d}_in"))
+            if rec_a is None or rec_b is None:
+                raise BlockwiseError(f"the record of block {index} or {nb} in {blocks_dir} is unreadable")
             va = np.concatenate([rec_a[f"hi{d}_in"].ravel(), rec_a[f"hi{d}_out"].ravel()])
             vb = np.concatenate([rec_b[f"lo{d}_out"].ravel(), rec_b[f"lo{d}_in"].ravel()])
             pairs = _face_links(va, vb)
@@ -835,7 +842,7 @@ def segment_blockwise(
         _run_distributed(client, image, todo, raw_path, blocks_dir, params, model, records, total, progress)
     stages["blocks"] = time.perf_counter() - t0 - sum(stages.values())
     report(progress, total, total, "stitching block faces")
-    lut, offsets, n_links = _stitch(grid, records, counts)
+    lut, offsets, n_links = _stitch(grid, records, counts, blocks_dir)
     n_objects = int(lut.max()) if lut.size else 0
     stages["stitch"] = time.perf_counter() - t0 - sum(stages.values())
     _write_final(out, image.shape, grid, records, lut, offsets, raw_path, bshape, params, unit, axes, client)
