@@ -99,6 +99,41 @@ def test_batch_widget_refuses_bad_input(viewer, add_widget, tmp_path, monkeypatc
     assert "no such folder" in shown[-1] and widget.run_button.isEnabled()
 
 
+def test_batch_widget_learned_method_and_model(viewer, add_widget, qtbot, folder, tmp_path, monkeypatch):
+    import napari.utils.notifications as notes
+
+    import napari_mae.segmentation as seg
+
+    seen = []
+
+    def fake(image, **kw):
+        seen.append((kw.get("method"), kw.get("model")))
+        return np.zeros(image.shape[:2], np.uint32), {"method": kw.get("method")}
+
+    monkeypatch.setattr(seg, "segment_instances", fake)
+    shown = []
+    monkeypatch.setattr(notes, "show_error", lambda msg: shown.append(str(msg)))
+    widget = add_widget("Batch")
+    widget.source.setText(str(folder / "img*.tif"))
+    widget.output.setText(str(tmp_path / "out"))
+    widget.method.setCurrentText("learned")
+    widget.model.setText(str(tmp_path / "missing.pt"))
+    widget.run()
+    assert "no such file" in shown[-1] and widget.worker is None
+    model = tmp_path / "seg.pt"
+    model.write_bytes(b"")  # only its path travels here: segment_instances is replaced
+    widget.model.setText(str(model))
+    widget.run()
+    _wait(qtbot, widget)
+    assert seen == [("learned", str(model))] * 3
+    seen.clear()
+    widget.method.setCurrentText("classical")
+    widget.overwrite.setChecked(True)
+    widget.run()
+    _wait(qtbot, widget)
+    assert seen == [("classical", None)] * 3
+
+
 def test_ome_zarr_opens_lazily_with_scale_and_units(viewer, tmp_path):
     from ome_zarr.writer import write_image
 

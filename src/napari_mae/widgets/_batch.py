@@ -79,6 +79,16 @@ class BatchWidget(QWidget):
         self.radius.setSpecialValueText("auto")
         self.radius.setToolTip("object radius in the images' physical units; auto: estimated per image")
         form.addRow("Radius", self.radius)
+        self.method = QComboBox()
+        self.method.addItems(["classical", "learned"])
+        self.method.setToolTip(
+            "classical: the filter-bank pipeline; learned: the MAE encoder's instance decoder (the model below)"
+        )
+        form.addRow("Method", self.method)
+        self.model = QLineEdit()
+        self.model.setPlaceholderText("default-2d (bundled), or a checkpoint of napari-mae train --labels")
+        self.model.setToolTip("segmentation model of the learned method; loaded once for the whole folder")
+        form.addRow("Model", self.model)
         self.resume = QCheckBox("skip files already done in the output folder")
         self.resume.setChecked(True)
         form.addRow("Resume", self.resume)
@@ -135,6 +145,15 @@ class BatchWidget(QWidget):
             n = len(list_images(source, exclude=out))
             if n == 0:
                 raise ValueError(f"{source}: no TIFF, NIfTI, NRRD or OME-Zarr image found")
+            method = self.method.currentText()
+            model = self.model.text().strip() or None
+            if (
+                method == "learned"
+                and model is not None
+                and model != "default-2d"
+                and not Path(model).is_file()
+            ):
+                raise ValueError(f"model {model}: no such file (a checkpoint path, or empty for default-2d)")
         except (ValueError, OSError) as exc:
             self._fail(str(exc))
             return
@@ -150,6 +169,8 @@ class BatchWidget(QWidget):
             else self.objects.currentText() == "bright",
             "resume": resume,
             "overwrite": self.overwrite.isChecked(),
+            "method": method,
+            "model": model if method == "learned" else None,
         }
         self._stop = threading.Event()
         worker = _batch_worker(source, out, kwargs, self._stop)
