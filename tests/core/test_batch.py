@@ -158,18 +158,24 @@ def test_folder_on_dask_workers_equals_one_by_one(folder, tmp_path):
     ).read_text().replace(str(tmp_path / "a"), str(tmp_path / "b"))
 
 
-def test_cli_folder_scheduler_that_does_not_answer(folder, tmp_path, capsys):
-    args = [
-        "segment",
-        str(folder),
-        "--out",
-        str(tmp_path / "o"),
-        "--scheduler",
-        "tcp://127.0.0.1:9",
-        "--quiet",
-    ]
-    assert main(args) == 2
+@pytest.mark.parametrize("mode", ["folder", "ome-zarr"])
+def test_cli_scheduler_that_does_not_answer(mode, folder, tmp_path, capsys):
+    import time
+
+    from ome_zarr.writer import write_image
+
+    if mode == "folder":
+        args = ["segment", str(folder), "--out", str(tmp_path / "o")]
+    else:
+        path = tmp_path / "vol.zarr"
+        write_image(np.stack([_nuclei(3, 0)] * 4).astype(np.float32), str(path), axes="zyx", scale_factors=())
+        args = ["segment", str(path)]
+    t0 = time.perf_counter()
+    assert main([*args, "--scheduler", "tcp://127.0.0.1:9", "--quiet"]) == 2
+    assert time.perf_counter() - t0 < 15  # dask_client's 5 s, not a hang
     assert "no dask scheduler answered" in capsys.readouterr().err
+    if mode == "ome-zarr":
+        assert not (tmp_path / "vol.zarr" / "labels").exists()  # nothing written
 
 
 def test_cli_folder_mode(folder, tmp_path, capsys):

@@ -204,6 +204,14 @@ def test_existing_output_refused_then_resume_reuses_finished_blocks(tmp_path):
     np.testing.assert_array_equal(np.asarray(zarr.open_array(str(out / "s0"))), first)
 
 
+def test_overwrite_and_resume_together_refused(tmp_path):
+    from napari_mae.distributed import check_output
+
+    assert check_output(tmp_path / "o.zarr" / "labels" / "seg") == "new"
+    with pytest.raises(ValueError, match="not both"):
+        check_output(tmp_path / "o.zarr" / "labels" / "seg", overwrite=True, resume=True)
+
+
 def test_local_cluster_two_workers_same_labels(tmp_path, ome_image):
     path, img, _ = ome_image
     data, spacing, _ = read_ome_zarr_image(path)
