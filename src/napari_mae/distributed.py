@@ -5,10 +5,13 @@ unique, labels stitched across block faces), on :func:`napari_mae.segmentation.s
 
 1. **Global parameters, once** (:func:`estimate_global_parameters`): the intensity range
    (1st / 99.8th percentiles of the whole volume, read through a strided subsample),
-   polarity, object radius and threshold, from ``segment_instances`` on a central crop
-   of full resolution (``sample_voxels``). Every block is then segmented with the same
-   radius, polarity and threshold in *absolute* intensity (see :func:`segment_block`), so
-   blocks full of objects and nearly empty blocks cut at the same level.
+   polarity, object radius and threshold, from ``segment_instances`` on crops of full
+   resolution (:func:`sample_crops`: ``sample_voxels`` in 4 crops, run in parallel on the
+   workers; the whole volume when it is smaller). The method that ran there (the learned
+   decoder or the classical pipeline; ``method="auto"`` is resolved once) runs in every
+   block. Every block is then segmented with the same radius, polarity and (classical)
+   threshold in *absolute* intensity (see :func:`segment_block`), so blocks full of
+   objects and nearly empty blocks cut at the same level.
 2. **Blocks**: the volume is cut into cores (``block_shape``, the output's Zarr chunks);
    each is segmented with an overlap of at least two object diameters on every side,
    cropped back to its core and written straight into a Zarr array, one chunk per block,
@@ -26,7 +29,10 @@ unique, labels stitched across block faces), on :func:`napari_mae.segmentation.s
 The blocks run on a ``dask.distributed`` client: a ``LocalCluster`` of ``n_workers``
 single-threaded worker processes by default, or any scheduler by address. ``client=None``
 in :func:`segment_blockwise` runs the same blocks one after the other in this process
-(the single-process reference path: identical labels).
+(the single-process reference path: identical labels). The learned method's model is
+best given by name or path: it travels as text and each worker process loads it once
+(``segmentation.learned.cached_segmenter``); a learned block uses one torch thread per
+worker thread.
 
 No Qt or napari import here.
 """
