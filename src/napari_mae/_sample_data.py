@@ -54,36 +54,33 @@ def _select_image_when_opened() -> None:
     """Make the sample's image the selected layer once napari has added (and selected) its ground truth.
 
     A sample function only returns layer data; napari adds the layers and selects each
-    new one. So the current viewer is asked, once, to move the selection from the
-    hidden ground-truth Labels layer of a napari-mae sample to the image of the same
-    sample. The callback runs after napari's own (``position="last"``), so every view
-    ends on the image. Without a viewer (a script calling the sample function) nothing
-    happens.
+    new one. So the current viewer is asked to look again once control returns to the
+    event loop (a zero-time Qt timer, after the layers were added): if the active layer
+    is the hidden ground truth of a napari-mae sample, the image of the same sample is
+    selected instead. (Selecting from inside napari's own selection callbacks left its
+    Qt layer list with both rows highlighted.) Without a viewer (a script calling the
+    sample function) nothing happens.
     """
-    try:
-        from napari import current_viewer
+    from napari import current_viewer
 
-        viewer = current_viewer()
-    except ImportError:  # pragma: no cover - napari is a dependency
-        return
+    viewer = current_viewer()
     if viewer is None:
         return
-    layers = viewer.layers
-    emitter = layers.selection.events.active
+    from qtpy.QtCore import QTimer
 
-    def on_active(event) -> None:
-        layer = event.value
-        sample = getattr(getattr(layer, "source", None), "sample", None)
-        if layer is None or layer._type_string != "labels" or layer.visible or not sample:
+    def select_image() -> None:
+        layers = viewer.layers
+        active = layers.selection.active
+        sample = getattr(getattr(active, "source", None), "sample", None)
+        if active is None or active._type_string != "labels" or active.visible or not sample:
             return
         if sample[0] != "napari-mae":
             return
-        emitter.disconnect(on_active)
         images = [ly for ly in layers if ly._type_string == "image" and ly.source.sample == sample]
         if images:
             layers.selection.active = images[-1]
 
-    emitter.connect(on_active, position="last")
+    QTimer.singleShot(0, select_image)
 
 
 def nuclei_2d() -> list[tuple]:
