@@ -548,7 +548,6 @@ class SegmentationWidget(JobWidget):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = _free_path(finetuned_folder() / f"{_safe(prep.name)}-{stamp}.pt")
         stop = threading.Event()
-        shown = {"labels": False}
 
         def work(progress):
             from napari_mae.segmentation import segment_instances
@@ -588,12 +587,15 @@ class SegmentationWidget(JobWidget):
             if update.message:
                 self.status.setText(update.message)
             if update.labels is not None:
-                self.labels_layer = add_or_update(
-                    self.viewer, "labels", prep.to_layer_layout([update.labels]), f"{prep.name} labels",
-                    **prep.output_kwargs(),
-                )  # fmt: skip
+                data = prep.to_layer_layout([update.labels])
+                layer = self.labels_layer
+                if layer is not None and layer in self.viewer.layers and layer.data.shape == data.shape:
+                    layer.data = data  # one refresh (add_or_update also resets scale, units...)
+                else:
+                    self.labels_layer = add_or_update(
+                        self.viewer, "labels", data, f"{prep.name} labels", **prep.output_kwargs()
+                    )
                 self._remember_written()
-                shown["labels"] = True
 
         def done(result) -> None:
             final, segmented = result
