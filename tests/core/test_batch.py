@@ -135,8 +135,9 @@ def test_cli_folder_and_ome_zarr_learned(folder, tmp_path, capsys):
         "--quiet",
     ]
     assert main(zargs) == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=pytest.fail)  # strict
     assert res["method"] == "learned" and res["model"] == "default-2d"
+    assert res["parameters"]["threshold"] is None  # the decoder's own thresholds
     assert res["n_objects"] == 12 and res["blocks"] == 4
 
 

@@ -235,5 +235,7 @@ def run_zarr(args: argparse.Namespace) -> int:
                 result = segment_blockwise(data, out, client=client, **kwargs)
     except BlockwiseError as exc:  # no scheduler, a dead worker: one line, what to do
         raise CLIError(str(exc)) from exc
-    print(json.dumps({k: v for k, v in result.items()}, default=str))
+    from napari_mae._json import to_jsonable
+
+    print(json.dumps(to_jsonable(result), allow_nan=False, default=str))  # NaN (learned threshold): null
     return 0
