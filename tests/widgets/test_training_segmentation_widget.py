@@ -61,6 +61,7 @@ def test_segmentation_run_plots_accuracy_and_offers_the_model(
 ):
     images, labels = pairs
     widget = add_widget("Training")
+    seg = add_widget("Segmentation")
     setup_segmentation(widget, images, labels, tmp_path / "seg")
     config = widget.build_config()
     assert (config.labels_dir, config.model, config.crop_size) == (str(labels), "tiny-2d", 32)
@@ -79,6 +80,9 @@ def test_segmentation_run_plots_accuracy_and_offers_the_model(
     name = widget.model_name
     assert segmenters.models[name] == str(tmp_path / "seg" / "best.pt")
     assert name not in registry.models
+    assert seg.segmenter.native.findText(name) >= 0  # the Segmentation widget's segmentation models
+    seg.segmenter.value = name
+    assert seg.segmenter.spec() == str(tmp_path / "seg" / "best.pt")
     # ... and it is a start choice of the next segmentation run ("continue training").
     assert widget.start_from.findText(name + " (continue training)") >= 0
     widget.start_from.setCurrentText(name + " (continue training)")
@@ -197,3 +201,28 @@ def test_adversarial_weight_reaches_the_config(viewer, add_widget, tmp_path):
     assert widget.build_config().adversarial_weight == 0.0
     widget.adversarial_weight.value = 0.05
     assert widget.build_config().adversarial_weight == pytest.approx(0.05)
+
+
+def test_accuracy_axis_keeps_the_curves_in_view_and_the_legend_above(viewer, add_widget):
+    """The second axis shares x with the loss: every point stays in view; the legend sits above both."""
+    widget = add_widget("Training")
+    plot = widget.plot
+    plot.show_metric("validation acc@0.5")
+    for i in range(1, 21):
+        plot.add("train", i / 4, 2.0 - i / 20)
+    for epoch in range(1, 6):
+        plot.add("metric", epoch, epoch / 10)
+    plot.redraw(force=True)
+    plot.canvas.draw()
+    x0, x1 = plot.axes.get_xlim()
+    assert x0 <= 0.25 and x1 >= 5.0
+    y0, y1 = plot.axes.get_ylim()
+    assert y0 <= 1.0 and y1 >= 1.95
+    assert plot.metric_axes.get_ylim() == (0.0, 1.0)
+    renderer = plot.canvas.get_renderer()
+    legend = plot.axes.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["train", "validation acc@0.5"]
+    assert legend.get_window_extent(renderer).y0 >= plot.axes.get_window_extent(renderer).y1 - 1
+    plot.show_metric(None)  # the MAE task: train and validation loss, no second axis
+    assert not plot.metric_axes.get_visible()
+    assert [t.get_text() for t in plot.axes.get_legend().get_texts()] == ["train", "validation"]

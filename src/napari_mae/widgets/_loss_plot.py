@@ -103,7 +103,5 @@ class LossPlot(QWidget):
         self.val_line.set_data(*self.val)
         self.metric_line.set_data(*self.metric)
         self.axes.relim()
-        self.axes.autoscale_view()
-        self.metric_axes.set_xlim(self.axes.get_xlim())
-        self.metric_axes.set_ylim(0.0, 1.0)
+        self.axes.autoscale_view()  # the metric's axis shares x (twinx); its y stays [0, 1]
         self.canvas.draw_idle()

@@ -381,6 +381,8 @@ class TrainingWidget(JobWidget):
             else "Start training a new model on the folder's images"
         )
         self._fill_start_from()
+        if not seg:
+            self.guess_dims()  # the folder may have been chosen for the other task
 
     def _segmenters_changed(self) -> None:
         with contextlib.suppress(RuntimeError):  # the widget was closed meanwhile
@@ -388,7 +390,7 @@ class TrainingWidget(JobWidget):
                 self._fill_start_from()
 
     def _fill_start_from(self) -> None:
-        """The start-from choices of the task (and dimensionality), keeping the current one if listed."""
+        """The start-from choices of the task (and dimensionality); the current one stays if still listed."""
         from napari_mae.training import bundled_model_available, default_model
 
         current = self.start_from.currentText()
@@ -427,8 +429,7 @@ class TrainingWidget(JobWidget):
             # The CLI's default; a scratch preset only where the bundled weights are missing.
             if not bundled_model_available(default_model(ndim)):
                 default = self.start_from.itemText(0)
-        keep = self.user_chose_start and self.start_from.findText(current) >= 0
-        self.start_from.setCurrentText(current if keep else default)
+        self.start_from.setCurrentText(current if self.start_from.findText(current) >= 0 else default)
         self.start_from.blockSignals(False)
         self._start_from_changed(self.start_from.currentText())
 
