@@ -99,7 +99,6 @@ def estimate_object_radius(
         ``radius`` (physical units), ``radius_px`` (per axis, pixels), ``radius_log``,
         ``radius_foreground`` (physical, 0 when undefined).
     """
-    from skimage.filters import threshold_otsu
 
     ndim = image.ndim
     sp = np.ones(ndim) if spacing is None else np.asarray(spacing, float)
@@ -123,6 +122,44 @@ def estimate_object_radius(
         img = image[crop]
         if foreground is not None and foreground.shape == image.shape:
             foreground = foreground[crop]  # the same crop (indexing it whole raised)
+    r_log, fg = _log_and_foreground(img, radii, spi, foreground, progress)
+    r_fg = _foreground_radius(fg, spi)
+    if r_log == 0.0 and ndim == 3 and foreground is None:
+        # Volumes where the LoG found no blob scale: again on the volume smoothed by one
+        # voxel per axis. The finest scales of a volume (2 voxels in-plane, under one
+        # voxel along a coarse Z) can be dominated by voxel noise: the LoG median lands
+        # on the finest scale, and the Otsu foreground breaks into specks (a 3D nuclei
+        # volume plus 15 % noise measured 0.39x its true radius; 0.84x smoothed). Smoothing
+        # by one voxel hardly moves the size of objects several voxels wide, so the
+        # smoothed estimate is taken only where it differs by more than 1.5x, i.e. where
+        # the first one measured noise (taking it always moved a CT's bone radius by 4 %
+        # and cost its scribble segmentation most of its F1).
+        smooth = ndi.gaussian_filter(img.astype(np.float32, copy=False), 1.0)
+        s_log, s_fg = _log_and_foreground(smooth, radii, spi, None, None)
+        s_r = _foreground_radius(s_fg, spi)
+        if r_fg > 0 and s_r > 0 and not (1 / 1.5 <= s_r / r_fg <= 1.5):
+            r_log, fg, r_fg = s_log, s_fg, s_r
+    r = r_log
+    if r_log > 0 and r_fg > 0:
+        ratio = r_fg / r_log
+        if 1 / 1.5 <= ratio <= 1.5:
+            r = math.sqrt(r_fg * r_log)
+    elif r_log <= 0:
+        r = r_fg
+    if r <= 0:
+        r = 4.0 * sp.min()
+    return {
+        "radius": float(r),
+        "radius_px": tuple(float(r / s) for s in sp),
+        "radius_log": r_log,
+        "radius_foreground": r_fg,
+    }
+
+
+def _log_and_foreground(img, radii, spi, foreground, progress) -> tuple[float, np.ndarray]:
+    """The LoG radius estimate (0.0: no blob scale found) and the first-pass foreground."""
+    from skimage.filters import threshold_otsu
+
     best, best_arg = max_log_response(img, radii, spi, progress)
     size = tuple(max(3, int(2 * round(1.25 * radii[0] / s)) + 1) for s in spi)
     # Strong local maxima: at least half the 99.9th percentile of the response map.
@@ -144,6 +181,11 @@ def estimate_object_radius(
         fg = foreground if foreground.shape == img.shape else None
         if fg is None:
             raise ValueError("foreground must have the image's shape")
+    return r_log, fg
+
+
+def _foreground_radius(fg: np.ndarray, spi: np.ndarray) -> float:
+    """Median per-component radius of a first-pass foreground (physical; 0.0 if none)."""
     m, r_eq = component_radii(fg, spi)
     ok = m >= 1.5 * spi.min()
     # Per component, the equivalent-sphere radius, capped at twice the distance-transform
@@ -151,21 +193,7 @@ def estimate_object_radius(
     # clump of touching objects, whose distance maximum stays one object's radius, does not
     # count as one big object.
     r_fg = float(np.median(np.minimum(r_eq, 2 * m)[ok])) if ok.any() else 0.0
-    r = r_log
-    if r_log > 0 and r_fg > 0:
-        ratio = r_fg / r_log
-        if 1 / 1.5 <= ratio <= 1.5:
-            r = math.sqrt(r_fg * r_log)
-    elif r_log <= 0:
-        r = r_fg
-    if r <= 0:
-        r = 4.0 * sp.min()
-    return {
-        "radius": float(r),
-        "radius_px": tuple(float(r / s) for s in sp),
-        "radius_log": r_log,
-        "radius_foreground": r_fg,
-    }
+    return r_fg
 
 
 def max_log_response(img: np.ndarray, radii: np.ndarray, spacing: np.ndarray, progress=None):
