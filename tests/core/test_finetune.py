@@ -354,3 +354,13 @@ def test_cli_finetune_bad_input_is_one_line(tiny_model, tmp_path, capsys):
     )  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no object stroke" in err[0] and not out.exists()
+
+
+def test_a_budget_used_up_while_preparing_says_so(tiny_model, tmp_path):
+    img, gt = _nuclei()
+    out = tmp_path / "tuned.pt"
+    cfg = FinetuneConfig(**{**TINY, "seconds": 1e-3, "steps": None})
+    updates = list(finetune(img, _strokes(gt), out=out, model=tiny_model, config=cfg))
+    assert updates[-1].kind == "finished" and updates[-1].checkpoint is None
+    assert "more seconds" in updates[-1].message and "nothing was saved" in updates[-1].message
+    assert not out.exists()

@@ -989,9 +989,12 @@ def _train(net, prep, planes, cfg, out, source, stop, t0, nothing):
         best = run_dir / BEST
         elapsed = time.perf_counter() - t0
         if kind == "failed" or not best.is_file():
-            why = final.message if kind == "failed" else (
-                "stopped before the first evaluation" if kind == "stopped" else "no evaluation was reached"
-            )  # fmt: skip
+            if kind == "failed":
+                why = final.message
+            elif kind == "stopped":
+                why = "stopped before the first evaluation"
+            else:
+                why = f"the time budget ({cfg.seconds:g} s) was used up before the first step; give it more seconds"
             yield FinetuneUpdate(
                 kind,
                 step=getattr(final, "step", 0),
