@@ -10,7 +10,7 @@ per-image setting): acc@0.5 *before*. Then strokes are simulated from the ground
 (:func:`napari_mae.scribbles.simulate_scribbles`, seeded) for a stroke budget B: ceil(B/2)
 object strokes and floor(B/2) background strokes; the model is fine-tuned on that image
 with them (:func:`napari_mae.segmentation.finetune.finetune`, default settings: frozen
-encoder, pseudo-labels, ``--seconds`` of wall clock) and the image is segmented again
+encoder, pseudo-labels, ``--seconds`` of wall clock or ``--steps``) and the image is segmented again
 with the fine-tuned model: acc@0.5 *after*. acc@t = TP / (TP + FP + FN) at IoU t,
 dataset-level over the images of a set. The fine-tuning time is wall clock (and the
 process CPU time, since the machine may be shared), preparation included.
@@ -118,7 +118,7 @@ def segment(image, spacing, model):
     return labels
 
 
-def run_set(name: str, items, budgets, seconds: float, seed: int, log=print) -> list[dict]:
+def run_set(name: str, items, budgets, seconds, seed: int, log=print, steps=None) -> list[dict]:
     from napari_mae.metrics import match_instances, summarize_matches
     from napari_mae.scribbles import simulate_scribbles
     from napari_mae.segmentation.finetune import FinetuneConfig, finetune
@@ -147,7 +147,11 @@ def run_set(name: str, items, budgets, seconds: float, seed: int, log=print) -> 
                 t0, c0 = time.perf_counter(), _cpu()
                 final = None
                 for u in finetune(
-                    img, strokes, out=out, spacing=sp, config=FinetuneConfig(seconds=seconds, seed=seed)
+                    img,
+                    strokes,
+                    out=out,
+                    spacing=sp,
+                    config=FinetuneConfig(seconds=seconds, steps=steps, seed=seed),
                 ):
                     final = u
                 wall.append(time.perf_counter() - t0)
@@ -185,7 +189,13 @@ def main(argv=None) -> int:
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     parser.add_argument("--budgets", nargs="+", type=int, default=[5, 20])
     parser.add_argument(
-        "--seconds", type=float, default=60.0, help="fine-tuning budget per image (default 60)"
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="fine-tuning budget per image (default 60; 0: --steps only)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="most optimiser steps per image (default: the time)"
     )
     parser.add_argument("--dsb-images", type=int, default=4, help="DSB dev images (default 4)")
     parser.add_argument("--max-side", type=int, default=0, help="crop volumes to this many voxels per axis")
@@ -206,7 +216,13 @@ def main(argv=None) -> int:
         items = load_set(name, n_dsb=args.dsb_images, max_side=args.max_side)
         try:
             new = run_set(
-                name, items, args.budgets, args.seconds, args.seed, log=lambda m: print(m, flush=True)
+                name,
+                items,
+                args.budgets,
+                args.seconds or None,
+                args.seed,
+                log=lambda m: print(m, flush=True),
+                steps=args.steps,
             )
         except ValueError as exc:  # e.g. strokes the fine-tuning refuses: say so, go on
             print(f"  {name}: {exc}", flush=True)
