@@ -193,6 +193,25 @@ def test_task_switch_shows_its_fields_and_choices(viewer, add_widget, tmp_path):
     widget.task.setCurrentText(TASK_MAE)
     assert widget.crops_per_image.value == 1 and widget.dims.isEnabled()
     assert widget.start_from.currentText() == "default-2d (fine-tune)"
+    for task in (TASK_SEGMENTATION, TASK_MAE):
+        widget.task.setCurrentText(task)
+        assert _rows_without_gaps(widget), task
+    widget.start_from.setCurrentText("checkpoint file...")
+    assert widget.checkpoint.isVisibleTo(widget) and _rows_without_gaps(widget)
+
+
+def _rows_without_gaps(widget) -> bool:
+    """Every form row shows its label exactly when it shows its field (a hidden row leaves no gap)."""
+    from qtpy.QtWidgets import QFormLayout
+
+    form = widget.form_layout.itemAt(0).layout()
+    assert isinstance(form, QFormLayout)
+    for row in range(form.rowCount()):
+        label = form.itemAt(row, QFormLayout.ItemRole.LabelRole).widget()
+        field = form.itemAt(row, QFormLayout.ItemRole.FieldRole).widget()
+        if label.isVisibleTo(widget) != field.isVisibleTo(widget):
+            return False
+    return True
 
 
 def test_adversarial_weight_reaches_the_config(viewer, add_widget, tmp_path):

@@ -275,6 +275,8 @@ class TrainingWidget(JobWidget):
             form.addRow(label, widget)
             if task is not None:
                 self._task_rows[task].append((label, widget))
+            if widget is ckpt_row:
+                self._ckpt_label = label  # hidden with its row, so the form keeps no empty gap
         self.form_layout.addLayout(form)
         self.resume_button = QPushButton("Resume")
         self.resume_button.setToolTip("Continue from the last checkpoint in the output folder")
@@ -470,6 +472,7 @@ class TrainingWidget(JobWidget):
 
     def _start_from_changed(self, text: str) -> None:
         self._ckpt_row.setVisible(text == CHECKPOINT_TEXT)
+        self._ckpt_label.setVisible(text == CHECKPOINT_TEXT)
         self.patch_size.setEnabled(text.endswith(SCRATCH_SUFFIX))
 
     # ----------------------------------------------------------------- config
