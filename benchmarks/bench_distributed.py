@@ -379,6 +379,9 @@ def main(argv=None) -> int:
         help="dask memory_limit per worker, enforced by its nanny (default cap / workers)",
     )
     parser.add_argument("--no-identity", action="store_true", help="skip the in-memory identity check")
+    parser.add_argument(
+        "--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"), help="instead of --scale"
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", default=None, help="folder to keep the data in (default: a temp folder)")
@@ -386,7 +389,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import zarr
 
-    shape = volume_shape(args.scale, args.block)
+    shape = tuple(args.shape) if args.shape else volume_shape(args.scale, args.block)
     vol = 4 * float(np.prod(shape))
     cap = max(FULL_CAP_GB * 1e9 * args.scale, args.min_worker_gb * 1e9 * max(args.workers))
     if args.cap_gb is not None:
@@ -423,7 +426,12 @@ def main(argv=None) -> int:
                     return identity_check(client, crop, half, tmp / "identity")
 
             worker_cap = args.worker_gb * 1e9 if args.worker_gb is not None else cap / n
-            run = run_workers(n, tmp / "bench.zarr", out, args.block, worker_cap, extra)
+            try:
+                run = run_workers(n, tmp / "bench.zarr", out, args.block, worker_cap, extra)
+            except Exception as exc:  # e.g. a worker above its memory limit: the other rows still run
+                print(f"{n} worker(s): FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+                r.setdefault("failed", []).append({"workers": n, "error": f"{type(exc).__name__}: {exc}"})
+                continue
             pred = zarr.open_array(str(out / "s0"), mode="r")
             run["score"] = score(gt, pred, objects)
             identity = run.pop("extra")
@@ -431,8 +439,11 @@ def main(argv=None) -> int:
                 r["identity"] = identity
             r["runs"].append(run)
             print(f"{n} worker(s): {run['wall_s']:.1f} s, F1 {run['score']['f1']:.4f}", file=sys.stderr)
+            if args.json:  # row by row, so that a later failure loses nothing
+                Path(args.json).write_text(json.dumps(r, indent=1, default=float))
         r["client_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        report(r)
+        if r["runs"]:
+            report(r)
         if args.json:
             Path(args.json).write_text(json.dumps(r, indent=1, default=float))
     finally:
