@@ -28,7 +28,7 @@ no validation split); evaluation on 20 images of the dev set ``dsb2018_fluo_nucl
 
 Usage::
 
-    python benchmarks/bench_adversarial.py              # 480 steps of 16 crops per weight (about 20 CPU-min)
+    python benchmarks/bench_adversarial.py              # 480 steps of 16 crops per weight (about 10 CPU-min)
     python benchmarks/bench_adversarial.py --quick      # 24 steps, 4 images: a smoke test
 """
 
