@@ -6,7 +6,8 @@ Run in a real window (an X server; under CI ``xvfb-run -a``)::
 
 Each scene opens a bundled sample in a napari viewer, docks a widget through the
 plugin manifest, runs it to completion and saves the whole window as
-``docs/images/widget_<name>.png``. The Reconstruction scene uses the bundled
+``docs/images/widget_<name>.png`` (the segmentation task of the Training widget:
+``docs/images/training_segmentation.png``). The Reconstruction scene uses the bundled
 ``default-2d`` model when it exists, else the model the Training scene (or a
 short run made here) produced.
 """
@@ -107,6 +108,32 @@ def training(app, out: Path, state: dict) -> None:
     viewer.close()
 
 
+def training_segmentation(app, out: Path, state: dict) -> None:
+    """The Training widget's segmentation task after a short run on the bundled 2D images + labels."""
+    from napari_mae.widgets._training import TASK_SEGMENTATION
+
+    viewer = _viewer("napari-mae: Training (segmentation)")
+    _open_nuclei_2d(viewer)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-mae", "Training")
+    run_dir = Path(tempfile.mkdtemp(prefix="napari-mae-shots-"))
+    widget.task.setCurrentText(TASK_SEGMENTATION)
+    widget.folder.setText(str(REPO / "sample_data" / "nuclei_2d" / "images"))
+    widget.labels.setText(str(REPO / "sample_data" / "nuclei_2d" / "labels"))
+    widget.output.setText(str(run_dir / "segmentation"))
+    widget.start_from.setCurrentText("default-2d (MAE encoder)")
+    widget.epochs.value = state.get("segmentation_epochs", 8)
+    widget.device.setCurrentText("auto")
+    widget.run()
+    _wait(app, widget, timeout=1800)
+    assert widget.plot.metric[0], "no validation acc@0.5 was plotted"
+    # The ground truth the model learnt from, over the image.
+    viewer.layers["nuclei 2D ground truth"].visible = True
+    viewer.layers.selection.active = viewer.layers["nuclei 2D"]
+    _save(app, viewer, out / "training_segmentation.png")
+    viewer.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def reconstruction(app, out: Path, state: dict) -> None:
     from napari_mae._names import bundled_weights_path
 
@@ -169,6 +196,7 @@ def segmentation_3d(app, out: Path, state: dict) -> None:
 SCENES = {
     "masking": masking,
     "training": training,
+    "training_segmentation": training_segmentation,
     "reconstruction": reconstruction,
     "segmentation": segmentation,
     "segmentation_3d": segmentation_3d,
@@ -180,6 +208,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--only", default=",".join(SCENES), help="comma-separated scenes")
     parser.add_argument("--epochs", type=int, default=30, help="epochs of the Training scene")
+    parser.add_argument(
+        "--segmentation-epochs", type=int, default=8, help="epochs of the Training scene's segmentation task"
+    )
     args = parser.parse_args(argv)
     from napari.qt import get_qapp
     from qtpy.QtWidgets import QApplication
@@ -187,7 +218,7 @@ def main(argv=None) -> int:
     app = get_qapp()
     assert isinstance(app, QApplication)
     args.out.mkdir(parents=True, exist_ok=True)
-    state: dict = {"epochs": args.epochs}
+    state: dict = {"epochs": args.epochs, "segmentation_epochs": args.segmentation_epochs}
     for name in args.only.split(","):
         SCENES[name.strip()](app, args.out, state)
     shutil.rmtree(args.out / ".tmp", ignore_errors=True)
