@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="OME-Zarr input: block core per axis in voxels, = the output chunks (default 256^3 / 2048^2); "
-        "each block is read with an overlap of 2 object diameters",
+        "each block is read with an overlap of 2 object diameters; a worker's memory follows the block "
+        "(with its overlap), not the volume: a smaller block if workers reach --memory-limit",
     )
     g.add_argument(
         "--level", type=int, default=0, help="OME-Zarr input: multiscale level to segment (default 0)"
