@@ -3,11 +3,16 @@
 Checks :func:`napari_mae.distributed.segment_blockwise` on a synthetic OME-Zarr volume with
 instance ground truth, objects placed on the block faces on purpose:
 
-* peak memory (ru_maxrss) of every worker, against the memory cap the run sets on itself
-  (dask's ``memory_limit`` per worker = cap / workers; the nanny ends a worker above it)
-  and against the volume's size;
+* peak memory (VmHWM) of every worker and of the client during the run (its peak is reset
+  when the run starts: data generation and scoring are not the run's), against the memory
+  cap the run sets on itself: dask's ``memory_limit`` per worker (``--worker-gb``, default
+  cap / workers), which the nanny enforces (it restarts a worker above 95 % of it, and the
+  run then fails), and the total cap (``--cap-gb``) compared with the sum of all peaks
+  (the client's is measured, not enforced);
 * wall time with 1 and 2 workers (each a fresh LocalCluster of single-threaded worker
-  processes, start-up excluded, parameter estimation included);
+  processes, start-up excluded, parameter estimation included), per stage, with the CPU
+  seconds of every worker and the load average before and after (other processes on the
+  machine take their share of the cores: wall speed-up = CPU share x parallel work);
 * F1@0.5 against the ground truth (one-to-one matching at IoU >= 0.5 from a sparse
   overlap table accumulated slab by slab, :func:`bench_large.sparse_match`);
 * for ground-truth objects crossing a block face vs interior ones: one label / split /
@@ -21,6 +26,7 @@ instance ground truth, objects placed on the block faces on purpose:
 Usage (from the repository root)::
 
     python benchmarks/bench_distributed.py --scale 0.004   # 32 MB volume, a few minutes on 2 cores
+    python benchmarks/bench_distributed.py --shape 256 256 256 --block 128 --worker-gb 1 --cap-gb 2.5
     python benchmarks/bench_distributed.py --scale 1 --block 256   # 1280^3 float32 = 8.4 GB, cap 4 GB
 
 ``--scale`` is the volume's size as a fraction of 8.4 GB (1280^3 float32; the sides shrink
