@@ -89,12 +89,10 @@ def test_segmentation_run_plots_accuracy_and_offers_the_model(
     assert widget.build_config().model == str(tmp_path / "seg" / "best.pt")
 
 
-def test_segmentation_stop_keeps_last_and_offers_it(
-    viewer, add_widget, qtbot, notifications, pairs, tmp_path
-):
+def test_segmentation_stop_keeps_last_then_resumes(viewer, add_widget, qtbot, notifications, pairs, tmp_path):
     images, labels = pairs
     widget = add_widget("Training")
-    setup_segmentation(widget, images, labels, tmp_path / "seg", epochs=200)
+    setup_segmentation(widget, images, labels, tmp_path / "seg", epochs=5)
     widget.run()
     qtbot.waitUntil(
         lambda: widget.last_update is not None and widget.last_update.kind == "step", timeout=120_000
@@ -106,6 +104,13 @@ def test_segmentation_stop_keeps_last_and_offers_it(
     assert widget.progress_bar.format().startswith("stopped")
     assert (tmp_path / "seg" / "last.pt").is_file()
     assert segmenters.models[widget.model_name] == str(tmp_path / "seg" / "last.pt")
+    n_metric = len(widget.plot.metric[0])
+    widget.resume_button.click()
+    wait_done(qtbot, widget, timeout=180_000)
+    assert not errors(notifications), notifications
+    assert widget.last_update.kind == "finished" and widget.epoch_bar.value() == 5
+    assert widget.plot.metric[0][-1] == 5.0 and len(widget.plot.metric[0]) > n_metric  # the curve continues
+    assert segmenters.models[widget.model_name] == str(tmp_path / "seg" / "best.pt")
 
 
 def test_bad_labels_folder_is_notified_and_loses_nothing(
