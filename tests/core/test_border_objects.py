@@ -1,17 +1,17 @@
-"""Issue 12.6: scribble mode splits a nucleus cut by the image border (open; strict xfail).
+"""Issue 12.6: scribble mode split a nucleus cut by the image border (fixed).
 
 Seen on the bundled 2D sample with three of six simulated stroke sets: nucleus 26
-(659 px, in the bottom-left corner, no stroke on it) comes out as two labels with a
-straight edge between them. Diagnosis (working grid 311 x 417, r = 14.4): the
-distance transform is smooth there (maximum in the corner), but the forest's
-P(boundary), taught from the automatic objects' edge rings, is 0.3-0.5 inside this
-object, so the landscape ``dist * (1 - P(boundary))`` has a dip of 2.9 between two
-maxima on the bottom row (h = 1.44): two seeds. Counting the image border as
-background in the distance transform removes every split here, but it was measured to
-cost the benchmark (DSB auto 0.641 -> 0.636, 3D scribbles 0.690 -> 0.638: 43 of the 54
-3D nuclei touch the border, and three pairs merge), so it is not applied. A fix belongs
-in how P(boundary) enters the landscape (e.g. only where the distance is small against
-the radius); these tests then pass and the xfail marks must go.
+(659 px, in the bottom-left corner, no stroke on it) came out as two labels with a
+straight edge between them. Cause (working grid 311 x 417, r = 14.4): the forest's
+P(boundary) rises to 0.3-0.5 inside objects cut by the image border (its features are
+computed on mirrored intensities there), and the distance transform of such an object
+grows towards the border, so the landscape ``dist * (1 - P(boundary))`` had a dip of 2.9
+between two maxima on the bottom row (h = 1.44): two seeds. Counting the image border as
+background removed the splits but cost the benchmark (3D scribbles 0.690 -> 0.638: 43
+of the 54 3D nuclei touch the border). The fix
+(:func:`napari_mae.segmentation.watershed.boundary_trust`): within one radius of the
+border, P(boundary) counts only where the distance is under a radius (necks between
+touching objects).
 """
 
 from __future__ import annotations
@@ -58,12 +58,20 @@ def _split(labels, gt):
     return out
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 12.6: P(boundary) dips inside a border nucleus (see module doc)"
-)
 @pytest.mark.parametrize("seed", [2, 4, 5])
 def test_scribbles_keep_border_nuclei_whole_on_the_sample(seed):
     img, gt, scrib = _nuclei_2d_with_strokes(seed)
     labels, info = segment_instances(img, scribbles=scrib)
     assert info["mode"] == "scribbles"
     assert _split(labels, gt) == []
+
+
+def test_boundary_is_trusted_away_from_the_border_and_at_necks_near_it():
+    from napari_mae.segmentation.watershed import boundary_trust
+
+    r, sp = 4.0, np.ones(2)
+    dist = np.full((40, 40), 10.0)  # deep inside an object everywhere
+    w = boundary_trust(dist, r, sp)
+    assert w[20, 20] == 1.0 and w[39, 20] == 0.0 and w[0, 0] == 0.0 and 0 < w[2, 20] < 1
+    dist[:] = 1.0  # a neck: small distance, trusted even at the border
+    assert (boundary_trust(dist, r, sp) == 1.0).all()
