@@ -130,7 +130,7 @@ def run_set(name: str, items, budgets, seconds, seed: int, log=print, steps=None
         log(f"  {item}: before acc@0.5 {before[-1]['accuracy']:.3f} ({time.perf_counter() - t0:.0f} s)")
     rows = []
     for budget in budgets:
-        after, wall, cpu, steps = [], [], [], []
+        after, wall, cpu, done = [], [], [], []
         for (item, img, gt, sp, where, _), b in zip(items, before, strict=True):
             strokes = simulate_scribbles(
                 gt,
@@ -156,7 +156,7 @@ def run_set(name: str, items, budgets, seconds, seed: int, log=print, steps=None
                     final = u
                 wall.append(time.perf_counter() - t0)
                 cpu.append(_cpu() - c0)
-                steps.append(final.step)
+                done.append(final.step)
                 if final.checkpoint is None:
                     log(f"  {item}: fine-tuning saved nothing: {final.message}")
                     after.append(b)
@@ -177,7 +177,7 @@ def run_set(name: str, items, budgets, seconds, seed: int, log=print, steps=None
                 "gain": round(sa["accuracy"] - sb["accuracy"], 3),
                 "finetune_s": round(float(np.mean(wall)), 1),
                 "finetune_cpu_s": round(float(np.mean(cpu)), 1),
-                "steps": round(float(np.mean(steps)), 1),
+                "steps": round(float(np.mean(done)), 1),
                 "note": items[0][5],
             }
         )
