@@ -27,6 +27,7 @@ __all__ = [
     "as_channels_first",
     "check_channel_axis",
     "check_spacing",
+    "guess_layer_channel_axis",
     "guess_rgb_axis",
     "denormalize",
     "normalize_percentile",
@@ -129,6 +130,37 @@ def guess_rgb_axis(shape: tuple[int, ...], *, spacing: Any = None) -> int | None
     """
     rgb_like = len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:-1]) > 16
     return 2 if rgb_like and (spacing is None or len(spacing) == 2) else None
+
+
+def guess_layer_channel_axis(shape: tuple[int, ...]) -> int | None:
+    """Channel-axis guess for a napari image layer's data (which may also carry time).
+
+    A short (2-6 entries) last axis, or the first axis of a 3-axis array, at most a quarter
+    of the shortest long axis, holds channels. A short first axis of a 4-axis array is
+    read as time, ``(T, Z, Y, X)``, not channels; pass the channel axis explicitly for
+    ``(C, Z, Y, X)``. The widgets guess with this; the segmentation entry point with
+    :func:`guess_rgb_axis`; the MAE functions, which know the model's ``spatial_dims``,
+    with :func:`resolve_channel_axis`.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The layer data's shape.
+
+    Returns
+    -------
+    int or None
+        The channel axis, or None.
+    """
+    if len(shape) < 3:
+        return None
+    long_axes = [n for n in shape if n > 6]
+    shortest_long = min(long_axes) if long_axes else 0
+    candidates = (len(shape) - 1, 0) if len(shape) == 3 else (len(shape) - 1,)
+    for axis in candidates:
+        if 2 <= shape[axis] <= 6 and shortest_long >= 4 * shape[axis]:
+            return axis
+    return None
 
 
 def resolve_channel_axis(

@@ -150,3 +150,34 @@ def test_denormalize_batch_and_torch():
     out = denormalize(x, lo, hi, channel_axis=1)
     assert isinstance(out, torch.Tensor)
     assert out[:, 0].eq(3.0).all() and out[:, 1].eq(30.0).all()
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ((64, 64), None),
+        ((64, 64, 3), 2),  # RGB
+        ((2, 64, 64), 0),  # channels first, 2D
+        ((16, 64, 64), None),  # a volume
+        ((10, 64, 64, 2), 3),  # volume, channels last
+        ((3, 16, 64, 64), None),  # (T, Z, Y, X): a short first axis of 4 is time
+        ((64, 5, 7), None),  # too short to tell
+    ],
+)
+def test_guess_layer_channel_axis_table(shape, expected):
+    from napari_mae.preprocess import guess_layer_channel_axis
+
+    assert guess_layer_channel_axis(shape) == expected
+
+
+def test_channel_guessing_lives_in_preprocess_only():
+    """Issue 11: channel guessing was written four times with four rules; the widgets had
+    their own. Every guess is now a preprocess function."""
+    from pathlib import Path
+
+    import napari_mae
+
+    # read, not imported: the core tests import no Qt
+    src = (Path(napari_mae.__file__).parent / "widgets" / "_layers.py").read_text()
+    assert "def _detect_channel_axis" not in src
+    assert "guess_layer_channel_axis" in src

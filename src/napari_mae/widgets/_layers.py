@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_mae.preprocess import guess_layer_channel_axis
+
 #: Time-axis choices for 4D (T, Z, Y, X) layers.
 TIME_MODES = ("current time point", "all time points")
 
@@ -204,23 +206,6 @@ def _indexed_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...]:
     return tuple(n for n, i in zip(shape, index, strict=True) if isinstance(i, slice))
 
 
-def _detect_channel_axis(shape: tuple[int, ...]) -> int | None:
-    """Guess a channel axis: a short (2-6) last axis, or first axis of a 3D array.
-
-    A short first axis of a 4D array is read as time, ``(T, Z, Y, X)``, not as
-    channels; choose the channel axis explicitly for ``(C, Z, Y, X)``.
-    """
-    if len(shape) < 3:
-        return None
-    long_axes = [n for n in shape if n > 6]
-    shortest_long = min(long_axes) if long_axes else 0
-    candidates = (len(shape) - 1, 0) if len(shape) == 3 else (len(shape) - 1,)
-    for axis in candidates:
-        if 2 <= shape[axis] <= 6 and shortest_long >= 4 * shape[axis]:
-            return axis
-    return None
-
-
 def _unit_name(layer) -> str:
     units = getattr(layer, "units", None)
     if not units or str(units[-1]) == "pixel":
@@ -288,7 +273,7 @@ def prepare_image(
     if layer.rgb:
         c_axis: int | None = ndim - 1
     elif channel_axis == "auto":
-        c_axis = _detect_channel_axis(shape)
+        c_axis = guess_layer_channel_axis(shape)
         if c_axis is not None:
             notes.append(f"Axis {c_axis} (length {shape[c_axis]}) read as channels.")
     elif channel_axis is None:
