@@ -74,8 +74,8 @@ def train_one(files, encoder: str, seed: int, out: Path, *, steps: int, batch: i
 def score_dev(model: Path, limit: int | None) -> dict:
     import tifffile
 
-    from napari_mae.segmentation.metrics import match_instances, summarize_matches
     from napari_mae.segmentation import segment_instances
+    from napari_mae.segmentation.metrics import match_instances, summarize_matches
 
     results = []
     for f in sorted((DEV / "images").glob("*.tif"))[:limit]:

@@ -92,8 +92,8 @@ def _cycle(loader):
 def bench_preset(name: str, *, steps: int, warmup: int, num_workers: list[int]) -> list[dict]:
     from torch.utils.data import DataLoader
 
-    from napari_mae.training.data import make_datasets
     from napari_mae.models.mae import build_model
+    from napari_mae.training.data import make_datasets
 
     torch.manual_seed(0)
     model = build_model(name)

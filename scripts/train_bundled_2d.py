@@ -182,7 +182,12 @@ def train_decoder(mae: str, out: Path, *, args) -> Path:
             print(
                 f"[decoder] step {step}: loss {float(loss):.4f}, val acc@0.5 {s['accuracy']:.3f}", flush=True
             )
-            extra = {"step": step, "val": s, "script": "scripts/train_bundled_2d.py", "args": {k: str(v) for k, v in vars(args).items()}}
+            extra = {
+                "step": step,
+                "val": s,
+                "script": "scripts/train_bundled_2d.py",
+                "args": {k: str(v) for k, v in vars(args).items()},
+            }
             save_checkpoint(out / "last.pt", net, extra=extra)
             if s["accuracy"] > best:
                 best = s["accuracy"]
