@@ -39,7 +39,7 @@ def schedule(n_images: int, steps: int, batch: int) -> tuple[int, int, int]:
     return samples, epochs, max(1, round(epochs / 3))
 
 
-def train_one(files, encoder: str, seed: int, out: Path, *, steps: int, batch: int) -> Path:
+def train_one(files, encoder: str, seed: int, out: Path, *, steps: int, batch: int) -> tuple[Path, int]:
     from napari_mae.training.segmentation import SegmentationConfig, train_segmentation
 
     samples, epochs, frozen = schedule(len(files), steps, batch)

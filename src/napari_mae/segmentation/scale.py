@@ -122,8 +122,8 @@ def estimate_object_radius(
         img = image[crop]
         if foreground is not None and foreground.shape == image.shape:
             foreground = foreground[crop]  # the same crop (indexing it whole raised)
-    r_log, fg = _log_and_foreground(img, radii, spi, foreground, progress)
-    r_fg = _foreground_radius(fg, spi)
+    r_log = _log_radius(img, radii, spi, progress)
+    r_fg = _foreground_radius(_first_foreground(img, foreground), spi)
     if r_log == 0.0 and ndim == 3 and foreground is None:
         # Volumes where the LoG found no blob scale: again on the volume smoothed by one
         # voxel per axis. The finest scales of a volume (2 voxels in-plane, under one
@@ -135,10 +135,10 @@ def estimate_object_radius(
         # the first one measured noise (taking it always moved a CT's bone radius by 4 %
         # and cost its scribble segmentation most of its F1).
         smooth = ndi.gaussian_filter(img.astype(np.float32, copy=False), 1.0)
-        s_log, s_fg = _log_and_foreground(smooth, radii, spi, None, None)
-        s_r = _foreground_radius(s_fg, spi)
+        s_r = _foreground_radius(_first_foreground(smooth, None), spi)
         if r_fg > 0 and s_r > 0 and not (1 / 1.5 <= s_r / r_fg <= 1.5):
-            r_log, fg, r_fg = s_log, s_fg, s_r
+            # the LoG again only where the smoothed estimate is taken
+            r_log, r_fg = _log_radius(smooth, radii, spi, None), s_r
     r = r_log
     if r_log > 0 and r_fg > 0:
         ratio = r_fg / r_log
@@ -156,10 +156,8 @@ def estimate_object_radius(
     }
 
 
-def _log_and_foreground(img, radii, spi, foreground, progress) -> tuple[float, np.ndarray]:
-    """The LoG radius estimate (0.0: no blob scale found) and the first-pass foreground."""
-    from skimage.filters import threshold_otsu
-
+def _log_radius(img, radii, spi, progress) -> float:
+    """The LoG radius estimate (physical; 0.0: no blob scale found)."""
     best, best_arg = max_log_response(img, radii, spi, progress)
     size = tuple(max(3, int(2 * round(1.25 * radii[0] / s)) + 1) for s in spi)
     # Strong local maxima: at least half the 99.9th percentile of the response map.
@@ -172,16 +170,21 @@ def _log_and_foreground(img, radii, spi, foreground, progress) -> tuple[float, n
         if 0 < k_med < len(radii) - 1:
             r_log = float(radii[k_med]) * 0.87
     report(progress, len(radii), len(radii) + 1, "estimating object size")
+    return r_log
+
+
+def _first_foreground(img: np.ndarray, foreground: np.ndarray | None) -> np.ndarray:
+    """The given first-pass foreground, or Otsu of ``img`` smoothed by one pixel."""
+    from skimage.filters import threshold_otsu
+
     if foreground is None:
         sm = ndi.gaussian_filter(img, 1.0)
         # Flattened: the same histogram, without scikit-image's "looks like RGB" warning for
         # volumes whose last axis has 3 or 4 planes.
-        fg = sm > threshold_otsu(sm.ravel()) if np.ptp(sm) > 0 else np.zeros(img.shape, bool)
-    else:
-        fg = foreground if foreground.shape == img.shape else None
-        if fg is None:
-            raise ValueError("foreground must have the image's shape")
-    return r_log, fg
+        return sm > threshold_otsu(sm.ravel()) if np.ptp(sm) > 0 else np.zeros(img.shape, bool)
+    if foreground.shape != img.shape:
+        raise ValueError("foreground must have the image's shape")
+    return foreground
 
 
 def _foreground_radius(fg: np.ndarray, spi: np.ndarray) -> float:
