@@ -47,6 +47,7 @@ __all__ = [
     "DecoderConfig",
     "InstanceDecoder",
     "SegmenterConfig",
+    "fitted_radius",
     "is_segmenter_checkpoint",
     "load_segmenter",
     "segmenter_from_checkpoint",
@@ -370,6 +371,7 @@ def segmenter_from_checkpoint(checkpoint: dict, *, source: str = "checkpoint") -
     except RuntimeError as exc:
         raise CheckpointError(f"{source}: weights do not fit its config: {exc}") from None
     net.normalization = dict(checkpoint.get("normalization") or DEFAULT_NORMALIZATION)
+    net.fitted_radius = fitted_radius(checkpoint)
     return net.eval()
 
 
@@ -409,3 +411,34 @@ def load_segmenter(spec: Any, device: str = "cpu") -> InstanceDecoder:
     if not path.is_file():
         raise FileNotFoundError(f"no segmentation model at {path}")
     return segmenter_from_checkpoint(load_checkpoint(path), source=str(path)).to(dev)
+
+
+#: The ``extra`` key of a fine-tuned checkpoint holding the object radius it was trained at.
+FITTED_RADIUS_KEY = "object_radius"
+
+
+def fitted_radius(checkpoint: dict) -> float | None:
+    """The object radius, in physical units, a fine-tuned model was trained at; None if none.
+
+    :func:`napari_mae.segmentation.finetune.finetune` stores it in the checkpoint's
+    ``extra`` (:data:`FITTED_RADIUS_KEY`); :func:`segmenter_from_checkpoint` sets it as the
+    model's ``fitted_radius`` attribute, and the learned method segments at it instead of
+    estimating the radius per image (as a Cellpose model trained with its own diameter
+    uses that diameter when none is given).
+
+    Parameters
+    ----------
+    checkpoint : dict
+        From :func:`napari_mae.io.checkpoint.load_checkpoint`.
+
+    Returns
+    -------
+    float or None
+        None for models that are not fine-tuned, or whose stored value is not a positive
+        finite number.
+    """
+    value = (checkpoint.get("extra") or {}).get(FITTED_RADIUS_KEY)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and value > 0 else None

@@ -409,20 +409,25 @@ def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_r
 
     r_ref = float(net.decoder_config.object_radius)
     prep = _Prepared([], [], [], [], [])
+    # The radius as inference with the fine-tuned model will take it (segment_instances):
+    # the given one, else the model's own fitted radius (a model fine-tuned before), else
+    # the estimate (volumes: checked on a few planes by the model, as segment_learned does).
+    given = object_radius if object_radius is not None else getattr(net, "fitted_radius", None)
     for i, (im, s, c) in enumerate(zip(images, scribbles, corrected, strict=True)):
         check()
         img, info = prepare_image(im, channel_axis=channel_axis)
         sp = np.asarray(spacings[i], float)
-        if object_radius is not None:
-            radius = float(object_radius)
+        if given is not None:
+            radius = float(given)
         else:
             radius = float(estimate_object_radius(img, sp)["radius"])
+            if img.ndim == 3:
+                radius = _plane_radius(net, img, sp, radius, r_ref)
         if img.ndim == 2:
             r_px = radius / float(np.sqrt(sp[0] * sp[1]))
             scale = _clip_scale(r_ref / max(r_px, 1e-3))
             factor = (scale, scale)
         else:
-            radius = _plane_radius(net, img, sp, radius, r_ref)
             factor = volume_factor(sp, radius, r_ref)
         work = rescaled(img, factor)
         factor = tuple(w / n for w, n in zip(work.shape, img.shape, strict=True))
@@ -916,7 +921,7 @@ def finetune(
 def _train(net, prep, planes, cfg, out, source, stop, t0, nothing):
     from napari_mae._names import BEST
     from napari_mae.io.checkpoint import load_checkpoint, save_checkpoint
-    from napari_mae.models.decoder import segmenter_from_checkpoint
+    from napari_mae.models.decoder import FITTED_RADIUS_KEY, segmenter_from_checkpoint
     from napari_mae.training.loop import LoopConfig, run
 
     n_user = int(sum(p["user"].sum() for p in planes))
@@ -931,6 +936,9 @@ def _train(net, prep, planes, cfg, out, source, stop, t0, nothing):
         "finetuned_from": str(source),
         "finetune": cfg.to_dict(),
         "n_images": len(prep.images),
+        # the scale trained at, which inference with this model keeps (decoder.fitted_radius)
+        FITTED_RADIUS_KEY: float(np.median(prep.radii)),
+        "object_radii": [float(r) for r in prep.radii],
     }
     objective = FinetuneObjective(net, planes, cfg, description, extra)
     run_dir = Path(tempfile.mkdtemp(prefix="napari-mae-finetune-"))

@@ -321,6 +321,7 @@ def segment_learned(
     params: LearnedParams | None = None,
     bf16: bool | None = None,
     progress=None,
+    radius_from_planes: bool = True,
 ) -> tuple[np.ndarray, dict]:
     """Instance labels of a prepared image with the learned decoder.
 
@@ -340,6 +341,10 @@ def segment_learned(
     bf16 : bool or None
         bfloat16 autocast for the decoder; None: where the device computes it natively
         (:func:`default_bf16`).
+    radius_from_planes : bool
+        Volumes: replace ``radius`` by the decoder's own estimate from a few Z planes
+        (:func:`_radius_from_planes`). False keeps ``radius`` (a fine-tuned model's
+        stored radius, see :func:`napari_mae.models.decoder.fitted_radius`).
 
     Returns
     -------
@@ -359,7 +364,9 @@ def segment_learned(
         info["radius_found"] = None if found is None else float(found * np.sqrt(sp[0] * sp[1]))
         info["scale"] = (info["scale"],) * 2
         return labels, info
-    radius_planes = _radius_from_planes(net, image, sp, radius, r_ref, prm, bf16=bf16)
+    radius_planes = None
+    if radius_from_planes:
+        radius_planes = _radius_from_planes(net, image, sp, radius, r_ref, prm, bf16=bf16)
     if radius_planes is not None:
         radius = radius_planes
     maps, factor = predict_volume_maps(net, image, sp, radius, r_ref, bf16=bf16, progress=progress)

@@ -74,7 +74,9 @@ def segment_instances(
     channel_axis : int or None
         Axis of ``image`` holding channels.
     object_radius : float or None
-        Typical object radius in physical units; estimated when None.
+        Typical object radius in physical units; estimated when None, except with a
+        fine-tuned model (learned method), which segments at the radius it was
+        fine-tuned at (:func:`napari_mae.models.decoder.fitted_radius`).
     threshold : float or None
         Foreground threshold on the background-subtracted, normalised image (automatic
         mode) or on the object probability (scribble mode, default 0.5); estimated
@@ -167,15 +169,17 @@ def segment_instances(
     info["bright_objects"] = prep["bright_objects"]
 
     report(progress, 2, 100, "estimating object size")
-    if object_radius is None:
+    # A fine-tuned model segments at the radius it was fine-tuned at (decoder.fitted_radius).
+    fitted = getattr(net, "fitted_radius", None) if net is not None else None
+    if object_radius is None and fitted is None:
         est = estimate_object_radius(img, sp, progress=sub_progress(progress, 2, 20, 100))
     else:
-        r = float(object_radius)
+        r = float(object_radius if object_radius is not None else fitted)
         est = {"radius": r, "radius_px": tuple(r / s for s in sp), "radius_log": float("nan"),
                "radius_foreground": float("nan")}  # fmt: skip
     info.update(est)
     if net is not None:
-        labels, extra = _learned_labels(img, net, sp, est["radius"], progress)
+        labels, extra = _learned_labels(img, net, sp, est["radius"], progress, planes=fitted is None)
         info.update(extra)
         if invalid.any():
             labels[invalid] = 0
@@ -211,14 +215,18 @@ def _learned_model(model, required: bool):
         return None  # no bundled weights, or an MAE (not a segmentation) checkpoint
 
 
-def _learned_labels(img, net, sp, r, progress):
-    """Labels (uint32) of the learned method on the prepared image, and its info entries."""
+def _learned_labels(img, net, sp, r, progress, planes=True):
+    """Labels (uint32) of the learned method on the prepared image, and its info entries.
+
+    ``planes``: let a volume's radius be re-estimated from its planes (False for a
+    fine-tuned model, which keeps its fitted radius).
+    """
     from napari_mae.segmentation.learned import segment_learned
 
     report(progress, 20, 100, "learned decoder")
     labels, extra = segment_learned(
         img, net, net.decoder_config.object_radius, spacing=sp, radius=r,
-        progress=sub_progress(progress, 20, 97, 100),
+        progress=sub_progress(progress, 20, 97, 100), radius_from_planes=planes,
     )  # fmt: skip
     extra = dict(extra)
     extra["model"] = getattr(net, "source", "model")

@@ -1,0 +1,117 @@
+"""The scale of a fine-tuned model: stored in its checkpoint, kept at inference, taken from strokes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage.draw import disk
+
+from napari_mae.segmentation.finetune import FinetuneConfig, check_finetune_inputs, finetune
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = dict(seconds=None, steps=2, eval_every=2, batch_size=2, crop_size=64, live_every_s=0, device="cpu")
+
+
+def _save_tiny(path, extra):
+    from napari_mae.io.checkpoint import save_checkpoint
+    from napari_mae.models import mae
+    from napari_mae.models.decoder import DecoderConfig, InstanceDecoder
+
+    torch.manual_seed(0)
+    net = InstanceDecoder(mae.build_model("tiny-2d"), DecoderConfig(features=4, object_radius=6.0))
+    save_checkpoint(path, net, normalization={"lower": 1.0, "upper": 99.8}, extra=extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("model") / "tiny-seg.pt", {"task": "segmentation"})
+
+
+def _nuclei(shape=(96, 96), radius=6):
+    gt = np.zeros(shape, np.int32)
+    for k, c in enumerate([(20, 20), (22, 70), (70, 28), (62, 74), (46, 48)], start=1):
+        gt[disk(c, radius, shape=shape)] = k
+    rng = np.random.default_rng(0)
+    img = (20 + 150 * (gt > 0) + rng.normal(0, 5, shape)).clip(0, 255).astype(np.uint8)
+    return img, gt
+
+
+def _strokes(gt):
+    s = np.zeros(gt.shape, np.uint8)
+    s[20, 16:25] = 2
+    s[46, 44:53] = 2
+    s[5, 5:40] = 1
+    s[90, 40:90] = 1
+    return s
+
+
+def _prepared(net, images, scribbles, cfg, spacing=None, object_radius=None):
+    from napari_mae.segmentation.finetune import _prepare, _spacings
+
+    imgs, s, c = check_finetune_inputs(images, scribbles, None)
+    return _prepare(net, imgs, s, c, _spacings(spacing, imgs, None), None, object_radius, cfg, lambda: None)
+
+
+# ----------------------------------------------------------------------------- stored radius
+
+
+def test_fitted_radius_reads_only_positive_numbers():
+    from napari_mae.models.decoder import fitted_radius
+
+    assert fitted_radius({"extra": {"object_radius": 3.5}}) == 3.5
+    for bad in ({}, {"extra": None}, {"extra": {"object_radius": -1.0}}, {"extra": {"object_radius": "3"}},
+                {"extra": {"object_radius": float("nan")}}, {"extra": {"object_radius": True}}):  # fmt: skip
+        assert fitted_radius(bad) is None
+
+
+def test_the_fine_tuned_checkpoint_stores_the_radius_it_trained_at(tiny_model, tmp_path):
+    from napari_mae.io.checkpoint import load_checkpoint
+    from napari_mae.models.decoder import load_segmenter
+
+    img, gt = _nuclei()
+    out = tmp_path / "tuned.pt"
+    list(
+        finetune(
+            img, _strokes(gt), out=out, model=tiny_model, object_radius=5.0, config=FinetuneConfig(**TINY)
+        )
+    )
+    extra = load_checkpoint(out)["extra"]
+    assert extra["object_radius"] == 5.0 and extra["object_radii"] == [5.0]
+    assert load_segmenter(out).fitted_radius == 5.0
+    assert load_segmenter(tiny_model).fitted_radius is None
+
+
+def test_a_fine_tuned_model_segments_at_its_fitted_radius(tmp_path, monkeypatch):
+    """No per-image estimate, and in 3D no re-estimate from planes: the scale it trained at."""
+    import napari_mae.segmentation.learned as learned
+    import napari_mae.segmentation.segment as segment
+    from napari_mae.segmentation import segment_instances
+
+    def no_estimate(*a, **k):
+        raise AssertionError("the radius of a fine-tuned model must not be estimated")
+
+    path = _save_tiny(tmp_path / "fitted.pt", {"task": "segmentation", "object_radius": 4.0})
+    monkeypatch.setattr(segment, "estimate_object_radius", no_estimate)
+    monkeypatch.setattr(learned, "_radius_from_planes", no_estimate)
+    img, _ = _nuclei()
+    _, info = segment_instances(img, method="learned", model=path)
+    assert info["radius"] == 4.0
+    vol = np.stack([img[:64, :64]] * 8).astype(np.float32)
+    _, info = segment_instances(vol, method="learned", model=path, spacing=(1.0, 1.0, 1.0))
+    assert info["radius"] == 4.0 and info["radius_planes"] is None
+    np.testing.assert_allclose(info["scale"], 6.0 / 4.0, rtol=0.05)
+    # a radius the caller gives still wins
+    _, info = segment_instances(img, method="learned", model=path, object_radius=6.0)
+    assert info["radius"] == 6.0
+
+
+def test_a_fine_tuned_model_fine_tuned_again_keeps_its_radius(tmp_path):
+    from napari_mae.models.decoder import load_segmenter
+
+    net = load_segmenter(_save_tiny(tmp_path / "fitted.pt", {"task": "segmentation", "object_radius": 3.0}))
+    img, gt = _nuclei()
+    prep = _prepared(net, img, _strokes(gt), FinetuneConfig(**TINY))
+    assert prep.radii == [3.0] and prep.work[0].shape == (192, 192)  # 6 / 3 = 2x
