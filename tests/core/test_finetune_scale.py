@@ -115,3 +115,52 @@ def test_a_fine_tuned_model_fine_tuned_again_keeps_its_radius(tmp_path):
     img, gt = _nuclei()
     prep = _prepared(net, img, _strokes(gt), FinetuneConfig(**TINY))
     assert prep.radii == [3.0] and prep.work[0].shape == (192, 192)  # 6 / 3 = 2x
+
+
+# ----------------------------------------------------------------------------- radius from the strokes
+
+
+def _body_with_bones(shape=(160, 160)):
+    """A large dim 'body' (radius 60) holding small bright 'bones' (radius 4), CT-like."""
+    img = np.full(shape, 10.0)
+    img[disk((80, 80), 60, shape=shape)] = 80
+    gt = np.zeros(shape, np.int32)
+    centres = [(60, 60), (60, 100), (100, 60), (100, 100), (80, 80), (50, 80), (110, 80)]
+    for k, c in enumerate(centres, start=1):
+        gt[disk(c, 4, shape=shape)] = k
+    img[gt > 0] = 200
+    img += np.random.default_rng(0).normal(0, 3, shape)
+    s = np.zeros(shape, np.uint8)
+    for c in centres[:3]:
+        s[c[0], c[1] - 3 : c[1] + 4] = 2  # 7 px strokes across bones
+    s[70, 65:95] = 1  # background strokes in the body, between the bones
+    s[90, 65:95] = 1
+    return img.astype(np.float32), s
+
+
+def test_the_radius_comes_from_the_strokes_where_the_estimate_found_the_body(tiny_model, monkeypatch):
+    import napari_mae.segmentation as segmentation
+    from napari_mae.models.decoder import load_segmenter
+
+    net = load_segmenter(tiny_model)
+    monkeypatch.setattr(segmentation, "estimate_object_radius", lambda img, sp, **k: {"radius": 60.0})
+    img, s = _body_with_bones()
+    prep = _prepared(net, img, s, FinetuneConfig(**TINY))
+    assert prep.radii == [3.5] and prep.sources == ["strokes"]  # half the 7 px strokes
+    assert prep.work[0].shape == (274, 274)  # 6 / 3.5 of 160 px
+
+
+def test_short_strokes_in_the_objects_found_keep_the_estimate(tiny_model):
+    from napari_mae.models.decoder import load_segmenter
+    from napari_mae.segmentation import estimate_object_radius
+    from napari_mae.segmentation.learned import prepare_image
+
+    net = load_segmenter(tiny_model)
+    img, gt = _nuclei()
+    s = np.zeros(gt.shape, np.uint8)
+    s[20, 19:22] = 2  # 3 px clicks in objects the estimate finds
+    s[46, 47:50] = 2
+    s[5, 5:40] = 1
+    prep = _prepared(net, img, s, FinetuneConfig(**TINY))
+    expected = estimate_object_radius(prepare_image(img)[0], np.ones(2))["radius"]
+    assert prep.sources == ["estimate"] and prep.radii == [pytest.approx(expected)]

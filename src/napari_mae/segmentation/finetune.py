@@ -30,13 +30,20 @@ Priority where sources overlap: strokes, then corrected objects, then pseudo-lab
 
 **Scale**: training happens at the model's scale, as inference does
 (:func:`napari_mae.segmentation.learned.segment_plane`): each image is resampled so that
-its objects (radius from :func:`napari_mae.segmentation.estimate_object_radius`, or
-given) have the decoder's ``object_radius``; strokes and objects are resampled with it.
-**Volumes** are resampled to the isotropic grid of
+its objects have the decoder's ``object_radius``; strokes and objects are resampled with
+it. The object radius is the given one, else the fitted radius of a model fine-tuned
+before, else the estimate of inference
+(:func:`napari_mae.segmentation.estimate_object_radius`; volumes: checked by the model on
+a few Z planes), replaced by the object strokes' size where the strokes show that the
+estimate found other things (the classical scribble mode's rule, e.g. a CT's body where
+the bones are meant). The radius used (physical units; the median over the images) is
+stored in the checkpoint (``extra["object_radius"]``, read by
+:func:`napari_mae.models.decoder.fitted_radius`), and the learned method segments at it
+with the fine-tuned model instead of estimating it per image, so inference runs at the
+scale the model was trained at. **Volumes** are resampled to the isotropic grid of
 :func:`napari_mae.segmentation.learned.predict_volume_maps`; strokes may be painted on
 any plane, and the 2D model trains on the Z, Y and X planes of that grid that hold
-labels (at most ``max_planes``, the most labelled first). Inference afterwards is the
-usual one.
+labels (at most ``max_planes``, the most labelled first).
 
 The encoder stays frozen (``encoder_blocks=0``) or its last ``encoder_blocks``
 transformer blocks train at ``encoder_lr_scale`` times the rate; the learning rate is
@@ -400,11 +407,11 @@ class _Prepared:
     factors: list  # per image: per-axis factor (work / input)
     radii: list  # per image: object radius used (physical)
     planes: list
+    sources: list = dataclasses.field(default_factory=list)  # per image: where the radius came from
 
 
 def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_radius, cfg, check):
     """Images at the model's scale and their labelled planes (volumes: Z, Y and X planes)."""
-    from napari_mae.segmentation import estimate_object_radius
     from napari_mae.segmentation.learned import prepare_image, rescaled
 
     r_ref = float(net.decoder_config.object_radius)
@@ -418,11 +425,9 @@ def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_r
         img, info = prepare_image(im, channel_axis=channel_axis)
         sp = np.asarray(spacings[i], float)
         if given is not None:
-            radius = float(given)
+            radius, source = float(given), "given" if object_radius is not None else "model"
         else:
-            radius = float(estimate_object_radius(img, sp)["radius"])
-            if img.ndim == 3:
-                radius = _plane_radius(net, img, sp, radius, r_ref)
+            radius, source = _estimated_radius(net, img, s, sp, r_ref)
         if img.ndim == 2:
             r_px = radius / float(np.sqrt(sp[0] * sp[1]))
             scale = _clip_scale(r_ref / max(r_px, 1e-3))
@@ -439,6 +444,7 @@ def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_r
         prep.work.append(work)
         prep.factors.append(factor)
         prep.radii.append(radius)
+        prep.sources.append(source)
         if work.ndim == 2:
             if ws.any() or (wc is not None and wc.any()):  # an image without labels teaches nothing
                 prep.planes.append(_Plane(work, ws, wc, wi, (i, None, 0)))
@@ -466,6 +472,28 @@ def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_r
     if not prep.planes:
         raise ValueError("no stroke is left at the model's scale; paint longer strokes")
     return prep
+
+
+def _estimated_radius(net, img, strokes, sp, r_ref) -> tuple[float, str]:
+    """An image's object radius (physical) without a given one, and where it came from.
+
+    The estimate of inference (:func:`~napari_mae.segmentation.estimate_object_radius`;
+    volumes: checked by the model on a few planes), unless the object strokes say it
+    found other things than the user's objects: the classical scribble mode's rule
+    (:func:`napari_mae.segmentation.classical.segment_classical`): object strokes far
+    shorter than the estimated diameter, lying in automatic objects that background
+    strokes cross too (a CT: the body found, the bones meant). Then the strokes' size
+    (half their median length) is the radius: ``"strokes"``; else ``"estimate"``.
+    """
+    from napari_mae.segmentation import estimate_object_radius
+    from napari_mae.segmentation.classical import _stroke_radius, _strokes_disagree
+
+    estimate = float(estimate_object_radius(img, sp)["radius"])
+    radius = _plane_radius(net, img, sp, estimate, r_ref) if img.ndim == 3 else estimate
+    r_strokes = _stroke_radius(strokes, sp)
+    if 0 < r_strokes < 0.5 * min(radius, estimate) and _strokes_disagree(img, strokes, estimate, sp):
+        return max(r_strokes, float(sp.min())), "strokes"
+    return radius, "estimate"
 
 
 def _plane_radius(net, volume, sp, radius, r_ref) -> float:
@@ -860,7 +888,8 @@ def finetune(
         Physical pixel size per spatial axis; default 1.
     channel_axis : int or None
     object_radius : float or None
-        Object radius in physical units; estimated per image when None (as at inference).
+        Object radius in physical units; when None, the model's fitted radius or the
+        estimate per image (see the module docstring). Stored in the fine-tuned model.
     config : FinetuneConfig, optional
     stop : threading.Event or callable, optional
         Checked between preparation stages and before every step; the best model so far
@@ -929,7 +958,8 @@ def _train(net, prep, planes, cfg, out, source, stop, t0, nothing):
     used = [k for k, v in pseudo.items() if v] if cfg.pseudo_labels else []
     description = (
         f"fine-tuning {source} on {len(prep.images)} image(s), {len(planes)} plane(s), "
-        f"{n_user} labelled pixels at the model's scale; pseudo-labels: {', '.join(used) or 'none'}"
+        f"{n_user} labelled pixels at the model's scale; pseudo-labels: {', '.join(used) or 'none'}; "
+        f"object radius {np.median(prep.radii):.3g} ({', '.join(sorted(set(prep.sources)))})"
     )
     extra = {
         "task": "segmentation",
@@ -939,6 +969,7 @@ def _train(net, prep, planes, cfg, out, source, stop, t0, nothing):
         # the scale trained at, which inference with this model keeps (decoder.fitted_radius)
         FITTED_RADIUS_KEY: float(np.median(prep.radii)),
         "object_radii": [float(r) for r in prep.radii],
+        "object_radius_sources": list(prep.sources),
     }
     objective = FinetuneObjective(net, planes, cfg, description, extra)
     run_dir = Path(tempfile.mkdtemp(prefix="napari-mae-finetune-"))
