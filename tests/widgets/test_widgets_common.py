@@ -67,3 +67,16 @@ def test_masking_follows_the_first_image(viewer, add_widget):
     assert widget.patch_size.ndim == 3
     assert widget.patch_size.value() == (4, 8, 8)  # the bundled default-3d's patches
     assert widget.patch_size.physical.text() == "= 8 x 4 x 4 µm"
+
+
+@pytest.mark.parametrize("name", ["Masking", "Reconstruction", "Segmentation"])
+def test_image_widgets_prepare_with_their_choices(viewer, add_widget, name):
+    """One reader of the form: the widget's channel and 4D choices reach the prepared frames."""
+    widget = add_widget(name)
+    viewer.add_image(np.zeros((3, 16, 32, 32), np.float32), name="movie")
+    widget.image.set_value(viewer.layers["movie"])
+    widget.channel.setCurrentText("none")
+    widget.time_mode.setCurrentText("all time points")
+    assert len(widget.prepared_image().frames) == 3  # a run takes every time point
+    assert len(widget.prepared_image(for_run=False).frames) == 1  # a form update, one frame
+    assert widget.prepared_image().spatial_dims == 3

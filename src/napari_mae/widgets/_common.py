@@ -37,7 +37,7 @@ from superqt.utils import create_worker
 
 from napari_mae._progress import Cancelled
 
-from ._layers import TIME_MODES, UserInputError
+from ._layers import TIME_MODES, PreparedImage, UserInputError, prepare_image
 
 # --------------------------------------------------------------------------- jobs
 
@@ -477,6 +477,33 @@ class JobWidget(QWidget):
         if self.busy and any(layer is ly or layer == ly for ly in self._job_layers):
             self.job.stop()
             self.notify_error(f"Layer '{layer.name}' was removed while in use; the job was stopped.")
+
+
+class ImageJobWidget(JobWidget):
+    """A :class:`JobWidget` whose form has an image choice (``self.image``), a channel
+    choice (``self.channel``) and a 4D-input choice (``self.time_mode``), set by the subclass.
+    """
+
+    def prepared_image(self, *, for_run: bool = True) -> PreparedImage:
+        """The chosen image layer as :func:`._layers.prepare_image` frames (lazy).
+
+        Parameters
+        ----------
+        for_run : bool
+            Apply the widget's 4D-input choice (a run); False: the first choice, which is
+            all a form update needs (the spatial dimensions, spacing).
+
+        Raises
+        ------
+        UserInputError, ValueError
+            From :func:`._layers.prepare_image`: no layer, a bad channel axis.
+        """
+        return prepare_image(
+            self.image.value(),
+            self.viewer,
+            channel_axis=parse_channel_axis(self.channel.currentText()),
+            time_mode=self.time_mode.currentText() if for_run else TIME_MODES[0],
+        )
 
 
 def _disconnect_one(emitter, callback) -> None:

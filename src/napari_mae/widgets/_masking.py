@@ -24,14 +24,13 @@ from napari.layers import Image
 from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QSpinBox, QWidget
 
 from ._common import (
-    JobWidget,
+    ImageJobWidget,
     LayerCombo,
     channel_axis_combo,
     magic_field,
-    parse_channel_axis,
     time_mode_combo,
 )
-from ._layers import UserInputError, add_or_update, as_rgb_dtype, prepare_image
+from ._layers import UserInputError, add_or_update, as_rgb_dtype
 from ._registry import MASK_KEY, MASKED_KEY, MaskRecord, model_patch_size, registry
 
 
@@ -96,7 +95,7 @@ class PatchSizeEdit(QWidget):
         self.physical.setText(f"= {phys} {self._units}")
 
 
-class MaskingWidget(JobWidget):
+class MaskingWidget(ImageJobWidget):
     """Mask an image with MAE patches (random, grid or block) and show the result.
 
     Parameters
@@ -168,9 +167,7 @@ class MaskingWidget(JobWidget):
 
     def _image_changed(self, *_) -> None:
         try:
-            prep = prepare_image(
-                self.image.value(), self.viewer, channel_axis=parse_channel_axis(self.channel.currentText())
-            )
+            prep = self.prepared_image(for_run=False)
         except (UserInputError, ValueError):
             return
         self._setting_patch_size = True
@@ -188,12 +185,7 @@ class MaskingWidget(JobWidget):
         """Mask the chosen image in a worker thread."""
         layer = self.image.value()
         try:
-            prep = prepare_image(
-                layer,
-                self.viewer,
-                channel_axis=parse_channel_axis(self.channel.currentText()),
-                time_mode=self.time_mode.currentText(),
-            )
+            prep = self.prepared_image()
             if prep.spatial_dims != self.patch_size.ndim:
                 self.patch_size.set_dims(prep.spatial_dims, prep.spacing, prep.units)
             patch_size = self.patch_size.value()

@@ -20,15 +20,14 @@ from napari.layers import Image, Labels
 from qtpy.QtWidgets import QCheckBox, QFormLayout
 
 from ._common import (
-    JobWidget,
+    ImageJobWidget,
     LayerCombo,
     channel_axis_combo,
     magic_field,
-    parse_channel_axis,
     time_mode_combo,
     torch_threads_leaving_a_core,
 )
-from ._layers import UserInputError, add_or_update, as_rgb_dtype, prepare_image
+from ._layers import UserInputError, add_or_update, as_rgb_dtype
 from ._model_picker import ModelPicker, device_combo
 from ._registry import MASKED_KEY, MaskRecord
 
@@ -49,7 +48,7 @@ def release_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class ReconstructionWidget(JobWidget):
+class ReconstructionWidget(ImageJobWidget):
     """Reconstruct masked patches of an image with an MAE.
 
     Parameters
@@ -145,9 +144,7 @@ class ReconstructionWidget(JobWidget):
 
     def _image_changed(self, *_) -> None:
         try:
-            prep = prepare_image(
-                self.image.value(), self.viewer, channel_axis=parse_channel_axis(self.channel.currentText())
-            )
+            prep = self.prepared_image(for_run=False)
         except (UserInputError, ValueError):
             return
         self.model.set_default_for_dims(prep.spatial_dims)
@@ -166,12 +163,7 @@ class ReconstructionWidget(JobWidget):
         layer = self.image.value()
         mask_layer = self.mask.value()
         try:
-            prep = prepare_image(
-                layer,
-                self.viewer,
-                channel_axis=parse_channel_axis(self.channel.currentText()),
-                time_mode=self.time_mode.currentText(),
-            )
+            prep = self.prepared_image()
             spec = self.model.spec()
             mask = None
             if mask_layer is not None:

@@ -57,14 +57,13 @@ from qtpy.QtWidgets import (
 from napari_mae.measure import object_table, write_table_csv
 
 from ._common import (
-    JobWidget,
+    ImageJobWidget,
     LayerCombo,
     channel_axis_combo,
     magic_field,
-    parse_channel_axis,
     time_mode_combo,
 )
-from ._layers import UserInputError, add_or_update, prepare_image
+from ._layers import UserInputError, add_or_update
 from ._model_picker import ModelPicker
 from ._registry import config_dir, segmenters
 
@@ -88,7 +87,7 @@ def _auto_spin(decimals: int, maximum: float, tooltip: str) -> QDoubleSpinBox:
     return spin
 
 
-class SegmentationWidget(JobWidget):
+class SegmentationWidget(ImageJobWidget):
     """Segment every object of an image into a Labels layer.
 
     Parameters
@@ -239,9 +238,7 @@ class SegmentationWidget(JobWidget):
     def _show_empty_table(self) -> None:
         """The columns a run will fill, for the chosen image (no numbered placeholder columns)."""
         try:
-            prep = prepare_image(
-                self.image.value(), self.viewer, channel_axis=parse_channel_axis(self.channel.currentText())
-            )
+            prep = self.prepared_image(for_run=False)
         except (UserInputError, ValueError):
             prep = None
         ndim = prep.spatial_dims if prep is not None else 2
@@ -264,9 +261,7 @@ class SegmentationWidget(JobWidget):
     def add_scribbles_layer(self) -> Labels | None:
         """Add an empty scribbles layer over the image, ready to paint objects (2)."""
         try:
-            prep = prepare_image(
-                self.image.value(), self.viewer, channel_axis=parse_channel_axis(self.channel.currentText())
-            )
+            prep = self.prepared_image(for_run=False)
         except (UserInputError, ValueError) as exc:
             self.notify_error(str(exc))
             return None
@@ -331,12 +326,7 @@ class SegmentationWidget(JobWidget):
         layer = self.image.value()
         scribbles_layer = self.scribbles.value()
         try:
-            prep = prepare_image(
-                layer,
-                self.viewer,
-                channel_axis=parse_channel_axis(self.channel.currentText()),
-                time_mode=self.time_mode.currentText(),
-            )
+            prep = self.prepared_image()
             scribbles = None
             if scribbles_layer is not None:
                 scribbles = np.asarray(scribbles_layer.data)
@@ -514,12 +504,7 @@ class SegmentationWidget(JobWidget):
         layer = self.image.value()
         scribbles_layer = self.scribbles.value()
         try:
-            prep = prepare_image(
-                layer,
-                self.viewer,
-                channel_axis=parse_channel_axis(self.channel.currentText()),
-                time_mode=self.time_mode.currentText(),
-            )
+            prep = self.prepared_image()
             if len(prep.frames) != 1:
                 raise UserInputError("Fine-tune on one time point: set '4D input' to the current time point.")
             if scribbles_layer is None:
