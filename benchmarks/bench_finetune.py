@@ -22,7 +22,16 @@ isotropic), ``ovule`` (plantseg_ovule_cells_3d: cells between bright membranes) 
 the body). Where the labels are dense (the ovule's cells fill the volume, so
 ``simulate_scribbles`` finds no background), the background strokes are short pieces of
 the cell walls (:func:`wall_strokes`), as a user would paint the membranes. ``--max-side`` crops volumes (centre crop) to at most that many voxels per
-axis; the table says where it did.
+axis; the table says where it did. The *radius* column is the object radius the fine-tuned
+model stored (physical units) and where it came from (``estimate``, ``strokes``, ``given``);
+inference with the fine-tuned model runs at it.
+
+``--pretrain-minutes M`` adds rows ``<set>+mae<M>min``: the bundled segmenter's encoder is
+first pretrained further as an MAE, without labels, on the Z, Y and X planes of the image
+on the fine-tuning's working grid (:func:`pretrained_segmenter`, through
+:func:`napari_mae.training.train`, M minutes of wall clock), the bundled decoder is put
+back on it, and that model is fine-tuned on the same strokes at the same radius. Its
+*before* is that model before fine-tuning.
 """
 
 from __future__ import annotations
@@ -111,6 +120,62 @@ def wall_strokes(gt, n: int, seed: int) -> np.ndarray:
     return out
 
 
+#: Constant learning rate of the further pretraining: a time limit cuts any schedule short
+#: (a cosine over 10,000 epochs would stay in its warm-up), and the model is trained already.
+LR_PRETRAIN = 3e-4
+
+
+def pretrained_segmenter(work, minutes: float, seed: int, tmp: Path, log=print):
+    """The bundled segmenter with its encoder further pretrained as an MAE on one image's planes.
+
+    ``work`` is the image on the fine-tuning's working grid (objects at the model's
+    radius). Its Z, Y and X planes (2D) are the training folder of
+    :func:`napari_mae.training.train` (the MAE task, no labels), run for ``minutes`` of
+    wall clock. The MAE starts from the bundled segmenter's encoder (with the bundled
+    MAE's reconstruction head), so that the segmenter's decoder, put back on the
+    pretrained encoder, still fits it. Returns the segmenter (an ``InstanceDecoder``).
+    """
+    import tifffile
+
+    from napari_mae.io.checkpoint import save_checkpoint
+    from napari_mae.models.decoder import InstanceDecoder, load_segmenter
+    from napari_mae.models.mae import load_model
+    from napari_mae.training import TrainConfig, train
+
+    seg = load_segmenter("default-2d")
+    mae = load_model("default-2d")
+    enc = {k[len("encoder.") :]: v for k, v in seg.state_dict().items() if k.startswith("encoder.")}
+    state = mae.state_dict()
+    state.update({k: v for k, v in enc.items() if k in state})
+    mae.load_state_dict(state)
+    init = save_checkpoint(tmp / "init-mae.pt", mae)
+    planes = tmp / "planes"
+    planes.mkdir()
+    for axis in range(work.ndim if work.ndim == 3 else 0):
+        moved = np.moveaxis(work, axis, 0)
+        for k in range(moved.shape[0]):
+            tifffile.imwrite(planes / f"a{axis}_{k:04d}.tif", np.ascontiguousarray(moved[k], np.float32))
+    if work.ndim == 2:
+        tifffile.imwrite(planes / "image.tif", np.asarray(work, np.float32))
+    cfg = TrainConfig(
+        data_dir=planes, output_dir=tmp / "run", model=str(init), spatial_dims=2, epochs=10_000, seed=seed,
+        device="cpu", cache="memory", lr=LR_PRETRAIN, min_lr=LR_PRETRAIN, warmup_fraction=0.0,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    last = None
+    for u in train(cfg, stop=lambda: time.perf_counter() - t0 > 60 * minutes):
+        last = u
+    log(f"  MAE pretraining: {getattr(last, 'step', '?')} steps in {time.perf_counter() - t0:.0f} s")
+    tuned = load_model(tmp / "run" / "last.pt")
+    net = InstanceDecoder(tuned, seg.decoder_config)
+    state = seg.state_dict()
+    state.update({k: v for k, v in net.state_dict().items() if k.startswith("encoder.")})
+    net.load_state_dict(state)
+    net.normalization = dict(seg.normalization)
+    net.source = f"default-2d, encoder pretrained {minutes:g} min on the image's planes"
+    return net.eval()
+
+
 def segment(image, spacing, model):
     from napari_mae.segmentation import segment_instances
 
@@ -118,69 +183,137 @@ def segment(image, spacing, model):
     return labels
 
 
-def run_set(name: str, items, budgets, seconds, seed: int, log=print, steps=None) -> list[dict]:
-    from napari_mae.metrics import match_instances, summarize_matches
+def _strokes(gt, budget: int, seed: int, where) -> np.ndarray:
     from napari_mae.scribbles import simulate_scribbles
-    from napari_mae.segmentation.finetune import FinetuneConfig, finetune
 
+    strokes = simulate_scribbles(
+        gt, n_objects=math.ceil(budget / 2), n_background=budget // 2, seed=seed, background_where=where
+    )
+    if not (strokes == 1).any():  # dense labels: no background between objects
+        walls = wall_strokes(gt, budget // 2, seed)
+        strokes = np.where((strokes == 0) & (walls == 1), 1, strokes).astype(np.uint8)
+    return strokes
+
+
+def _finetune_and_score(img, gt, strokes, sp, model, object_radius, cfg, log, item):
+    """(after match or None, wall s, CPU s, steps, the checkpoint's extra or None) of one fine-tune."""
+    from napari_mae.io.checkpoint import load_checkpoint
+    from napari_mae.metrics import match_instances
+    from napari_mae.segmentation.finetune import finetune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "tuned.pt"
+        t0, c0 = time.perf_counter(), _cpu()
+        final = None
+        for u in finetune(
+            img, strokes, out=out, model=model, spacing=sp, object_radius=object_radius, config=cfg
+        ):
+            final = u
+        wall, cpu = time.perf_counter() - t0, _cpu() - c0
+        if final.checkpoint is None:
+            log(f"  {item}: fine-tuning saved nothing: {final.message}")
+            return None, wall, cpu, final.step, None
+        return (
+            match_instances(gt, segment(img, sp, str(out))),
+            wall,
+            cpu,
+            final.step,
+            load_checkpoint(out)["extra"],
+        )
+
+
+def _row(name, label, budget, items, before, after, wall, cpu, done, radii) -> dict:
+    from napari_mae.metrics import summarize_matches
+
+    sb, sa = summarize_matches(before), summarize_matches(after)
+    return {
+        "set": name + label,
+        "strokes": budget,
+        "images": len(items),
+        "before": round(sb["accuracy"], 3),
+        "after": round(sa["accuracy"], 3),
+        "gain": round(sa["accuracy"] - sb["accuracy"], 3),
+        "finetune_s": round(float(np.mean(wall)), 1),
+        "finetune_cpu_s": round(float(np.mean(cpu)), 1),
+        "steps": round(float(np.mean(done)), 1),
+        "radius": "; ".join(radii),
+        "note": items[0][5],
+    }
+
+
+def run_set(
+    name: str, items, budgets, seconds, seed: int, log=print, steps=None, pretrain_minutes: float = 0.0
+) -> list[dict]:
+    """Rows of one set: the bundled model, and with ``pretrain_minutes`` the pretrained one too."""
+    from napari_mae.metrics import match_instances
+    from napari_mae.segmentation.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(seconds=seconds, steps=steps, seed=seed)
     before = []
     for item, img, gt, sp, _, _ in items:
         t0 = time.perf_counter()
         before.append(match_instances(gt, segment(img, sp, "default-2d")))
         log(f"  {item}: before acc@0.5 {before[-1]['accuracy']:.3f} ({time.perf_counter() - t0:.0f} s)")
-    rows = []
+    rows, fitted = [], {}  # fitted[(image index, budget)]: the bundled fine-tune's radius
     for budget in budgets:
-        after, wall, cpu, done = [], [], [], []
-        for (item, img, gt, sp, where, _), b in zip(items, before, strict=True):
-            strokes = simulate_scribbles(
-                gt,
-                n_objects=math.ceil(budget / 2),
-                n_background=budget // 2,
-                seed=seed,
-                background_where=where,
-            )
-            if not (strokes == 1).any():  # dense labels: no background between objects
-                walls = wall_strokes(gt, budget // 2, seed)
-                strokes = np.where((strokes == 0) & (walls == 1), 1, strokes).astype(np.uint8)
-            with tempfile.TemporaryDirectory() as tmp:
-                out = Path(tmp) / "tuned.pt"
-                t0, c0 = time.perf_counter(), _cpu()
-                final = None
-                for u in finetune(
-                    img,
-                    strokes,
-                    out=out,
-                    spacing=sp,
-                    config=FinetuneConfig(seconds=seconds, steps=steps, seed=seed),
-                ):
-                    final = u
-                wall.append(time.perf_counter() - t0)
-                cpu.append(_cpu() - c0)
-                done.append(final.step)
-                if final.checkpoint is None:
-                    log(f"  {item}: fine-tuning saved nothing: {final.message}")
-                    after.append(b)
-                    continue
-                after.append(match_instances(gt, segment(img, sp, str(out))))
+        after, wall, cpu, done, radii = [], [], [], [], []
+        for i, ((item, img, gt, sp, where, _), b) in enumerate(zip(items, before, strict=True)):
+            strokes = _strokes(gt, budget, seed, where)
+            m, w, c, n, extra = _finetune_and_score(img, gt, strokes, sp, "default-2d", None, cfg, log, item)
+            after.append(b if m is None else m)
+            wall.append(w), cpu.append(c), done.append(n)
+            if extra is not None:
+                fitted[i, budget] = extra["object_radius"]
+                radii.append(f"{extra['object_radius']:.3g} ({','.join(extra['object_radius_sources'])})")
             log(
                 f"  {item}, {budget} strokes: after acc@0.5 {after[-1]['accuracy']:.3f}, "
-                f"{final.step} steps in {wall[-1]:.0f} s ({cpu[-1]:.0f} CPU s)"
+                f"{n} steps in {w:.0f} s ({c:.0f} CPU s), radius {radii[-1] if radii else '-'}"
             )
-        sb, sa = summarize_matches(before), summarize_matches(after)
-        rows.append(
-            {
-                "set": name,
-                "strokes": budget,
-                "images": len(items),
-                "before": round(sb["accuracy"], 3),
-                "after": round(sa["accuracy"], 3),
-                "gain": round(sa["accuracy"] - sb["accuracy"], 3),
-                "finetune_s": round(float(np.mean(wall)), 1),
-                "finetune_cpu_s": round(float(np.mean(cpu)), 1),
-                "steps": round(float(np.mean(done)), 1),
-                "note": items[0][5],
-            }
-        )
+        rows.append(_row(name, "", budget, items, before, after, wall, cpu, done, radii))
+    if pretrain_minutes:
+        rows += _pretrained_rows(name, items, budgets, fitted, cfg, seed, pretrain_minutes, log)
+    return rows
+
+
+def _pretrained_rows(name, items, budgets, fitted, cfg, seed, minutes, log) -> list[dict]:
+    """Pretrain the encoder on each image's planes at the bundled fine-tune's scale, then fine-tune."""
+    from napari_mae.metrics import match_instances
+    from napari_mae.models.decoder import load_segmenter
+    from napari_mae.segmentation.finetune import _clip_scale, volume_factor
+    from napari_mae.segmentation.learned import prepare_image, rescaled
+
+    r_ref = float(load_segmenter("default-2d").decoder_config.object_radius)
+    rows = []
+    nets, before = [], []
+    for i, (item, img, gt, sp, _, _) in enumerate(items):
+        r = fitted.get((i, budgets[0]))
+        if r is None:
+            return rows
+        x, _ = prepare_image(img)
+        spv = np.ones(x.ndim) if sp is None else np.asarray(sp, float)
+        if x.ndim == 3:
+            factor = volume_factor(spv, r, r_ref)
+        else:
+            factor = (_clip_scale(r_ref / (r / float(np.sqrt(spv[0] * spv[1])))),) * 2
+        with tempfile.TemporaryDirectory() as tmp:
+            net = pretrained_segmenter(rescaled(x, factor), minutes, seed, Path(tmp), log)
+        nets.append(net)
+        net.fitted_radius = r  # segmented at the bundled fine-tune's radius, as it is fine-tuned
+        before.append(match_instances(gt, segment(img, sp, net)))
+        log(f"  {item}: pretrained encoder, before acc@0.5 {before[-1]['accuracy']:.3f} (radius {r:.3g})")
+    for budget in budgets:
+        after, wall, cpu, done, radii = [], [], [], [], []
+        for i, ((item, img, gt, sp, where, _), b) in enumerate(zip(items, before, strict=True)):
+            r = fitted.get((i, budget), fitted[i, budgets[0]])
+            strokes = _strokes(gt, budget, seed, where)
+            m, w, c, n, extra = _finetune_and_score(img, gt, strokes, sp, nets[i], r, cfg, log, item)
+            after.append(b if m is None else m)
+            wall.append(w), cpu.append(c), done.append(n)
+            radii.append(f"{r:.3g} (given)")
+            log(
+                f"  {item}, pretrained, {budget} strokes: after acc@0.5 {after[-1]['accuracy']:.3f}, {n} steps"
+            )
+        rows.append(_row(name, f"+mae{minutes:g}min", budget, items, before, after, wall, cpu, done, radii))
     return rows
 
 
@@ -200,6 +333,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dsb-images", type=int, default=4, help="DSB dev images (default 4)")
     parser.add_argument("--max-side", type=int, default=0, help="crop volumes to this many voxels per axis")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pretrain-minutes",
+        type=float,
+        default=0.0,
+        help="also pretrain the encoder (MAE, no labels) this many minutes on each image's planes, "
+        "then fine-tune that model: extra rows '<set>+mae<M>min' (default 0: off)",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     if not SHARED.is_dir():
@@ -223,6 +363,7 @@ def main(argv=None) -> int:
                 args.seed,
                 log=lambda m: print(m, flush=True),
                 steps=args.steps,
+                pretrain_minutes=args.pretrain_minutes,
             )
         except ValueError as exc:  # e.g. strokes the fine-tuning refuses: say so, go on
             print(f"  {name}: {exc}", flush=True)
@@ -232,12 +373,12 @@ def main(argv=None) -> int:
         rows += new
     print(
         f"\n{'set':<12} {'strokes':>7} {'images':>6} {'before':>7} {'after':>7} {'gain':>7} "
-        f"{'ft s':>6} {'ft cpu s':>8} {'steps':>6}  note"
+        f"{'ft s':>6} {'ft cpu s':>8} {'steps':>6}  radius (source)  note"
     )
     for r in rows:
         print(
             f"{r['set']:<12} {r['strokes']:>7} {r['images']:>6} {r['before']:7.3f} {r['after']:7.3f} "
-            f"{r['gain']:+7.3f} {r['finetune_s']:6.1f} {r['finetune_cpu_s']:8.1f} {r['steps']:6.1f}  {r['note']}"
+            f"{r['gain']:+7.3f} {r['finetune_s']:6.1f} {r['finetune_cpu_s']:8.1f} {r['steps']:6.1f}  {r['radius']}  {r['note']}"
         )
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s wall, {_cpu() - c_all:.0f} s CPU")
     if args.json:
