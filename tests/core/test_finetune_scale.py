@@ -164,3 +164,21 @@ def test_short_strokes_in_the_objects_found_keep_the_estimate(tiny_model):
     prep = _prepared(net, img, s, FinetuneConfig(**TINY))
     expected = estimate_object_radius(prepare_image(img)[0], np.ones(2))["radius"]
     assert prep.sources == ["estimate"] and prep.radii == [pytest.approx(expected)]
+
+
+def test_cli_finetune_radius_is_stored_and_bad_radius_is_one_line(tiny_model, tmp_path, capsys):
+    import tifffile
+
+    from napari_mae.cli import main
+    from napari_mae.models.decoder import load_segmenter
+
+    img, gt = _nuclei()
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    tifffile.imwrite(tmp_path / "s.tif", _strokes(gt))
+    out = tmp_path / "tuned.pt"
+    args = ["finetune", str(tmp_path / "img.tif"), "--scribbles", str(tmp_path / "s.tif"), "--out", str(out)]
+    args += ["--model", str(tiny_model), "--steps", "2", "--seconds", "120", "--device", "cpu"]
+    assert main([*args, "--radius", "0"]) == 2 and not out.exists()
+    assert "--radius must be positive" in capsys.readouterr().err
+    assert main([*args, "--radius", "4.5"]) == 0
+    assert load_segmenter(out).fitted_radius == 4.5

@@ -17,6 +17,7 @@ Several images, objects corrected whole in a labels image, a step budget::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from napari_mae.cli import CLIError, check_output_path
@@ -85,6 +86,13 @@ def register(subparsers) -> None:
         default=None,
         help="pixel size per spatial axis (Z Y X), all images",
     )
+    p.add_argument(
+        "--radius",
+        type=float,
+        default=None,
+        help="object radius, physical units (default: the model's, else estimated, or from the object "
+        "strokes where the estimate found other things); stored in the model, which segments at it",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where to train")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -125,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from None
+    if args.radius is not None and not (math.isfinite(args.radius) and args.radius > 0):
+        raise CLIError(f"--radius must be positive (physical units), got {args.radius}")
     images, spacings, channel_axes = [], [], set()
     for path in args.images:
         image, spacing, meta = read_image(path)
@@ -155,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         corrected=corrected,
         spacing=spacings,
         channel_axis=channel_axes.pop(),
+        object_radius=args.radius,
         config=config,
         overwrite=args.overwrite,
     ):
