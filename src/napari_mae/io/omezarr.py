@@ -271,9 +271,10 @@ def write_ome_labels(
 ):
     """Write labels as OME-Zarr labels beside an image: ``image_path/labels/name``.
 
-    ``ome_zarr.writer.write_labels`` writes them, one level (no pyramid), with the scale
-    and unit given and the ``image-label`` metadata; a dask array is written chunk by chunk
-    (on the active dask client, if any).
+    Written as ``ome_zarr.writer.write_labels`` writes them (its classes ``OMEZarrImage``
+    and ``OMEZarrLabels``), one level (no pyramid), with the scale and unit given and the
+    ``image-label`` metadata; a dask array is written chunk by chunk (on the active dask
+    client, if any), in one pass over the labels.
 
     Parameters
     ----------
@@ -299,7 +300,8 @@ def write_ome_labels(
         If ``axes`` and ``spacing`` do not match the labels' dimensions.
     """
     import dask.array as da
-    from ome_zarr.writer import write_labels
+    from ome_zarr.classes import OMEZarrImage, OMEZarrLabels
+    from ome_zarr.writer import check_group_fmt, write_label_metadata
 
     if len(axes) != labels.ndim or len(spacing) != labels.ndim:
         raise ValueError(f"axes {axes!r} and spacing {tuple(spacing)} must have {labels.ndim} entries")
@@ -311,18 +313,29 @@ def write_ome_labels(
     units = None
     if unit not in (None, "", "pixel"):
         units = {d: unit for d in dims if d in "zyx"}
-    return write_labels(
-        labels,
-        str(image_path),
-        name=name,
-        scaler=None,
-        scale_factors=(),
+    # ome_zarr.writer.write_labels' steps, but OMEZarrLabels(auto_parse_labels=False):
+    # write_labels lets it list the label values (da.unique over the whole label image, an
+    # extra pass before the write, and a colour entry per object built in this process,
+    # which grows with the number of objects) and then discards that list (the
+    # image-label metadata it writes has no colours).
+    group, fmt = check_group_fmt(str(image_path))
+    sub_group = group.require_group(f"labels/{name}")
+    image = OMEZarrImage(
+        data=labels,
         axes=dims,
+        name=name,
         scale={d: float(s) for d, s in zip(dims, spacing)},
         axes_units=units,
-        storage_options={"chunks": tuple(int(c[0]) for c in labels.chunks)},
-        compute=compute,
     )
+    jobs = OMEZarrLabels(image=image, scale_factors=(), auto_parse_labels=False).to_ome_zarr(
+        group=sub_group,
+        storage_options={"chunks": tuple(int(c[0]) for c in labels.chunks)},
+        version=fmt.version,
+        compute=compute,
+        overwrite=True,
+    )
+    write_label_metadata(group=group["labels"], name=name, fmt=fmt)
+    return jobs
 
 
 # --------------------------------------------------------------------------- npe2 reader
