@@ -41,6 +41,8 @@ def segment_instances(
     tile_shape: Sequence[int] | None = None,
     params: SegmentationParams | None = None,
     progress: ProgressCallback | None = None,
+    intensity_range: Sequence[float] | None = None,
+    radius_from_planes: bool = True,
 ) -> tuple[np.ndarray, SegmentationInfo]:
     """Segment every object of a 2D image or 3D volume as its own label.
 
@@ -94,6 +96,16 @@ def segment_instances(
     progress : callable or None
         ``progress(done, total, message)``; raise :class:`napari_mae._progress.Cancelled`
         from it to stop.
+    intensity_range : (float, float) or None
+        ``(lo, hi)`` in the image's intensity units: a single-channel image is normalised
+        by these instead of its own 1st and 99.8th percentiles (non-finite pixels still
+        become 0). For the blocks of a volume: each is normalised as the whole volume is,
+        by the volume's range estimated once (:mod:`napari_mae.distributed`).
+    radius_from_planes : bool
+        Learned method, volumes: re-estimate the object radius from a few planes with the
+        decoder (:func:`~napari_mae.segmentation.learned.segment_learned`). False
+        segments at ``object_radius`` (or the classical estimate) as it is, e.g. a radius
+        measured once on a whole volume, for its blocks.
 
     Returns
     -------
@@ -115,7 +127,8 @@ def segment_instances(
         If the image is empty or not 2D/3D, ``channel_axis`` is out of range, ``spacing``
         is malformed, ``object_radius`` is not positive, the scribbles have the wrong
         shape, negative values or lack either background or object strokes, ``method`` is
-        unknown, or ``method="learned"`` is given scribbles.
+        unknown, ``method="learned"`` is given scribbles, or ``intensity_range`` is not
+        a finite ``(lo, hi)`` with ``hi > lo`` or is given for several channels.
     napari_mae.io.checkpoint.CheckpointError
         ``method="learned"`` with a ``model`` that is not a segmentation model.
     """
@@ -132,6 +145,8 @@ def segment_instances(
         channel_axis = guess_rgb_axis(arr.shape, spacing=spacing)
     rgb = channel_axis is not None and arr.shape[channel_axis] in (3, 4)
     x, invalid, _ = as_float_image(arr, channel_axis=channel_axis)
+    if intensity_range is not None:
+        _normalise_by(x, arr, channel_axis, intensity_range)
     shape = x.shape[1:]
     ndim = len(shape)
     sp = check_spacing(spacing, ndim)
@@ -179,7 +194,9 @@ def segment_instances(
                "radius_foreground": float("nan")}  # fmt: skip
     info.update(est)
     if net is not None:
-        labels, extra = _learned_labels(img, net, sp, est["radius"], progress, planes=fitted is None)
+        labels, extra = _learned_labels(
+            img, net, sp, est["radius"], progress, planes=fitted is None and radius_from_planes
+        )
         info.update(extra)
         if invalid.any():
             labels[invalid] = 0
@@ -233,6 +250,27 @@ def _learned_labels(img, net, sp, r, progress, planes=True):
     extra["threshold"] = float("nan")
     extra["working_shape"] = tuple(int(round(n * f)) for n, f in zip(img.shape, extra["scale"], strict=True))
     return labels.astype(np.uint32, copy=False), extra
+
+
+def _normalise_by(x: np.ndarray, arr: np.ndarray, channel_axis, intensity_range) -> None:
+    """Overwrite ``x`` (``as_float_image``'s output) with ``arr`` normalised by a given range.
+
+    The same arithmetic as :func:`~napari_mae.segmentation.features.as_float_image`
+    (float32 values, :func:`napari_mae.preprocess.apply_normalization`), so that a block
+    normalised by its volume's range has the values the whole volume would have there.
+    """
+    from napari_mae.preprocess import apply_normalization
+
+    lo, hi = (float(v) for v in intensity_range)
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        raise ValueError(
+            f"intensity_range must be a finite (lo, hi) with hi > lo, got {tuple(intensity_range)}"
+        )
+    if x.shape[0] != 1:
+        raise ValueError(f"intensity_range needs a single-channel image, got {x.shape[0]} channels")
+    src = arr if channel_axis is None else np.moveaxis(arr, channel_axis, 0)[0]
+    np.copyto(x[0], src, casting="unsafe")
+    apply_normalization(x, np.array([lo]), np.array([hi]), out=x)
 
 
 def _check_scribbles(scribbles, shape) -> np.ndarray | None:
