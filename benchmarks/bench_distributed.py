@@ -249,6 +249,7 @@ def run_workers(
         idle = client.run(_worker_rss)
         cpu0 = client.run(_cpu_seconds)
         reset = _reset_maxrss()  # the client's peak from here on: the run's, not the data generation's
+        client_start = _worker_rss()  # what the client held before the run (the peak's floor)
         load0, ccpu0 = os.getloadavg(), _cpu_seconds()
         t0 = time.perf_counter()
         res = segment_blockwise(
@@ -269,6 +270,7 @@ def run_workers(
         "idle_rss": sorted(idle.values()),
         "peak_rss": sorted(peaks.values()),
         "client_peak_rss": client_peak,
+        "client_start_rss": client_start,
         "worker_cpu_s": sorted(cpu.values()),
         "client_cpu_s": client_cpu,
         "loadavg": [load0, load1],
@@ -328,7 +330,7 @@ def report(r: dict) -> None:
     print(f"load average at start: {r['loadavg']}")
     print(
         f"{'workers':>7} {'wall s':>8} {'speed-up':>8} {'parameters/blocks/stitch/write s':>34} "
-        f"{'worker CPU s':>14} {'peak RSS per worker':>24} {'client peak':>11} {'sum/cap':>8} {'limit':>9} "
+        f"{'worker CPU s':>14} {'peak RSS per worker':>24} {'client peak':>11} {'(start)':>9} {'sum/cap':>8} {'limit':>9} "
         f"{'F1@0.5':>7} {'load 1-min before, after':>25}"
     )
     base = r["runs"][0]["wall_s"]
@@ -343,7 +345,7 @@ def report(r: dict) -> None:
         total = sum(run["peak_rss"]) + client
         load = f"{run['loadavg'][0][0]:.1f}, {run['loadavg'][1][0]:.1f}"
         print(f"{run['workers']:>7} {run['wall_s']:>8.1f} {base / run['wall_s']:>8.2f} {stages:>34} {cpu:>14} "
-              f"{peaks:>24} {_gb(client):>11} {total / r['cap_bytes']:>8.2f} "
+              f"{peaks:>24} {_gb(client):>11} {_gb(run.get('client_start_rss') or 0):>9} {total / r['cap_bytes']:>8.2f} "
               f"{_gb(run['memory_limit_per_worker']):>9} {run['score']['f1']:>7.4f} {load:>25}")  # fmt: skip
     print(f"this process's peak RSS over the whole benchmark (data generation and scoring included) "
           f"{_gb(r['client_maxrss'])}; 'client peak' is its peak during the segmentation run only")  # fmt: skip

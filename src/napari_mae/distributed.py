@@ -9,9 +9,10 @@ unique, labels stitched across block faces), on :func:`napari_mae.segmentation.s
    resolution (:func:`sample_crops`: ``sample_voxels`` in 4 crops, run in parallel on the
    workers; the whole volume when it is smaller). The method that ran there (the learned
    decoder or the classical pipeline; ``method="auto"`` is resolved once) runs in every
-   block. Every block is then segmented with the same radius, polarity and (classical)
-   threshold in *absolute* intensity (see :func:`segment_block`), so blocks full of
-   objects and nearly empty blocks cut at the same level.
+   block. Every block is then normalised by the volume's range and segmented with the
+   same radius, polarity and (classical) threshold, or (learned) at the same scale (see
+   :func:`segment_block`), so blocks full of objects and nearly empty blocks cut at the
+   same level, and a block sees the values the whole volume has there.
 2. **Blocks**: the volume is cut into cores (``block_shape``, the output's Zarr chunks);
    each is segmented with an overlap of at least two object diameters on every side,
    cropped back to its core and written straight into a Zarr array, one chunk per block,
@@ -298,14 +299,17 @@ def estimate_global_parameters(
         raise ValueError(f"spacing must have {ndim} values, got {sp}")
     crops = sample_crops(image.shape, sample_voxels, n_samples)
     args = (sp, object_radius, bright_objects, method)
+    # float32 values, as segment_instances (as_float_image) takes the percentiles: a
+    # volume that fits in memory gets the same range here and there, to the last bit.
+    volume = _as_dask(image).astype(np.float32)[None]
     if client is None:
-        lo, hi = percentile_range(_as_dask(image)[None], 1.0, 99.8)
+        lo, hi = percentile_range(volume, 1.0, 99.8)
         samples = [_sample_info(image, crop, *args, model) for crop in crops]
     else:
         src = _shippable(client, image)
         model_f = _shippable_model(client, model)
         futures = [client.submit(_sample_info, src, crop, *args, model_f, pure=False) for crop in crops]
-        lo, hi = percentile_range(_as_dask(image)[None], 1.0, 99.8)  # meanwhile, on this client
+        lo, hi = percentile_range(volume, 1.0, 99.8)  # meanwhile, on this client
         samples = client.gather(futures)
     lo_g, hi_g = float(lo[0]), float(hi[0])
     found = [s for s in samples if s.get("n_objects", 0) > 0]
@@ -412,16 +416,13 @@ def _shippable_model(client, model):
 def segment_block(block: np.ndarray, params: GlobalParameters, *, model=None) -> np.ndarray:
     """Segment one block with the global parameters.
 
-    Classical method: ``segment_instances`` normalises its input by the input's own
-    1st/99.8th percentiles; the classical pipeline is equivariant to that affine map
-    (smoothing, top-hat and polarity inversion are linear), so the global threshold ``t``
-    on the volume's normalisation becomes ``t * (hi_g - lo_g) / (hi_b - lo_b)`` on the
-    block's: the same cut in absolute intensity in every block. (Not exact only for the
-    isolated hot/dead pixel repair, which looks at values beyond the normalised range.)
-    Learned method: the radius and polarity are passed; the decoder's maps are cut at its
-    own thresholds. (The block is still normalised by its own percentiles, and the 3D
-    decoder re-measures the radius on a few of the block's planes: two limits of
-    ``segment_instances`` that the face stitching absorbs, not an equivalence.)
+    The block is normalised by the volume's range (``segment_instances(intensity_range=)``),
+    not by its own percentiles, and segmented with the volume's radius and polarity: it
+    sees the values the whole volume has there. Classical method: cut at the volume's
+    threshold. Learned method: at the volume's radius as it is
+    (``radius_from_planes=False``: the 3D decoder does not re-measure it on the block's
+    planes), so every block is resampled by the same factor; the decoder's maps are cut
+    at its own thresholds.
 
     Parameters
     ----------
@@ -441,16 +442,15 @@ def segment_block(block: np.ndarray, params: GlobalParameters, *, model=None) ->
         return np.zeros(x.shape, np.uint32)
     if params.method == "learned":
         _one_torch_thread_per_worker()
-        kw = {"method": "learned", "model": model}
+        kw = {"method": "learned", "model": model, "radius_from_planes": False}
     else:
-        lo_b, hi_b = _intensity_range(x)
-        lo_g, hi_g = params.intensity_range
-        kw = {"method": "classical", "threshold": params.threshold * (hi_g - lo_g) / (hi_b - lo_b)}
+        kw = {"method": "classical", "threshold": params.threshold}
     labels, _ = segment_instances(
         x,
         spacing=params.spacing,
         object_radius=params.object_radius,
         bright_objects=params.bright_objects,
+        intensity_range=params.intensity_range,
         **kw,
     )
     return labels.astype(np.uint32, copy=False)
@@ -912,8 +912,8 @@ def _run_distributed(client, image, todo, raw_path, blocks_dir, params, model, r
         )  # fmt: skip
         futures[f] = index
     try:
-        for f in as_completed(futures):
-            index = futures[f]
+        for f in as_completed(list(futures)):
+            index = futures.pop(f)  # released: the scheduler forgets a finished block
             try:
                 f.result()
             except (KilledWorker, FutureCancelledError) as exc:

@@ -256,11 +256,12 @@ def test_block_gets_the_method_model_and_parameters(monkeypatch):
     segment_block(block, learned, model="run/best.pt")
     assert seen["method"] == "learned" and seen["model"] == "run/best.pt" and seen["object_radius"] == 2.0
     assert "threshold" not in seen  # the decoder's own thresholds
+    # The volume's scale: no re-measured radius per block; the volume's normalisation.
+    assert seen["radius_from_planes"] is False and seen["intensity_range"] == (0.0, 1.0)
     classical = GlobalParameters((0.0, 2.0), 2.0, True, 0.3, (1.0, 1.0))
     segment_block(block, classical, model="ignored")
-    lo, hi = np.percentile(block, [1.0, 99.8])
     assert seen["method"] == "classical" and "model" not in seen
-    assert seen["threshold"] == pytest.approx(0.3 * 2.0 / (hi - lo))  # the same absolute cut
+    assert seen["threshold"] == 0.3 and seen["intensity_range"] == (0.0, 2.0)  # the volume's cut and range
 
 
 @pytest.mark.parametrize(
@@ -443,3 +444,102 @@ def test_worker_killed_is_reported_and_rerun_resumes(tmp_path):
     assert res["blocks_reused"] + res["blocks_computed"] == 8
     ref = segment_blockwise(img, tmp_path / "r.zarr" / "labels" / "seg", **kw)
     assert res["n_objects"] == ref["n_objects"]
+
+
+def test_learned_blocks_see_the_volumes_values_and_scale(tmp_path, monkeypatch):
+    """Each learned block is normalised and resampled as the whole volume is (the volume's
+    range; its radius, not one re-measured on the block's planes); with a decoder that
+    sees only each voxel's neighbourhood, the block-wise labels are then the in-memory
+    ones: what is left between the two is the real decoder's context (its windows)."""
+    import torch
+
+    import napari_mae.segmentation.learned as learned
+    from napari_mae.models.decoder import DecoderConfig, InstanceDecoder
+    from napari_mae.models.mae import build_model
+
+    seen = []
+
+    def local_maps(net, volume, spacing, radius, r_ref, **kw):  # a decoder without context
+        seen.append((volume.copy(), radius))
+        v = np.clip(volume, 0.0, 1.0)
+        return np.stack([v, 1.0 - v, 1.0 - v]).astype(np.float32), (1.0, 1.0, 1.0)
+
+    def planes_radius(net, volume, *args, **kwargs):  # the decoder's size estimate: depends on the volume
+        return 4.0 + float(volume.mean())
+
+    monkeypatch.setattr(learned, "predict_volume_maps", local_maps)
+    monkeypatch.setattr(learned, "_radius_from_planes", planes_radius)
+    torch.manual_seed(0)
+    net = InstanceDecoder(build_model("tiny-2d"), DecoderConfig(features=4)).eval()
+    img, gt = _spheres()
+    img += np.linspace(0.0, 0.2, img.shape[0], dtype=np.float32)[:, None, None]  # blocks differ in range
+    ref, info = segment_instances(img, method="learned", model=net)
+    whole, r_whole = seen.pop()
+    assert info["method"] == "learned" and r_whole == info["radius_planes"]
+    out = tmp_path / "o.zarr" / "labels" / "seg"
+    res = segment_blockwise(
+        img, out, method="learned", model=net, block_shape=(16, 48, 48), sample_voxels=img.size
+    )
+    assert res["parameters"]["object_radius"] == r_whole
+    blocks = seen[1:]  # after the sample (the whole volume)
+    grid = list(block_grid(img.shape, res["block_shape"], res["overlap"]))
+    assert len(blocks) == len(grid) == 8
+    for (volume, radius), (_, _, outer, _) in zip(blocks, grid):
+        assert radius == r_whole  # the volume's scale in every block
+        np.testing.assert_array_equal(volume, whole[outer])  # the volume's values, to the last bit
+    lab = np.asarray(zarr.open_array(str(out / "s0")))
+    assert lab.max() == ref.max() == gt.max() and _same_partition(lab, ref)
+
+
+def test_client_gathers_no_volume_sized_array_and_reads_the_labels_once(tmp_path, monkeypatch):
+    """The client keeps the blocks' small metadata: what reaches it from the workers
+    (block counts, sample infos, the intensity range's strided subsample) is much smaller
+    than the volume, and the labels are read once, by the write (no other pass over the
+    whole label image, e.g. a label-value scan)."""
+    import dask.sizeof
+    import distributed
+
+    import napari_mae.distributed as dist
+    import napari_mae.segmentation as seg
+
+    def threshold_labels(image, **kw):  # fast: the client's side is what is measured
+        lab, n = ndi.label(np.asarray(image) > 0.5)
+        info = {
+            "n_objects": n,
+            "radius": 5.0,
+            "threshold": 0.5,
+            "bright_objects": True,
+            "method": "classical",
+        }
+        return lab.astype(np.uint32), info
+
+    gathered, log = [], tmp_path / "relabelled.txt"
+    real_gather, real_relabel = distributed.Client._gather, dist._relabel_chunk
+
+    async def recording_gather(self, futures, *args, **kwargs):
+        result = await real_gather(self, futures, *args, **kwargs)
+        gathered.append(dask.sizeof.sizeof(result))
+        return result
+
+    def counting_relabel(raw_path, core, lut_slice):  # runs on the workers (a copy): counts in a file
+        with open(log, "a") as fh:
+            fh.write(json.dumps([[s.start, s.stop] for s in core]) + "\n")
+        return real_relabel(raw_path, core, lut_slice)
+
+    monkeypatch.setattr(seg, "segment_instances", threshold_labels)
+    monkeypatch.setattr(distributed.Client, "_gather", recording_gather)
+    monkeypatch.setattr(dist, "_relabel_chunk", counting_relabel)
+    img = _disks_2d((1280, 1280), step=20, r=5)[0]  # 1.6 M pixels: the range reads every 2nd row/column
+    src = zarr.create_array(str(tmp_path / "in.zarr"), shape=img.shape, chunks=(256, 256), dtype="float32")
+    src[:] = img
+    with dask_client(2, processes=False) as client:
+        res = segment_blockwise(
+            src, tmp_path / "o.zarr" / "labels" / "seg", block_shape=(256, 256), client=client
+        )
+    assert res["blocks"] == 25 and res["n_objects"] > 3000
+    assert gathered and sum(gathered) < img.nbytes / 3  # the subsample (a quarter) and a few bytes per block
+    relabelled = sorted(json.loads(line) for line in log.read_text().splitlines())
+    cores = sorted(
+        [[s.start, s.stop] for s in core] for _, core, _, _ in block_grid(img.shape, (256, 256), (0, 0))
+    )
+    assert relabelled == cores  # every block's labels once: no second pass over the label image
