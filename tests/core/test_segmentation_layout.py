@@ -51,6 +51,8 @@ def test_params_are_frozen_and_keep_the_defaults():
         {"h": -0.1},
         {"gamma": 0.0},
         {"low_probability": 1.0},
+        {"thin_foreground": 0.0},
+        {"thin_foreground": 1.5},
         {"smooth": float("nan")},
         {"threshold_scale": "x"},
     ],

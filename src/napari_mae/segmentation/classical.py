@@ -157,7 +157,22 @@ def _auto_foreground(
     if threshold is None:
         scale = params.threshold_scale_3d if img.ndim == 3 else params.threshold_scale
         threshold = float(threshold_otsu(top.ravel())) * scale if np.ptp(top) > 0 else float("inf")
+        if np.isfinite(threshold) and _thin_fraction(top > threshold, r, sp) > params.thin_foreground:
+            # A bright thin structure above everything else took Otsu's upper class:
+            # separate the objects from the background among the pixels below it.
+            below = top[top < threshold]
+            if below.size and np.ptp(below) > 0:
+                threshold = float(threshold_otsu(below)) * scale
     return top, float(threshold)
+
+
+def _thin_fraction(mask: np.ndarray, r: float, sp: np.ndarray) -> float:
+    """Fraction of ``mask``'s volume in components whose distance maximum is under ``r / 2``."""
+    max_distance, r_eq = component_radii(mask, np.asarray(sp, dtype=float))
+    if not max_distance.size:
+        return 0.0
+    volume = r_eq**mask.ndim
+    return float(volume[max_distance < 0.5 * float(np.mean(r))].sum() / volume.sum())
 
 
 def _segment_block(

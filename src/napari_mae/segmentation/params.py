@@ -49,6 +49,11 @@ class SegmentationParams:
         Weight of the normalised intensity in the watershed landscape (times the radius).
     low_probability : float
         Scribble mode: Otsu's threshold of P(object) replaces 0.5 where below this.
+    thin_foreground : float
+        Automatic mode: where more than this fraction of the foreground's volume lies in
+        components thinner than half the object radius (distance-transform maximum), the
+        Otsu threshold has cut a bright thin structure (a membrane-like streak through a
+        nuclei volume) from everything else, and is taken again on the pixels below it.
     working_radius_px : float
         Axes on which the object radius spans more pixels than this are downsampled to it
         (never upsampled), segmented there and the labels brought back
@@ -59,7 +64,7 @@ class SegmentationParams:
     ValueError
         If a value is not finite, a length or weight is negative, ``gamma``,
         ``threshold_scale*`` or ``working_radius_px`` is not positive, or
-        ``low_probability`` is outside (0, 1).
+        ``low_probability`` is outside (0, 1) or ``thin_foreground`` outside (0, 1].
     """
 
     smooth: float = 0.12
@@ -72,6 +77,7 @@ class SegmentationParams:
     min_size: float = 0.25
     intensity: float = 0.5
     low_probability: float = 0.4
+    thin_foreground: float = 0.5
     working_radius_px: float = 8.0
 
     def __post_init__(self) -> None:
@@ -89,6 +95,8 @@ class SegmentationParams:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if not 0.0 < self.low_probability < 1.0:
             raise ValueError(f"low_probability={self.low_probability} must be in (0, 1)")
+        if not 0.0 < self.thin_foreground <= 1.0:
+            raise ValueError(f"thin_foreground={self.thin_foreground} must be in (0, 1]")
 
     def replace(self, **changes: float) -> SegmentationParams:
         """A copy with ``changes`` applied (validated again)."""
