@@ -15,6 +15,10 @@ recall at IoU 0.5, and mAP = the mean of acc@t over t = 0.50, 0.55, ..., 0.95. T
 megapixel (megavoxel) is wall clock, including reading nothing but the whole pipeline:
 input preparation, the radius estimate, the decoder and the watershed.
 
+The DSB rows are also broken down by image size, a proxy for the acquisition: the dev set
+holds sizes that the training split (``dsb2018_fluo_train_2d``) has none of, so the
+breakdown separates image types the bundled decoder was trained on from unseen ones.
+
 The 3D part segments ``arabidopsis_nuclei_3d`` and ``stardist_nuclei_3d`` as they are and
 made harder: added Gaussian noise (15 % of the intensity range), low contrast (a quarter
 of it, plus noise) and a bright membrane-like streak through the volume. It reports the
@@ -75,8 +79,10 @@ def run_dsb(method: str, model, zoom: float = 1.0, limit: int | None = None) -> 
     from napari_mae.segmentation import segment_instances
 
     files = sorted((DSB / "images").glob("*.tif"))[:limit]
-    pairs, pixels, seconds = [], 0, 0.0
+    pairs, sizes, pixels, seconds = [], [], 0, 0.0
     for f in files:
+        with tifffile.TiffFile(f) as tif:
+            sizes.append(tuple(tif.pages[0].shape[:2]))
         img, gt = _zoomed(tifffile.imread(f), tifffile.imread(DSB / "labels" / f.name).astype(np.int32), zoom)
         t0 = time.perf_counter()
         labels, info = segment_instances(img, method=method, model=model if method == "learned" else None)
@@ -84,8 +90,21 @@ def run_dsb(method: str, model, zoom: float = 1.0, limit: int | None = None) -> 
         assert info["method"] == method, info
         pairs.append((gt, labels))
         pixels += gt.size
+    seen = [size in training_sizes() for size in sizes]
+    groups = {"sizes in the training split": [p for p, k in zip(pairs, seen, strict=True) if k],
+              "sizes not in the training split": [p for p, k in zip(pairs, seen, strict=True) if not k]}  # fmt: skip
     return {"set": f"DSB dev ({len(files)} images)", "zoom": zoom, "method": method, **score(pairs),
-            "s_per_MPix": round(seconds / (pixels / 1e6), 2)}  # fmt: skip
+            "s_per_MPix": round(seconds / (pixels / 1e6), 2),
+            "by_size": {k: {"images": len(v), **score(v)} for k, v in groups.items() if v}}  # fmt: skip
+
+
+def training_sizes() -> set:
+    """Image sizes (Y, X) of the DSB training split."""
+    sizes = set()
+    for f in (SHARED / "dsb2018_fluo_train_2d" / "images").glob("*.tif"):
+        with tifffile.TiffFile(f) as tif:
+            sizes.add(tuple(tif.pages[0].shape[:2]))
+    return sizes
 
 
 def variants(img):
