@@ -99,6 +99,19 @@ def widget_prep(widget):
     return prepare_image(widget.image.value(), widget.viewer, channel_axis=parse_channel_axis("auto"))
 
 
+def test_finetune_keeps_the_radius_the_user_set(viewer, add_widget, qtbot, notifications, tiny_model):
+    """The object-radius box reaches the fine-tuning, and the fine-tuned model keeps it."""
+    from napari_mae.models.decoder import load_segmenter
+
+    widget, layer, image = _setup(viewer, add_widget, tiny_model)
+    widget.add_scribbles_layer().data = _strokes(image)
+    widget.radius.setValue(5.5)
+    widget.finetune()
+    wait_done(qtbot, widget, timeout=120_000)
+    assert not errors(notifications), notifications
+    assert load_segmenter(widget.finetune_result.checkpoint).fitted_radius == pytest.approx(5.5)
+
+
 def test_finetune_bad_input_is_a_notification(
     viewer, add_widget, qtbot, notifications, tiny_model, config_dir
 ):

@@ -530,6 +530,7 @@ class SegmentationWidget(ImageJobWidget):
             return
         seconds = float(self.finetune_seconds.value())
         options = {"seconds": seconds, **self.finetune_options}
+        radius = self.radius.value() or None  # a radius the user set wins, and the model keeps it
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = _free_path(finetuned_folder() / f"{_safe(prep.name)}-{stamp}.pt")
         stop = threading.Event()
@@ -551,6 +552,7 @@ class SegmentationWidget(ImageJobWidget):
                     corrected=corrected,
                     spacing=prep.spacing,
                     channel_axis=prep.channel_axis,
+                    object_radius=radius,
                     config=FinetuneConfig(**options),
                     stop=stop,
                 ):
