@@ -98,14 +98,14 @@ def test_a_fine_tuned_model_segments_at_its_fitted_radius(tmp_path, monkeypatch)
     monkeypatch.setattr(learned, "_radius_from_planes", no_estimate)
     img, _ = _nuclei()
     _, info = segment_instances(img, method="learned", model=path)
-    assert info["radius"] == 4.0
+    assert info["radius"] == 4.0 and info["radius_source"] == "model"
     vol = np.stack([img[:64, :64]] * 8).astype(np.float32)
     _, info = segment_instances(vol, method="learned", model=path, spacing=(1.0, 1.0, 1.0))
     assert info["radius"] == 4.0 and info["radius_planes"] is None
     np.testing.assert_allclose(info["scale"], 6.0 / 4.0, rtol=0.05)
     # a radius the caller gives still wins
     _, info = segment_instances(img, method="learned", model=path, object_radius=6.0)
-    assert info["radius"] == 6.0
+    assert info["radius"] == 6.0 and info["radius_source"] == "given"
 
 
 def test_a_fine_tuned_model_fine_tuned_again_keeps_its_radius(tmp_path):

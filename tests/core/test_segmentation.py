@@ -288,7 +288,7 @@ def test_short_strokes_override_the_radius_only_where_automatic_objects_are_wron
     img, gt = _disks(seed=2)  # disks of radius ~6
     _, info = segment_instances(img, scribbles=_scribbles(gt))  # 3-pixel strokes
     assert info["radius_strokes"] == pytest.approx(1.5)
-    assert "radius_image" not in info
+    assert "radius_image" not in info and info["radius_source"] == "estimate"
     sp = np.ones(2)
     assert not _strokes_disagree(img, _scribbles(gt), 6.0, sp)
     body = np.zeros((96, 96), np.float32)
@@ -300,9 +300,11 @@ def test_short_strokes_override_the_radius_only_where_automatic_objects_are_wron
     assert _strokes_disagree(body, s, 30.0, sp)
     _, info = segment_instances(body, scribbles=s)
     if info.get("radius_image", 0) > 0:
-        assert info["radius"] < info["radius_image"]
+        assert info["radius"] < info["radius_image"] and info["radius_source"] == "strokes"
     _, forced = segment_instances(img, scribbles=_scribbles(gt), object_radius=6.0)
-    assert "radius_strokes" not in forced and forced["radius"] == 6.0  # never overrides a given radius
+    assert (
+        "radius_strokes" not in forced and forced["radius"] == 6.0 and forced["radius_source"] == "given"
+    )  # never overrides a given radius
 
 
 def test_ct_bones_from_scribbles(shared_data):

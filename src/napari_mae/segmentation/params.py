@@ -138,6 +138,11 @@ class SegmentationInfo(Mapping):
         Object radius used, physical units (NaN for a constant image).
     radius_px : tuple of float
         The same per axis, in pixels.
+    radius_source : {"estimate", "given", "model", "strokes"}
+        Where ``radius`` came from: the image (:func:`~napari_mae.segmentation.scale.estimate_object_radius`),
+        the caller's ``object_radius``, the fine-tuned model's own radius
+        (:func:`napari_mae.models.decoder.fitted_radius`), or the object strokes (scribble mode,
+        where they disagree with the estimate).
     threshold : float
         Foreground threshold actually used (NaN for the learned method): on the
         background-subtracted image (automatic) or on P(object) (scribbles).
@@ -182,6 +187,7 @@ class SegmentationInfo(Mapping):
     radius_px: tuple[float, ...]
     threshold: float
     bright_objects: bool
+    radius_source: str = "estimate"
     message: str = ""
     tiles: int = 1
     radius_log: float | None = None

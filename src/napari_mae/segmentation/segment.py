@@ -193,6 +193,9 @@ def segment_instances(
         est = {"radius": r, "radius_px": tuple(r / s for s in sp), "radius_log": float("nan"),
                "radius_foreground": float("nan")}  # fmt: skip
     info.update(est)
+    info["radius_source"] = (
+        "given" if object_radius is not None else "model" if fitted is not None else "estimate"
+    )
     if net is not None:
         labels, extra = _learned_labels(
             img, net, sp, est["radius"], progress, planes=fitted is None and radius_from_planes
@@ -207,6 +210,8 @@ def segment_instances(
             threshold=threshold, tile_shape=tile_shape, params=prm, progress=progress,
         )  # fmt: skip
         info.update(extra)
+        if "radius_image" in extra:
+            info["radius_source"] = "strokes"
         if invalid.any():
             labels[invalid] = 0
             labels = relabel(labels)
