@@ -67,3 +67,29 @@ def test_stop_still_wins_over_a_limit(tmp_path):
 def test_bad_limits_raise(tmp_path, kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         LoopConfig(output_dir=tmp_path, **kw)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"epochs": 0}, {"batch_size": 0}, {"lr": 0.0}, {"min_lr": 1.0}, {"weight_decay": -1.0},
+     {"warmup_fraction": 1.0}, {"grad_clip": 0.0}, {"num_workers": -1}, {"checkpoint_every": -1}],
+)  # fmt: skip
+def test_the_loop_fields_are_checked_once_for_every_config(tmp_path, bad):
+    """LoopConfig, TrainConfig and SegmentationConfig refuse the same bad loop settings alike."""
+    from napari_mae.training.config import TrainConfig
+    from napari_mae.training.loop import LoopConfig
+    from napari_mae.training.segmentation import SegmentationConfig
+
+    name = next(iter(bad))
+    messages = []
+    for make in (
+        lambda: LoopConfig(output_dir=tmp_path, **bad),
+        lambda: TrainConfig(data_dir=tmp_path, output_dir=tmp_path, **bad).validate(),
+        lambda: SegmentationConfig(
+            data_dir=tmp_path, labels_dir=tmp_path, output_dir=tmp_path, **bad
+        ).validate(),
+    ):
+        with pytest.raises(ValueError, match=name) as err:
+            make()
+        messages.append(str(err.value))
+    assert len(set(messages)) == 1, messages  # one check, one message

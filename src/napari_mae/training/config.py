@@ -24,6 +24,7 @@ __all__ = [
     "LOSS_LOG",
     "TrainConfig",
     "TrainUpdate",
+    "check_loop_fields",
     "bundled_model_available",
     "default_model",
     "guess_spatial_dims",
@@ -35,6 +36,34 @@ LOSS_LOG = "loss_log.csv"
 #: Columns of ``loss_log.csv`` for the MAE objective; an objective's own validation
 #: metrics take the place of ``val_loss``.
 LOG_COLUMNS = ("step", "epoch", "loss", "val_loss", "lr", "images_per_s", "elapsed_s")
+
+
+def check_loop_fields(config) -> None:
+    """Check the loop's settings on any config that carries them (the one check).
+
+    :class:`~napari_mae.training.loop.LoopConfig`, :class:`TrainConfig` and
+    :class:`~napari_mae.training.segmentation.SegmentationConfig` each hold the loop's
+    fields, with defaults of their own task; all three call this.
+
+    Raises
+    ------
+    ValueError
+        Naming the first bad value.
+    """
+    checks = [
+        (config.epochs >= 1, "epochs", "must be >= 1"),
+        (config.batch_size >= 1, "batch_size", "must be >= 1"),
+        (config.lr > 0, "lr", "must be > 0"),
+        (0 <= config.min_lr <= config.lr, "min_lr", "must be in [0, lr]"),
+        (config.weight_decay >= 0, "weight_decay", "must be >= 0"),
+        (0 <= config.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)"),
+        (config.grad_clip is None or config.grad_clip > 0, "grad_clip", "must be > 0 or None"),
+        (config.num_workers >= 0, "num_workers", "must be >= 0"),
+        (config.checkpoint_every >= 0, "checkpoint_every", "must be >= 0"),
+    ]
+    for ok, name, why in checks:
+        if not ok:
+            raise ValueError(f"{name} {why}, got {getattr(config, name)!r}")
 
 
 @dataclass
@@ -161,19 +190,11 @@ class TrainConfig:
         ValueError
             Naming the first bad value.
         """
+        check_loop_fields(self)
         checks = [
-            (self.epochs >= 1, "epochs", "must be >= 1"),
-            (self.batch_size >= 1, "batch_size", "must be >= 1"),
             (0 < self.mask_ratio < 1, "mask_ratio", "must be in (0, 1)"),
-            (self.lr > 0, "lr", "must be > 0"),
-            (0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]"),
-            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
-            (0 <= self.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)"),
-            (self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or None"),
             (0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)"),
             (self.samples_per_image >= 1, "samples_per_image", "must be >= 1"),
-            (self.num_workers >= 0, "num_workers", "must be >= 0"),
-            (self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0"),
             (self.spatial_dims in (None, 2, 3), "spatial_dims", "must be 2, 3 or None"),
             (self.cache in ("memory", "disk", "none"), "cache", "must be 'memory', 'disk' or 'none'"),
             (

@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from napari_mae._names import BEST, LAST
-from napari_mae.training.config import LOSS_LOG, TrainUpdate
+from napari_mae.training.config import LOSS_LOG, TrainUpdate, check_loop_fields
 from napari_mae.training.files import sample_seed
 
 __all__ = [
@@ -143,6 +143,7 @@ class LoopConfig:
     max_steps: int | None = None
 
     def __post_init__(self) -> None:
+        check_loop_fields(self)
         if self.max_seconds is not None and not (self.max_seconds > 0 and math.isfinite(self.max_seconds)):
             raise ValueError(f"max_seconds={self.max_seconds!r} must be a positive number of seconds or None")
         if self.max_steps is not None and not (isinstance(self.max_steps, int) and self.max_steps >= 1):

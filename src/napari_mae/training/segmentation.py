@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_mae.training.config import check_loop_fields
 from napari_mae.training.loop import Objective, SetupContext, StepContext, decay_groups
 
 __all__ = [
@@ -127,13 +128,11 @@ class SegmentationConfig:
             (0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)"),
             (self.frozen_epochs >= 0, "frozen_epochs", "must be >= 0"),
             (0.0 <= self.encoder_lr_scale <= 1.0, "encoder_lr_scale", "must be in [0, 1]"),
-            (self.epochs >= 1, "epochs", "must be >= 1"),
-            (self.batch_size >= 1, "batch_size", "must be >= 1"),
-            (self.lr > 0, "lr", "must be > 0"),
         ]
         for ok, name, why in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} {why}")
+        check_loop_fields(self)
 
     def to_json(self) -> dict:
         out = {}
