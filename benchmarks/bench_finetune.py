@@ -242,13 +242,21 @@ def _row(name, label, budget, items, before, after, wall, cpu, done, radii) -> d
 
 
 def run_set(
-    name: str, items, budgets, seconds, seed: int, log=print, steps=None, pretrain_minutes: float = 0.0
+    name: str,
+    items,
+    budgets,
+    seconds,
+    seed: int,
+    log=print,
+    steps=None,
+    pretrain_minutes: float = 0.0,
+    options: dict | None = None,
 ) -> list[dict]:
     """Rows of one set: the bundled model, and with ``pretrain_minutes`` the pretrained one too."""
     from napari_mae.metrics import match_instances
     from napari_mae.segmentation.finetune import FinetuneConfig
 
-    cfg = FinetuneConfig(seconds=seconds, steps=steps, seed=seed)
+    cfg = FinetuneConfig(seconds=seconds, steps=steps, seed=seed, **(options or {}))
     before = []
     for item, img, gt, sp, _, _ in items:
         t0 = time.perf_counter()
@@ -340,8 +348,16 @@ def main(argv=None) -> int:
         help="also pretrain the encoder (MAE, no labels) this many minutes on each image's planes, "
         "then fine-tune that model: extra rows '<set>+mae<M>min' (default 0: off)",
     )
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="NAME=VALUE",
+        help="a FinetuneConfig setting for the ablations, e.g. pseudo_distance=1 (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
     if not SHARED.is_dir():
         print(f"shared data not found at {SHARED}", file=sys.stderr)
         return 1
@@ -364,6 +380,7 @@ def main(argv=None) -> int:
                 log=lambda m: print(m, flush=True),
                 steps=args.steps,
                 pretrain_minutes=args.pretrain_minutes,
+                options=options,
             )
         except ValueError as exc:  # e.g. strokes the fine-tuning refuses: say so, go on
             print(f"  {name}: {exc}", flush=True)
