@@ -14,6 +14,7 @@ __all__ = [
     "BUNDLED_SEGMENTERS",
     "LAST",
     "PRESET_NAMES",
+    "SEGMENTER_ALIASES",
     "WEIGHTS_DIR",
     "bundled_segmenter_path",
     "bundled_weights_path",
@@ -28,6 +29,10 @@ BUNDLED_MODELS = ("default-2d", "default-3d")
 #: Bundled segmentation models (MAE encoder + instance decoder) and their files in
 #: :data:`WEIGHTS_DIR`, for :func:`napari_mae.models.decoder.load_segmenter`.
 BUNDLED_SEGMENTERS = {"default-2d": "default-2d-nuclei.pt"}
+
+#: Other names of the bundled segmentation models (the README calls the bundled decoder
+#: by its file's name), resolved by :func:`bundled_segmenter_path`.
+SEGMENTER_ALIASES = {"default-2d-nuclei": "default-2d"}
 
 #: Architecture presets (:data:`napari_mae.models.mae.PRESETS`) per number of spatial dimensions.
 PRESET_NAMES: dict[int, tuple[str, ...]] = {2: ("tiny-2d", "small-2d"), 3: ("tiny-3d", "small-3d")}
@@ -51,6 +56,9 @@ def bundled_weights_path(name: str) -> Path:
 
 
 def bundled_segmenter_path(name: str) -> Path | None:
-    """Path of the bundled segmentation model ``name`` (it may not exist); None if not bundled."""
-    file = BUNDLED_SEGMENTERS.get(name)
+    """Path of the bundled segmentation model ``name`` (it may not exist); None if not bundled.
+
+    ``name`` is a key of :data:`BUNDLED_SEGMENTERS` or of :data:`SEGMENTER_ALIASES`.
+    """
+    file = BUNDLED_SEGMENTERS.get(SEGMENTER_ALIASES.get(name, name))
     return None if file is None else WEIGHTS_DIR / file

@@ -129,6 +129,10 @@ def segment_instances(
         shape, negative values or lack either background or object strokes, ``method`` is
         unknown, ``method="learned"`` is given scribbles, or ``intensity_range`` is not
         a finite ``(lo, hi)`` with ``hi > lo`` or is given for several channels.
+    FileNotFoundError
+        If ``model`` (learned or auto method, no scribbles) is a name or path that is
+        neither a bundled model (``"default-2d"``, alias ``"default-2d-nuclei"``), a preset
+        nor an existing file.
     napari_mae.io.checkpoint.CheckpointError
         ``method="learned"`` with a ``model`` that is not a segmentation model.
     """
@@ -229,12 +233,48 @@ def _learned_model(model, required: bool):
     from napari_mae.segmentation.learned import cached_segmenter
 
     spec = "default-2d" if model is None else model
+    _check_model_exists(spec)
     try:
         return cached_segmenter(spec)
     except Exception:
         if required:
             raise
         return None  # no bundled weights, or an MAE (not a segmentation) checkpoint
+
+
+def _check_model_exists(spec) -> None:
+    """Refuse a model name that is neither a bundled or preset name nor an existing file.
+
+    The one check of a mistyped ``model`` (a typo, a missing path) for every caller of
+    :func:`segment_instances`: ``method="auto"`` would otherwise fall back to the classical
+    method without a word. Model objects are not checked here.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``spec`` is a str or path naming no bundled model, preset or file.
+    """
+    import os
+    from pathlib import Path
+
+    from napari_mae._names import BUNDLED_MODELS, BUNDLED_SEGMENTERS, PRESET_NAMES, SEGMENTER_ALIASES
+
+    if not isinstance(spec, (str, os.PathLike)):
+        return
+    names = {
+        *BUNDLED_SEGMENTERS,
+        *SEGMENTER_ALIASES,
+        *BUNDLED_MODELS,
+        *(n for v in PRESET_NAMES.values() for n in v),
+    }
+    if isinstance(spec, str) and spec in names:
+        return
+    if not Path(spec).exists():
+        raise FileNotFoundError(
+            f"model {str(spec)!r}: no such file, and not a model name; segmentation models: "
+            f"{', '.join(sorted({*BUNDLED_SEGMENTERS, *SEGMENTER_ALIASES}))} or a checkpoint of "
+            "napari-mae train --labels / finetune"
+        )
 
 
 def _learned_labels(img, net, sp, r, progress, planes=True):

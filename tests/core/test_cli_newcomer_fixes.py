@@ -1,0 +1,61 @@
+"""CLI fixes from a newcomer's walk through the README (model names, resume, evaluate pairing, outputs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.draw import disk
+
+from napari_mae.cli import main
+
+
+@pytest.fixture
+def nuclei(tmp_path):
+    gt = np.zeros((64, 64), np.uint16)
+    for k, c in enumerate([(16, 16), (16, 46), (46, 20), (44, 48)], start=1):
+        gt[disk(c, 6, shape=gt.shape)] = k
+    rng = np.random.default_rng(0)
+    img = (20 + 150 * (gt > 0) + rng.normal(0, 5, gt.shape)).clip(0, 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    return tmp_path, img, gt
+
+
+@pytest.mark.parametrize("model", ["nonexist.pt", "defualt-2d"])
+def test_segment_auto_refuses_a_missing_model(nuclei, capsys, model):
+    tmp, _, _ = nuclei
+    out = tmp / "x.tif"
+    assert main(["segment", str(tmp / "img.tif"), "--model", model, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and model in err and "default-2d" in err
+    assert not out.exists()
+
+
+def test_segment_instances_refuses_a_missing_model_path(tmp_path):
+    from napari_mae.segmentation import segment_instances
+
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        segment_instances(np.zeros((32, 32), np.float32), model=tmp_path / "missing.pt")
+
+
+def test_readme_name_of_the_bundled_decoder_is_accepted():
+    from napari_mae._names import bundled_segmenter_path
+
+    assert bundled_segmenter_path("default-2d-nuclei") == bundled_segmenter_path("default-2d")
+
+
+def test_segment_auto_with_readme_decoder_name_runs_learned(nuclei, capsys):
+    from napari_mae._names import bundled_segmenter_path
+
+    if not bundled_segmenter_path("default-2d").is_file():
+        pytest.skip("bundled segmentation weights not present")
+    tmp, _, _ = nuclei
+    out = tmp / "x.tif"
+    assert (
+        main(["segment", str(tmp / "img.tif"), "--model", "default-2d-nuclei", "--out", str(out), "--quiet"])
+        == 0
+    )
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["method"] == "learned"
