@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from napari_mae.io.checkpoint import load_checkpoint
-from napari_mae.training.loop import LoopConfig, _Dist, _resolve_device, run
+from napari_mae.training.loop import LoopConfig, _Dist, _resolve_device, lr_at_step, run
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy_objective import ToyObjective  # noqa: E402
@@ -122,3 +122,22 @@ def test_toy_objective_under_torchrun_two_processes(tmp_path):
     assert "x 2 processes" in proc.stderr
     state = load_checkpoint(out / "last.pt")["training_state"]
     assert state["world_size"] == 2 and state["step"] == 4 and "extra_opt" in state["objective"]
+
+
+def test_resume_with_more_epochs_follows_the_new_schedule_and_keeps_elapsed(tmp_path):
+    # epochs 2 then --epochs 4 --resume: the first resumed step must use the new schedule's rate
+    # at that step (not the old schedule's end value, 0), and elapsed_s must go on, not restart.
+    out = tmp_path / "run"
+    list(run(ToyObjective(), _cfg(out, epochs=2)))
+    with pytest.warns(UserWarning, match="total steps"):
+        list(run(ToyObjective(), _cfg(out, epochs=4, resume=True)))
+    with (out / "loss_log.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    total = 12
+    for r in rows[6:]:
+        s = int(r["step"]) - 1  # the 0-based step the row's lr was used for
+        want = lr_at_step(s, total, lr=0.05, warmup_steps=round(0.2 * total))
+        assert float(r["lr"]) == pytest.approx(want, rel=1e-5), r
+    assert float(rows[6]["lr"]) > 0.0
+    assert float(rows[6]["elapsed_s"]) >= float(rows[5]["elapsed_s"])

@@ -19,7 +19,8 @@ The run directory receives:
   checked at the end of every epoch; without validation data, the lowest
   training loss;
 * ``loss_log.csv`` - one row per step: ``step, epoch, loss, <validation metrics>, lr,
-  images_per_s, elapsed_s`` (the metrics filled on the last step of each epoch);
+  images_per_s, elapsed_s`` (the metrics filled on the last step of each epoch;
+  ``elapsed_s`` counts from the run's first start, across resumes);
 * ``config.json`` - the objective's settings (:meth:`Objective.config_json`).
 
 All checkpoint writes are atomic (``napari_mae.io.checkpoint.save_checkpoint``),
@@ -680,6 +681,7 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
     step = 0
+    elapsed_before = 0.0  # seconds of training before this run (from the checkpoint when resuming)
     sign = -1.0 if objective.higher_is_better else 1.0  # best is the smallest sign * metric
     best = math.inf
     if checkpoint is not None:
@@ -693,7 +695,8 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
         if int(state.get("total_steps", total_steps)) != total_steps and dist.main:
             warnings.warn(
                 f"resuming with {total_steps} total steps instead of {state['total_steps']}: "
-                "the learning-rate schedule changes, the run is no longer an exact continuation",
+                f"the learning rate follows the new schedule from step {step}, the run is no longer "
+                "an exact continuation",
                 UserWarning,
                 stacklevel=3,
             )
@@ -704,6 +707,15 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
                 UserWarning,
                 stacklevel=3,
             )
+        # The optimiser's saved lr is the old schedule's value at ``step``; with another number of
+        # total steps (``--epochs`` raised on resume) that is wrong (the old end value, often 0),
+        # so set it from this run's schedule. With the same settings this computes the same value
+        # LambdaLR itself would (base_lr * factor(step)), so an exact resume stays bit-identical.
+        scheduler.last_epoch = step
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * _factor(step)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        elapsed_before = float(state.get("elapsed_s", 0.0))
         objective.load_state_dict(state.get("objective") or {})
         _set_rng_state(state["rng"])
         if step >= total_steps:
@@ -744,6 +756,7 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
                 "objective": objective.state_dict(),
                 "rng": _rng_state(),
                 "world_size": dist.world_size,
+                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                 "config": objective.config_json(),
             }
             extras = objective.checkpoint_extras()
@@ -933,7 +946,7 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
                             loss=f"{step_loss:.6g}",
                             lr=f"{last_lr:.6g}",
                             images_per_s=f"{ips:.3g}",
-                            elapsed_s=f"{now - t_start:.2f}",
+                            elapsed_s=f"{elapsed_before + now - t_start:.2f}",
                         )
                     extra = (
                         {k: float(v) for k, v in result.items() if k != "loss"}
@@ -970,7 +983,7 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
                     loss=f"{step_loss:.6g}",
                     lr=f"{last_lr:.6g}",
                     images_per_s=f"{ips:.3g}",
-                    elapsed_s=f"{time.perf_counter() - t_start:.2f}",
+                    elapsed_s=f"{elapsed_before + time.perf_counter() - t_start:.2f}",
                     **{k: f"{v:.6g}" for k, v in (val_metrics or {}).items()},
                 )
                 vtxt = "".join(
