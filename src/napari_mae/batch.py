@@ -257,6 +257,25 @@ def _process_file(
         )  # fmt: skip
 
 
+def _done_record(out: Path, rec_json: Path, rec_csv: Path) -> dict | None:
+    """The record of a file an earlier run finished, or None if it is to be segmented again.
+
+    A file counts as done only when its record, its object table and its labels file
+    (the record's ``out``, looked up in ``out`` by name) all exist: a labels file the user
+    deleted is written again, not trusted from the hidden records.
+    """
+    if not (rec_json.is_file() and rec_csv.is_file()):
+        return None
+    try:
+        rec = json.loads(rec_json.read_text())
+    except (OSError, ValueError):
+        return None  # a torn or foreign record: segment the file again
+    labels = rec.get("out") if isinstance(rec, dict) else None
+    if not labels or not (out / Path(labels).name).is_file():
+        return None
+    return rec
+
+
 def _one_torch_thread_per_worker() -> None:
     from napari_mae.distributed import _one_torch_thread_per_worker as limit
 
@@ -331,8 +350,8 @@ def segment_folder(
         todo = []
         for k, (path, name) in enumerate(zip(paths, names)):
             rec_json, rec_csv = records / f"{name}.json", records / f"{name}.csv"
-            if resume and not overwrite and rec_json.is_file() and rec_csv.is_file():
-                rec = json.loads(rec_json.read_text())
+            rec = _done_record(out, rec_json, rec_csv) if resume and not overwrite else None
+            if rec is not None:
                 yield BatchUpdate(
                     k, total, path, "skipped", n_objects=int(rec.get("n_objects", 0)),
                     out=Path(rec["out"]) if rec.get("out") else None, info=rec,

@@ -59,3 +59,18 @@ def test_segment_auto_with_readme_decoder_name_runs_learned(nuclei, capsys):
     )
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["method"] == "learned"
+
+
+def test_batch_resume_redoes_a_file_whose_labels_were_deleted(nuclei, capsys):
+    tmp, img, _ = nuclei
+    src = tmp / "images"
+    src.mkdir()
+    for name in ("a", "b"):
+        tifffile.imwrite(src / f"{name}.tif", img)
+    out = tmp / "seg"
+    assert main(["segment", str(src), "--out", str(out), "--quiet"]) == 0
+    (out / "a_labels.tif").unlink()
+    capsys.readouterr()
+    assert main(["segment", str(src), "--out", str(out), "--resume", "--quiet"]) == 0
+    assert (out / "a_labels.tif").is_file()
+    assert tifffile.imread(out / "a_labels.tif").max() == 4
