@@ -74,3 +74,32 @@ def test_batch_resume_redoes_a_file_whose_labels_were_deleted(nuclei, capsys):
     assert main(["segment", str(src), "--out", str(out), "--resume", "--quiet"]) == 0
     assert (out / "a_labels.tif").is_file()
     assert tifffile.imread(out / "a_labels.tif").max() == 4
+
+
+def test_evaluate_pairs_batch_labels_names_and_counts_missing_predictions(nuclei, capsys):
+    tmp, _, gt = nuclei
+    (tmp / "gt").mkdir()
+    (tmp / "pred").mkdir()
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp / "gt" / f"{name}.tif", gt)
+    tifffile.imwrite(tmp / "pred" / "a_labels.tif", gt)  # as segment DIR --out OUT names it; b missing
+    out_json = tmp / "scores.json"
+    args = ["evaluate", "--pred", str(tmp / "pred"), "--gt", str(tmp / "gt"), "--json", str(out_json)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    summary = json.loads(out_json.read_text())["summary"]["0.5"]
+    assert (summary["tp"], summary["fp"], summary["fn"], summary["n_images"]) == (4, 0, 4, 2)
+    assert "accuracy 0.500" in text and "no prediction" in text
+
+
+def test_evaluate_checks_every_file_before_printing(nuclei, capsys):
+    tmp, _, gt = nuclei
+    (tmp / "gt").mkdir()
+    (tmp / "pred").mkdir()
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp / "gt" / f"{name}.tif", gt)
+    tifffile.imwrite(tmp / "pred" / "a.tif", gt)
+    tifffile.imwrite(tmp / "pred" / "b.tif", gt[:32])
+    assert main(["evaluate", "--pred", str(tmp / "pred"), "--gt", str(tmp / "gt")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "differs from ground truth" in captured.err
