@@ -38,6 +38,58 @@ SAMPLES = {
 }
 
 
+MODES = ("auto", "learned", "scribbles")
+FINETUNE_DIR = "finetune"
+
+
+def demo_outputs(out_dir: str | Path) -> list[Path]:
+    """Return the paths :func:`run_demo` may write in ``out_dir``, for every sample.
+
+    Files: ``<sample>_labels_<mode>.tif``, ``<sample>_reconstruction.tif``, ``<sample>.png``,
+    ``finetune_loss.png``, ``metrics.json``; and the fine-tuning run's folder ``finetune/``.
+    """
+    out = Path(out_dir)
+    paths = []
+    for name in SAMPLES:
+        paths += [out / f"{name}_labels_{mode}.tif" for mode in MODES]
+        paths += [out / f"{name}_reconstruction.tif", out / f"{name}.png"]
+    return [*paths, out / "finetune_loss.png", out / "metrics.json", out / FINETUNE_DIR]
+
+
+def prepare_output(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Check the demo's output folder before any work and make it ready; return it.
+
+    A missing or empty folder is used as it is (created). An existing non-empty folder is
+    refused unless ``overwrite``, which removes the demo's own outputs in it
+    (:func:`demo_outputs`, including the fine-tuning run) and leaves any other file alone,
+    so a rerun never mixes old and new results.
+
+    Raises
+    ------
+    NotADirectoryError
+        If ``out_dir`` is an existing file.
+    FileExistsError
+        If ``out_dir`` is not empty and ``overwrite`` is False.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"--out {out} is not empty; choose a new folder, or pass --overwrite to replace the demo's outputs in it"
+            )
+        for path in demo_outputs(out):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def masked_nrmse(original: np.ndarray, estimate: np.ndarray, pixel_mask: np.ndarray) -> float:
     """Root-mean-square error over removed pixels, divided by the image's 1-99.8 % range.
 
@@ -121,15 +173,17 @@ def run_demo(
     finetune_epochs: int = 10,
     samples: tuple[str, ...] = tuple(SAMPLES),
     log: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> dict:
     """Run the whole pipeline on the bundled samples and write its results.
 
     Parameters
     ----------
     out_dir : path
-        Created if needed. Receives ``<sample>_labels_auto.tif``,
-        ``<sample>_labels_scribbles.tif``, ``<sample>_reconstruction.tif``,
-        ``<sample>.png``, ``finetune_loss.png``, ``metrics.json``.
+        Created if needed; must be empty unless ``overwrite``. Receives
+        ``<sample>_labels_<auto|learned|scribbles>.tif``, ``<sample>_reconstruction.tif``,
+        ``<sample>.png``, ``finetune/`` (the fine-tuning run), ``finetune_loss.png``,
+        ``metrics.json``.
     mask_ratio : float
         Fraction of patches removed, in [0, 1).
     seed : int
@@ -140,6 +194,8 @@ def run_demo(
         Which of ``nuclei_2d``, ``nuclei_3d``, ``ct_abdomen`` to run.
     log : callable
         Receives one line per step.
+    overwrite : bool
+        Replace the demo's outputs in a non-empty ``out_dir`` (see :func:`prepare_output`).
 
     Returns
     -------
@@ -151,12 +207,16 @@ def run_demo(
     Raises
     ------
     ValueError
-        For an unknown sample name or a bad ``mask_ratio``.
+        For an unknown sample name, a bad ``mask_ratio`` or a negative ``finetune_epochs``.
+    FileExistsError
+        If ``out_dir`` is not empty and ``overwrite`` is False (checked before any work).
+    NotADirectoryError
+        If ``out_dir`` is a file.
     FileNotFoundError
         If a bundled model or sample file is missing.
     """
     from napari_mae.io.writers import write_tiff
-    from napari_mae.masking import make_mask
+    from napari_mae.masking import check_mask_ratio, make_mask
     from napari_mae.models.mae import load_model
     from napari_mae.reconstruction import reconstruct
     from napari_mae.segmentation.scribbles import ct_bone_labels, simulate_scribbles
@@ -164,8 +224,10 @@ def run_demo(
     unknown = set(samples) - set(SAMPLES)
     if unknown:
         raise ValueError(f"unknown sample(s) {sorted(unknown)}; choose from {list(SAMPLES)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_mask_ratio(mask_ratio)
+    if finetune_epochs < 0:
+        raise ValueError(f"finetune_epochs must be >= 0 (0 skips fine-tuning), got {finetune_epochs}")
+    out = prepare_output(out_dir, overwrite=overwrite)
     t_start = time.perf_counter()
     results: dict[str, Any] = {"mask_ratio": mask_ratio, "seed": seed, "samples": {}}
     models: dict[str, Any] = {}
@@ -219,7 +281,7 @@ def run_demo(
             modes = ["scribbles"]
         else:
             # "auto" is the classical pipeline; "learned" the bundled decoder on the MAE encoder
-            gt_eval, scribble_kw, modes = gt, {}, ["auto", "learned", "scribbles"]
+            gt_eval, scribble_kw, modes = gt, {}, list(MODES)
         shown = None
         for mode in modes:
             scribbles = simulate_scribbles(gt_eval, seed=seed, **scribble_kw) if mode == "scribbles" else None
@@ -247,7 +309,7 @@ def run_demo(
         results["samples"][name] = entry
 
     if finetune_epochs > 0:
-        results["finetune"] = finetune(out / "finetune", epochs=finetune_epochs, seed=seed, log=log)
+        results["finetune"] = finetune(out / FINETUNE_DIR, epochs=finetune_epochs, seed=seed, log=log)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "metrics.json").write_text(json.dumps(to_jsonable(results), indent=2, allow_nan=False))
     log(format_table(results))

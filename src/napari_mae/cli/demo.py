@@ -14,10 +14,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Runs the main job on the bundled samples (2D nuclei, 3D nuclei, abdominal CT): "
             "MAE masking and reconstruction with the default models, automatic and scribble "
             "segmentation scored against the samples' ground truth, and a short fine-tuning run. "
-            "Writes label images, metrics.json and one PNG figure per sample to --out."
+            "Writes label images, reconstructions, metrics.json, one PNG figure per sample and the "
+            "fine-tuning run (finetune/) to --out. A non-empty --out is refused before any work "
+            "unless --overwrite."
         ),
     )
-    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument(
+        "--out", required=True, help="output folder (created; must be new or empty unless --overwrite)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the demo's outputs (and its fine-tuning run) in a non-empty --out; other files stay",
+    )
     p.add_argument(
         "--mask-ratio", type=float, default=0.75, help="fraction of patches removed (default 0.75)"
     )
@@ -44,6 +53,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         finetune_epochs=args.finetune_epochs,
         samples=tuple(args.samples or SAMPLES),
+        overwrite=args.overwrite,
     )
     print(f"results written to {args.out}")
     return 0
