@@ -125,3 +125,26 @@ def test_train_default_model_follows_the_data(
     assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *extra]) == 0
     assert (configs[0].model, configs[0].spatial_dims) == (model, spatial_dims)
     assert ("vol.tif is a 3D volume" in capsys.readouterr().err) == (model == "default-3d")
+
+
+def test_failed_train_leaves_no_empty_run_folder(image_folder, tmp_path, capsys):
+    import numpy as np
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for f in image_folder.iterdir():
+        tifffile.imwrite(labels / f.name, np.full(tifffile.imread(f).shape, 0.5, np.float32))
+    cases = [
+        [str(tmp_path / "nope"), *TINY_ARGS],  # a missing data folder
+        [str(image_folder), "--model", "tiny-3d", "--quiet"],  # a 3D model on 2D images
+        [str(image_folder), "--labels", str(labels), "--quiet"],  # float labels
+    ]
+    for argv in cases:
+        out = tmp_path / "run"
+        assert main(["train", *argv, "--out", str(out)]) == 2, argv
+        assert not out.exists(), argv
+    # a folder that was there before stays, even when the run fails in it
+    out.mkdir()
+    assert main(["train", *cases[0], "--out", str(out)]) == 2
+    assert out.is_dir()
+    capsys.readouterr()

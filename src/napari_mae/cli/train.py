@@ -137,14 +137,44 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train as asked by ``args``; return the exit code (1 when the loss became non-finite)."""
+    """Train as asked by ``args``; return the exit code (1 when the loss became non-finite).
+
+    A run folder that this call created and left empty (the run failed before writing
+    anything) is removed again.
+    """
+    with _remove_if_left_empty(args.out):
+        if args.labels is not None:
+            return _run_segmentation(args)
+        return _run_mae(args)
+
+
+@contextlib.contextmanager
+def _remove_if_left_empty(out: str):
+    """Remove ``out`` afterwards if this run created it and nothing was written into it.
+
+    The loop creates the run folder before it loads the data, so a run that fails on bad
+    input (labels, a missing data folder, a wrong model) would otherwise leave an empty
+    folder behind. A folder that existed before is never removed.
+    """
+    from pathlib import Path
+
+    path = Path(out)
+    existed = path.exists()
+    try:
+        yield
+    finally:
+        if not existed and path.is_dir() and not any(path.iterdir()):
+            with contextlib.suppress(OSError):  # another process of a torchrun job may have written
+                path.rmdir()
+
+
+def _run_mae(args: argparse.Namespace) -> int:
+    """The MAE task: images only."""
     import sys
 
     from napari_mae.training import TrainConfig, default_model, guess_spatial_dims, train
     from napari_mae.training.files import DEFAULT_EXCLUDE
 
-    if args.labels is not None:
-        return _run_segmentation(args)
     spatial_dims = args.spatial_dims
     if args.model is None and spatial_dims is None:
         guess = guess_spatial_dims(args.data_dir, args.pattern, exclude=args.exclude or DEFAULT_EXCLUDE)
