@@ -103,3 +103,20 @@ def test_evaluate_checks_every_file_before_printing(nuclei, capsys):
     assert main(["evaluate", "--pred", str(tmp / "pred"), "--gt", str(tmp / "gt")]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "differs from ground truth" in captured.err
+
+
+def test_segmentation_checkpoint_where_an_mae_is_expected_is_one_clear_line(nuclei, capsys):
+    from napari_mae._names import bundled_segmenter_path
+    from napari_mae.io.checkpoint import CheckpointError
+    from napari_mae.models.mae import load_model
+
+    seg = bundled_segmenter_path("default-2d")
+    if not seg.is_file():
+        pytest.skip("bundled segmentation weights not present")
+    with pytest.raises(CheckpointError, match="is a segmentation model"):
+        load_model(seg)
+    tmp, _, _ = nuclei
+    assert main(["reconstruct", str(tmp / "img.tif"), "--model", str(seg), "--out", str(tmp / "r.tif")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "segment --method learned" in err and "MAEConfig" not in err
+    assert not (tmp / "r.tif").exists()

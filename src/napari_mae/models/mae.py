@@ -997,12 +997,19 @@ def model_from_checkpoint(
     Raises
     ------
     CheckpointError
-        If the config is invalid or the weights do not fit it.
+        If it is a segmentation checkpoint (MAE encoder + decoder), the config is
+        invalid or the weights do not fit it.
     ValueError
         If the model does not fit ``spatial_dims`` / ``in_channels``.
     """
     from napari_mae.io.checkpoint import CheckpointError
+    from napari_mae.models.decoder import is_segmenter_checkpoint  # here: decoder imports this module
 
+    if is_segmenter_checkpoint(checkpoint):
+        raise CheckpointError(
+            f"{source} is a segmentation model (MAE encoder + decoder), not a masked autoencoder; use it "
+            "with `napari-mae segment --method learned --model` or `napari-mae finetune --model`"
+        )
     try:
         config = MAEConfig.from_dict(checkpoint["config"])
     except (TypeError, ValueError) as exc:
