@@ -25,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Masked-autoencoder masking, reconstruction, training and adaptive instance "
             "segmentation of 2D images and 3D volumes, headless."
         ),
+        epilog=(
+            "train fits a model on a folder: the masked autoencoder on unlabelled images, or the "
+            "segmentation decoder on images + --labels. finetune adapts a segmentation model to a few "
+            "images from a few scribbled strokes. 'napari-mae COMMAND --help' describes each command."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"napari-mae {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     """Add the ``finetune`` sub-parser."""
     p = subparsers.add_parser(
         "finetune",
-        help="fine-tune a learned segmentation model from scribbles (and corrected objects)",
+        help="few-stroke fine-tuning of the segmentation decoder from scribbles (and corrected objects)",
         description=(
             "Trains the decoder of a segmentation model (default: the bundled default-2d) a little further "
             "on IMAGE(s): where --scribbles mark background (1) and objects (2), where --labels hold objects "

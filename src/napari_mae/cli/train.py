@@ -1,4 +1,4 @@
-"""``napari-mae train``: pre-train or fine-tune an MAE on a folder of images.
+"""``napari-mae train``: train the MAE on a folder of unlabelled images, or the segmentation decoder on images + labels.
 
 Examples
 --------
@@ -42,12 +42,15 @@ def register(subparsers) -> None:
     """Add the ``train`` sub-parser."""
     p = subparsers.add_parser(
         "train",
-        help="pre-train or fine-tune a masked autoencoder on a folder of images",
+        help="train the masked autoencoder (unlabelled images) or the segmentation decoder (images + --labels)",
         description=(
-            "Pre-train (from a preset) or fine-tune (from default-2d/default-3d or a checkpoint) a masked "
-            "autoencoder on the 2D images / 3D volumes in DATA_DIR (TIFF, PNG, JPEG, NIfTI, NRRD; searched "
-            "recursively). Writes last.pt, best.pt, loss_log.csv and config.json to RUN_DIR. Under torchrun "
-            "it trains with DistributedDataParallel."
+            "Two tasks on a folder of 2D images / 3D volumes in DATA_DIR (TIFF, PNG, JPEG, NIfTI, NRRD; "
+            "searched recursively). Without --labels: train the masked autoencoder on the unlabelled images, "
+            "from scratch (a preset such as tiny-2d) or onward from default-2d/default-3d or a checkpoint. "
+            "With --labels LABELS_DIR: train the segmentation decoder on the images and their instance labels "
+            "(same file names), on the --model MAE encoder. Writes last.pt, best.pt, loss_log.csv and "
+            "config.json to RUN_DIR. Under torchrun it trains with DistributedDataParallel. For few-stroke "
+            "fine-tuning of a segmentation model from scribbles on a few images, use 'napari-mae finetune'."
         ),
     )
     p.add_argument("data_dir", nargs="+", metavar="DATA_DIR", help="image folder(s) or files")
