@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's quick start, for a fresh machine.
 #   bash scripts/quickstart.sh demo  -> venv + install, then the headless demo on the sample data
+#   bash scripts/quickstart.sh demo --overwrite  -> the same again, replacing the results in demo_out
 #   bash scripts/quickstart.sh test  -> venv + install with test extras, then the test suite
 # Set NAPARI_MAE_VENV to use another virtual environment folder (default: .venv).
 set -euo pipefail
