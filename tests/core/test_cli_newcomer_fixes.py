@@ -120,3 +120,21 @@ def test_segmentation_checkpoint_where_an_mae_is_expected_is_one_clear_line(nucl
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "segment --method learned" in err and "MAEConfig" not in err
     assert not (tmp / "r.tif").exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--out", "r.tif", "--save-mask", "r.tif"],
+        ["--out", "r.tif", "--save-error", "./r.tif"],
+        ["--out", "img.tif"],
+    ],
+)
+def test_reconstruct_refuses_one_path_for_two_files(nuclei, capsys, monkeypatch, extra):
+    tmp, img, _ = nuclei
+    monkeypatch.chdir(tmp)
+    assert main(["reconstruct", "img.tif", "--model", "tiny-2d", *extra, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "same file" in err
+    assert not (tmp / "r.tif").exists()
+    np.testing.assert_array_equal(tifffile.imread(tmp / "img.tif"), img)

@@ -107,6 +107,15 @@ def run(args: argparse.Namespace) -> int:
         "error": check_output_path(args.save_error, "--save-error", TIFF_SUFFIXES),
         "mask": check_output_path(args.save_mask, "--save-mask", TIFF_SUFFIXES),
     }
+    _check_distinct_outputs(
+        args.image,
+        {
+            "--out": out,
+            "--save-masked": saves["masked"],
+            "--save-error": saves["error"],
+            "--save-mask": saves["mask"],
+        },
+    )
     image, spacing, metadata = read_image(args.image)
     spatial_dims, channel_axis, axes = _spatial_layout(image, metadata)
     spec = args.model or f"default-{spatial_dims}d"
@@ -155,3 +164,28 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _check_distinct_outputs(image: str, outputs: dict) -> None:
+    """Refuse two outputs with the same path, or an output that is the input image.
+
+    Otherwise the later write silently replaces the earlier (``--out r.tif --save-mask
+    r.tif`` left only the mask), or the input is lost.
+
+    Raises
+    ------
+    napari_mae.cli.CLIError
+        Naming the two options.
+    """
+    import os
+
+    from napari_mae.cli import CLIError
+
+    seen = {os.path.realpath(image): "IMAGE"}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        key = os.path.realpath(path)
+        if key in seen:
+            raise CLIError(f"{option} {path} is the same file as {seen[key]}; give each output its own name")
+        seen[key] = option
