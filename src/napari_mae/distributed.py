@@ -692,11 +692,13 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False, resume: boo
         If the output (or an unfinished run's work folder) exists and neither
         ``overwrite`` nor ``resume`` is set.
     ValueError
-        If both are set.
+        If both are set, or ``out`` lies inside a plain Zarr *array* (labels can be
+        written beside an image only in a Zarr group: pass another store as ``--out``).
     """
     if overwrite and resume:
         raise ValueError("give either --overwrite or --resume, not both")
     out = Path(out)
+    _check_not_inside_zarr_array(out)
     work = work_dir_for(out)
     if not out.exists() and not work.exists():
         return "new"
@@ -711,6 +713,30 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False, resume: boo
             f"{out} exists ({what}); pass --resume to continue it or --overwrite to start again"
         )
     return "resume" if work.exists() else "done"
+
+
+def _check_not_inside_zarr_array(out: Path) -> None:
+    """Refuse an output under a plain Zarr array (``A.zarr/labels/napari-mae`` of an array ``A.zarr``).
+
+    A Zarr array cannot hold child nodes: writing the labels there fails only at the end,
+    after every block, and leaves the work folder inside the input store.
+    """
+    for store in out.parents:
+        if (store / ".zarray").is_file() or _is_v3_array(store / "zarr.json"):
+            raise ValueError(
+                f"{store} is a plain Zarr array, which cannot hold labels beside it; "
+                f"write them to another store with --out (e.g. --out {store.with_name(store.name + '.labels.zarr')})"
+            )
+
+
+def _is_v3_array(meta: Path) -> bool:
+    """Whether ``meta`` is the ``zarr.json`` of a Zarr v3 array."""
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("node_type") == "array"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def segment_blockwise(

@@ -138,3 +138,17 @@ def test_reconstruct_refuses_one_path_for_two_files(nuclei, capsys, monkeypatch,
     assert len(err.splitlines()) == 1 and "same file" in err
     assert not (tmp / "r.tif").exists()
     np.testing.assert_array_equal(tifffile.imread(tmp / "img.tif"), img)
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_plain_zarr_array_without_out_is_refused_before_any_work(tmp_path, capsys, zarr_format):
+    zarr = pytest.importorskip("zarr")
+    path = tmp_path / "plain.zarr"
+    arr = zarr.create_array(str(path), shape=(8, 16, 16), dtype="u1", zarr_format=zarr_format)
+    arr[:] = 1
+    before = sorted(p.relative_to(path) for p in path.rglob("*"))
+    args = ["segment", str(path), "--spacing", "0.28", "0.127", "0.127", "--workers", "0", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "plain Zarr array" in err and "--out" in err
+    assert sorted(p.relative_to(path) for p in path.rglob("*")) == before  # nothing written into the input

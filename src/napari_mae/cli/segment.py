@@ -54,7 +54,8 @@ def register(subparsers) -> None:
         metavar="LABELS.tif|OUTDIR|OUT.zarr",
         help="labels to write: .tif (OME-TIFF with spacing) or .nii/.nii.gz (NIfTI in the input scan's space); "
         "batch mode: a folder (labels per file + objects.csv); OME-Zarr: labels beside the image "
-        "(IMAGE.zarr/labels/napari-mae, the default) or in OUT.zarr/labels/napari-mae",
+        "(IMAGE.zarr/labels/napari-mae, the default) or in OUT.zarr/labels/napari-mae; a plain Zarr array "
+        "(no OME metadata, read with --spacing) cannot hold labels: it needs --out OUT.zarr",
     )
     p.add_argument(
         "--scribbles",
