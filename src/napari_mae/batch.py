@@ -332,9 +332,14 @@ def segment_folder(
     Raises
     ------
     FileExistsError, NotADirectoryError, ValueError
-        See :func:`check_batch_output`; FileNotFoundError from :func:`list_images`.
+        See :func:`check_batch_output`; FileNotFoundError from :func:`list_images`, or
+        for a ``model`` that names no file and no bundled or preset model.
     """
     out = Path(out_dir)
+    if model is not None and method != "classical":
+        from napari_mae.segmentation.segment import _check_model_exists
+
+        _check_model_exists(model)  # a mistyped model fails once, before any output, not per file
     check_batch_output(out, overwrite=overwrite, resume=resume)
     paths = list_images(source, exclude=out)
     records = out / RECORD_DIR

@@ -152,3 +152,26 @@ def test_plain_zarr_array_without_out_is_refused_before_any_work(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "plain Zarr array" in err and "--out" in err
     assert sorted(p.relative_to(path) for p in path.rglob("*")) == before  # nothing written into the input
+
+
+def test_batch_refuses_a_missing_model_before_writing(nuclei, capsys):
+    tmp, img, _ = nuclei
+    src = tmp / "images"
+    src.mkdir()
+    tifffile.imwrite(src / "a.tif", img)
+    out = tmp / "seg"
+    assert main(["segment", str(src), "--out", str(out), "--model", "defualt-2d", "--quiet"]) == 2
+    assert "defualt-2d" in capsys.readouterr().err and not out.exists()
+
+
+def test_segment_auto_says_when_an_mae_model_is_not_used(nuclei, capsys):
+    from napari_mae.io.checkpoint import save_checkpoint
+    from napari_mae.models.mae import build_model
+
+    tmp, _, _ = nuclei
+    mae = save_checkpoint(tmp / "mae.pt", build_model("tiny-2d"))
+    out = tmp / "x.tif"
+    assert main(["segment", str(tmp / "img.tif"), "--model", str(mae), "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["method"] == "classical"  # documented
+    assert "not a segmentation model" in captured.err and out.is_file()

@@ -224,6 +224,14 @@ def run(args: argparse.Namespace) -> int:
     unit = meta.get("unit", "pixel")
     if args.spacing is not None and unit == "pixel":
         unit = "um"  # --spacing on an uncalibrated file: microscopy's usual unit
+    if scribbles is None and model is not None and method == "auto" and info["method"] == "classical":
+        # Documented: auto runs the classical method when --model is no segmentation model
+        # (e.g. an MAE checkpoint); say so, as the help's "the segmentation model" suggests otherwise.
+        print(
+            f"napari-mae segment: --model {model} is not a segmentation model (an MAE, or its weights are "
+            "missing): ran the classical method, which does not use it without --scribbles",
+            file=sys.stderr,
+        )
     write_image(out, labels, spacing=spacing, unit=unit, metadata=meta)
     print(json.dumps(to_jsonable({"out": str(out), **info}), allow_nan=False))
     return 0
