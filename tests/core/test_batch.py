@@ -89,8 +89,10 @@ def test_method_and_model_are_passed_through(folder, tmp_path, monkeypatch):
         return np.zeros(image.shape[:2], np.uint32), {}
 
     monkeypatch.setattr(seg, "segment_instances", fake)
-    list(segment_folder(str(folder / "img*.tif"), tmp_path / "o", method="learned", model="run/best.pt"))
-    assert seen == [("learned", "run/best.pt")] * 3
+    ckpt = tmp_path / "best.pt"
+    ckpt.touch()  # segment_folder checks that a model path exists before any output
+    list(segment_folder(str(folder / "img*.tif"), tmp_path / "o", method="learned", model=str(ckpt)))
+    assert seen == [("learned", str(ckpt))] * 3
     seen.clear()
     list(segment_folder(str(folder / "img*.tif"), tmp_path / "p"))
     assert seen == [(None, "not given")] * 3  # segment_instances' own defaults
