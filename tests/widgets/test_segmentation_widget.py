@@ -279,3 +279,19 @@ def test_segmentation_learned_method(viewer, add_widget, qtbot, notifications):
     widget.run()
     assert any("learned method takes no scribbles" in m for m in errors(notifications))
     assert len(viewer.layers) == n_layers + 1  # only the scribbles layer
+
+
+def test_a_segmentation_model_that_does_not_exist_is_a_notification(
+    viewer, add_widget, qtbot, notifications, tmp_path
+):
+    """A typed model path that is not there: one clear message, no Labels layer (auto used to fall back silently)."""
+    image, kwargs = small_nuclei_2d(64)
+    layer = viewer.add_image(image, **kwargs)
+    widget = add_widget("Segmentation")
+    widget.image.set_value(layer)
+    widget.method.value = "auto"
+    widget.segmenter.value = str(tmp_path / "gone.pt")
+    widget.run()
+    wait_done(qtbot, widget)
+    assert "no such file" in errors(notifications)[-1]
+    assert f"{layer.name} labels" not in viewer.layers
