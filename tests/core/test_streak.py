@@ -72,3 +72,19 @@ def test_classical_segments_the_balls_under_a_streak():
         img, method="classical", object_radius=5.0, params=SegmentationParams(thin_foreground=1.0)
     )
     assert info["n_objects"] < 25 / 2, info["n_objects"]
+
+
+def test_a_network_of_membranes_keeps_the_plain_estimate(shared_data, monkeypatch):
+    """Cells between bright walls are ridges everywhere, not a streak among blobs: the estimate
+    is the one without the ridge test (reading blobs there gave 5.8 for 0.98 on this volume)."""
+    from napari_mae.io.readers import read_image
+    from napari_mae.segmentation.prepare import prepare_image
+
+    vol, sp, _ = read_image(shared_data / "plantseg_ovule_cells_3d" / "images" / "sample_ovule.tif")
+    x, _ = prepare_image(np.asarray(vol))
+    got = estimate_object_radius(x, sp)["radius"]
+    monkeypatch.setattr(scale, "_blob_like", lambda *a: np.ones(len(a[1]), bool))
+    assert got == estimate_object_radius(x, sp)["radius"]
+    monkeypatch.undo()
+    monkeypatch.setattr(scale, "BLOB_MAXIMA_FRACTION", 0.0)  # read blobs wherever ridges lead
+    assert estimate_object_radius(x, sp)["radius"] > 2 * got  # the failure the rule prevents

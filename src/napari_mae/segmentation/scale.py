@@ -168,14 +168,17 @@ def _log_radius(img, radii, spi, progress) -> float:
         if blob.mean() < 0.5:
             # Most of the strongest maxima lie on ridges: a bright line or sheet (a
             # membrane-like streak through a nuclei volume put the median on the streak's
-            # width, 0.33x the nuclei's radius). Read the scale at the blob-like maxima,
-            # the strongest of them, instead.
+            # width, 0.33x the nuclei's radius). Where the maxima as a whole are still
+            # mostly blobs (a streak among objects), read the scale at the strongest
+            # blob-like ones instead. A network of ridges (membrane-stained cells: under
+            # half of all maxima blob-like, where a streak through nuclei keeps over 80 %)
+            # keeps the plain estimate.
             pts = np.argwhere(local_max)
             blob = _blob_like(best, pts, radii[best_arg[local_max]], spi)
-            peaks = np.zeros_like(peaks)
-            if blob.any():
+            if blob.mean() >= BLOB_MAXIMA_FRACTION:
                 pts, resp = pts[blob], best[local_max][blob]
                 pts = pts[resp > 0.5 * np.percentile(resp, 99.9)]
+                peaks = np.zeros_like(peaks)
                 peaks[tuple(pts.T)] = True
     r_log = 0.0
     if peaks.any():
@@ -194,6 +197,11 @@ def _log_radius(img, radii, spi, progress) -> float:
 #: line or sheet has one or two eigenvalues near zero; an ellipsoid of aspect ``a`` has a
 #: ratio of about ``1 / a**2``, so this keeps objects up to about 3x as long as wide.
 BLOB_CURVATURE_RATIO = 0.1
+
+#: Where most of the strongest LoG maxima are ridges, the scale is read at the blob-like
+#: maxima only when at least this fraction of all maxima is blob-like (a streak through
+#: objects), not in a network of ridges (cell membranes).
+BLOB_MAXIMA_FRACTION = 0.75
 
 
 def _blob_like(response: np.ndarray, points: np.ndarray, radii: np.ndarray, spacing) -> np.ndarray:
