@@ -40,7 +40,7 @@ _TILE_VOXELS = 2**22  # tile the filter bank above ~4 M voxels (about 0.5 GB of 
 
 
 def as_float_image(
-    image: np.ndarray, *, channel_axis: int | None = None
+    image: np.ndarray, *, channel_axis: int | None = None, intensity_range: Sequence[float] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return a float32 ``(C, *spatial)`` copy of ``image``, its NaN mask and scale.
 
@@ -56,6 +56,9 @@ def as_float_image(
         Any real dtype. Booleans are accepted.
     channel_axis : int or None
         Axis of ``image`` holding channels, if any.
+    intensity_range : (float, float) or None
+        ``(lo, hi)`` in the image's intensity units to scale a single-channel image by,
+        instead of its own percentiles (the blocks of a volume, scaled as the whole volume).
 
     Returns
     -------
@@ -68,7 +71,9 @@ def as_float_image(
     Raises
     ------
     ValueError
-        If the image is not 2D or 3D (after removing the channel axis) or is complex.
+        If the image is not 2D or 3D (after removing the channel axis) or is complex, or
+        ``intensity_range`` is not a finite ``(lo, hi)`` with ``hi > lo`` or is given for
+        several channels.
     """
     arr = np.asarray(image)
     if np.iscomplexobj(arr):
@@ -87,12 +92,27 @@ def as_float_image(
     scale[:, 1] = 1.0
     # The models' normalisation (napari_mae.preprocess): per-channel percentiles of the
     # finite values, non-finite pixels set to 0 (the low percentile: background).
-    has_finite = np.array([bool(np.isfinite(x[c]).any()) for c in range(x.shape[0])])
-    if has_finite.any():
-        lo, hi = percentile_range(x[has_finite], 1.0, 99.8)
-        scale[has_finite, 0], scale[has_finite, 1] = lo, hi
+    if intensity_range is not None:
+        scale[0] = _checked_range(intensity_range, x.shape[0])
+    else:
+        has_finite = np.array([bool(np.isfinite(x[c]).any()) for c in range(x.shape[0])])
+        if has_finite.any():
+            lo, hi = percentile_range(x[has_finite], 1.0, 99.8)
+            scale[has_finite, 0], scale[has_finite, 1] = lo, hi
     apply_normalization(x, scale[:, 0], scale[:, 1], out=x)
     return x, invalid, scale
+
+
+def _checked_range(intensity_range: Sequence[float], n_channels: int) -> tuple[float, float]:
+    """A given ``(lo, hi)`` for :func:`as_float_image`, checked."""
+    lo, hi = (float(v) for v in intensity_range)
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        raise ValueError(
+            f"intensity_range must be a finite (lo, hi) with hi > lo, got {tuple(intensity_range)}"
+        )
+    if n_channels != 1:
+        raise ValueError(f"intensity_range needs a single-channel image, got {n_channels} channels")
+    return lo, hi
 
 
 def _pixel_sigmas(sigma: float, spacing: np.ndarray) -> tuple[float, ...]:

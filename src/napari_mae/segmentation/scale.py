@@ -164,22 +164,19 @@ def _log_radius(img, radii, spi, progress) -> float:
     # Strong local maxima: at least half the 99.9th percentile of the response map.
     peaks = local_max & (best > 0.5 * np.percentile(best, 99.9))
     if peaks.any():
-        blob = _blob_like(best, np.argwhere(peaks), radii[best_arg[peaks]], spi)
-        if blob.mean() < 0.5:
-            # Most of the strongest maxima lie on ridges: a bright line or sheet (a
-            # membrane-like streak through a nuclei volume put the median on the streak's
-            # width, 0.33x the nuclei's radius). Where the maxima as a whole are still
-            # mostly blobs (a streak among objects), read the scale at the strongest
-            # blob-like ones instead. A network of ridges (membrane-stained cells: under
-            # half of all maxima blob-like, where a streak through nuclei keeps over 80 %)
-            # keeps the plain estimate.
-            pts = np.argwhere(local_max)
-            blob = _blob_like(best, pts, radii[best_arg[local_max]], spi)
-            if blob.mean() >= BLOB_MAXIMA_FRACTION:
-                pts, resp = pts[blob], best[local_max][blob]
-                pts = pts[resp > 0.5 * np.percentile(resp, 99.9)]
-                peaks = np.zeros_like(peaks)
-                peaks[tuple(pts.T)] = True
+        pts, resp = np.argwhere(local_max), best[local_max]  # every maximum, row-major
+        blob = _blob_like(best, pts, radii[best_arg[local_max]], spi)
+        # Most of the strongest maxima on ridges: a bright line or sheet (a membrane-like
+        # streak through a nuclei volume put the median on the streak's width, 0.33x the
+        # nuclei's radius). Where the maxima as a whole are still mostly blobs (a streak
+        # among objects), read the scale at the strongest blob-like ones instead. A
+        # network of ridges (membrane-stained cells: under half of all maxima blob-like,
+        # where a streak through nuclei keeps over 80 %) keeps the plain estimate.
+        if blob[peaks[local_max]].mean() < 0.5 and blob.mean() >= BLOB_MAXIMA_FRACTION:
+            pts, resp = pts[blob], resp[blob]
+            pts = pts[resp > 0.5 * np.percentile(resp, 99.9)]
+            peaks = np.zeros_like(peaks)
+            peaks[tuple(pts.T)] = True
     r_log = 0.0
     if peaks.any():
         k_med = int(np.median(best_arg[peaks]))

@@ -148,9 +148,7 @@ def segment_instances(
     if channel_axis is None:
         channel_axis = guess_rgb_axis(arr.shape, spacing=spacing)
     rgb = channel_axis is not None and arr.shape[channel_axis] in (3, 4)
-    x, invalid, _ = as_float_image(arr, channel_axis=channel_axis)
-    if intensity_range is not None:
-        _normalise_by(x, arr, channel_axis, intensity_range)
+    x, invalid, _ = as_float_image(arr, channel_axis=channel_axis, intensity_range=intensity_range)
     shape = x.shape[1:]
     ndim = len(shape)
     sp = check_spacing(spacing, ndim)
@@ -295,27 +293,6 @@ def _learned_labels(img, net, sp, r, progress, planes=True):
     extra["threshold"] = float("nan")
     extra["working_shape"] = tuple(int(round(n * f)) for n, f in zip(img.shape, extra["scale"], strict=True))
     return labels.astype(np.uint32, copy=False), extra
-
-
-def _normalise_by(x: np.ndarray, arr: np.ndarray, channel_axis, intensity_range) -> None:
-    """Overwrite ``x`` (``as_float_image``'s output) with ``arr`` normalised by a given range.
-
-    The same arithmetic as :func:`~napari_mae.segmentation.features.as_float_image`
-    (float32 values, :func:`napari_mae.preprocess.apply_normalization`), so that a block
-    normalised by its volume's range has the values the whole volume would have there.
-    """
-    from napari_mae.preprocess import apply_normalization
-
-    lo, hi = (float(v) for v in intensity_range)
-    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
-        raise ValueError(
-            f"intensity_range must be a finite (lo, hi) with hi > lo, got {tuple(intensity_range)}"
-        )
-    if x.shape[0] != 1:
-        raise ValueError(f"intensity_range needs a single-channel image, got {x.shape[0]} channels")
-    src = arr if channel_axis is None else np.moveaxis(arr, channel_axis, 0)[0]
-    np.copyto(x[0], src, casting="unsafe")
-    apply_normalization(x, np.array([lo]), np.array([hi]), out=x)
 
 
 def _check_scribbles(scribbles, shape) -> np.ndarray | None:
