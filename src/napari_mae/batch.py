@@ -89,7 +89,8 @@ def _is_image(p: Path) -> bool:
 def list_images(source: str | os.PathLike, *, exclude: str | os.PathLike | None = None) -> list[Path]:
     """The images of a folder (not recursive) or a glob pattern (``**`` recursive), sorted.
 
-    Images are TIFF, NIfTI and NRRD files and OME-Zarr folders; anything inside
+    Images are the files :func:`napari_mae.io.readers.read_image` reads (TIFF, PNG, JPEG,
+    NIfTI, NRRD) and OME-Zarr folders; anything inside
     ``exclude`` (the output folder) is left out.
 
     Raises

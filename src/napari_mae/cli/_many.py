@@ -110,7 +110,9 @@ def run_folder(args: argparse.Namespace) -> int:
     check_batch_output(out, overwrite=args.overwrite, resume=args.resume)
     n = len(list_images(args.image, exclude=out))
     if n == 0:
-        raise CLIError(f"{args.image}: no TIFF, NIfTI, NRRD or OME-Zarr image found")
+        from napari_mae.io.readers import FORMAT_NAMES
+
+        raise CLIError(f"{args.image}: no image ({FORMAT_NAMES}) or OME-Zarr found")
     if args.block_size is not None or args.level != 0:
         raise CLIError("--block-size and --level are for OME-Zarr input, not a folder")
     if args.workers is not None and args.workers < 0:

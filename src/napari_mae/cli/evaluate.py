@@ -17,7 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
-SUFFIXES = (".tif", ".tiff", ".nii", ".nii.gz", ".nrrd", ".npy")
+from napari_mae.io.readers import SUPPORTED_SUFFIXES
+
+#: What read_image reads (the formats of every command), and NumPy arrays.
+SUFFIXES = (*SUPPORTED_SUFFIXES, ".npy")
 
 
 def register(subparsers) -> None:

@@ -21,6 +21,7 @@ import math
 import sys
 
 from napari_mae.cli import CLIError, check_output_path
+from napari_mae.io.readers import FORMAT_NAMES
 
 
 def register(subparsers) -> None:
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
             "`napari-mae segment IMAGE --method learned --model OUT`."
         ),
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="2D images or 3D volumes (TIFF, NIfTI, NRRD)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help=f"2D images or 3D volumes ({FORMAT_NAMES})")
     p.add_argument(
         "--scribbles",
         nargs="+",

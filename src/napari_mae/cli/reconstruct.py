@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from napari_mae.io.readers import TIFF_SUFFIXES
+from napari_mae.io.readers import FORMAT_NAMES, TIFF_SUFFIXES
 
 
 def register(subparsers) -> None:
@@ -31,7 +31,7 @@ def register(subparsers) -> None:
             "intensity units; visible pixels are the input's) to --out."
         ),
     )
-    p.add_argument("image", metavar="IMAGE", help="2D image or 3D volume (TIFF, NIfTI, NRRD)")
+    p.add_argument("image", metavar="IMAGE", help=f"2D image or 3D volume ({FORMAT_NAMES})")
     p.add_argument("--out", required=True, metavar="OUT.tif", help="reconstruction TIFF to write")
     p.add_argument(
         "--model",

@@ -25,7 +25,7 @@ import json
 import math
 import sys
 
-from napari_mae.io.readers import NIFTI_SUFFIXES, TIFF_SUFFIXES
+from napari_mae.io.readers import FORMAT_NAMES, NIFTI_SUFFIXES, TIFF_SUFFIXES
 
 OUT_SUFFIXES = TIFF_SUFFIXES + NIFTI_SUFFIXES
 
@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "image",
         metavar="IMAGE",
-        help="2D image or 3D volume (TIFF, NIfTI, NRRD); a folder or a quoted glob ('data/*.tif') of them "
+        help=f"2D image or 3D volume ({FORMAT_NAMES}); a folder or a quoted glob ('data/*.tif') of them "
         "(batch mode); or an OME-Zarr volume (block-wise on dask, larger than memory)",
     )
     p.add_argument(

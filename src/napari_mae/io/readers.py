@@ -15,9 +15,12 @@ Axis conventions (the same for every format):
   metadata.
 
 TIFF is read with tifffile (ImageJ, OME and plain TIFF resolution tags);
-NIfTI/NRRD with MONAI's ``NibabelReader`` / ``NrrdReader`` through ``LoadImage``.
-:class:`TifffileReader` makes the TIFF path available to MONAI pipelines, because
-MONAI's PIL fallback silently reads only the first page of a multi-page TIFF.
+PNG and JPEG with imageio (Pillow), without spacing (1.0 pixel); NIfTI/NRRD with
+MONAI's ``NibabelReader`` / ``NrrdReader`` through ``LoadImage``. An RGB(A) PNG or
+JPEG comes back as an RGB TIFF does: ``(Y, X, 3|4)``, ``axes`` ``"YXC"``, ``rgb`` True.
+:class:`TifffileReader` makes the TIFF, PNG and JPEG paths available to MONAI pipelines,
+because MONAI's PIL fallback silently reads only the first page of a multi-page TIFF
+(and returns a palette PNG's indices, not its colours).
 """
 
 from __future__ import annotations
@@ -32,9 +35,15 @@ import numpy as np
 TIFF_SUFFIXES = (".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd",)
-SUPPORTED_SUFFIXES = TIFF_SUFFIXES + NIFTI_SUFFIXES + NRRD_SUFFIXES
+#: 2D raster formats without physical calibration, read with imageio.
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: Every file suffix :func:`read_image` reads (and so every command: segment, reconstruct,
+#: finetune, train, batch).
+SUPPORTED_SUFFIXES = TIFF_SUFFIXES + RASTER_SUFFIXES + NIFTI_SUFFIXES + NRRD_SUFFIXES
+#: The formats :func:`read_image` reads, as the command-line help names them.
+FORMAT_NAMES = "TIFF, PNG, JPEG, NIfTI, NRRD"
 #: Every suffix an image file or store of this package may have (what :func:`image_stem` strips).
-IMAGE_SUFFIXES = SUPPORTED_SUFFIXES + (".ome.tif", ".ome.tiff", ".ome.zarr", ".zarr", ".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = SUPPORTED_SUFFIXES + (".ome.tif", ".ome.tiff", ".ome.zarr", ".zarr")
 
 # Micrometres per unit, for the units found in TIFF resolution tags and ImageJ metadata.
 _UM_PER_UNIT = {
@@ -105,7 +114,8 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], 
     Parameters
     ----------
     path : str or PathLike
-        A ``.tif``/``.tiff``, ``.nii``/``.nii.gz`` or ``.nrrd`` file.
+        A ``.tif``/``.tiff``, ``.png``, ``.jpg``/``.jpeg``, ``.nii``/``.nii.gz`` or
+        ``.nrrd`` file.
 
     Returns
     -------
@@ -140,6 +150,8 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], 
     try:
         if suffix in TIFF_SUFFIXES:
             return read_tiff(path)
+        if suffix in RASTER_SUFFIXES:
+            return read_raster(path)
         if suffix in NIFTI_SUFFIXES + NRRD_SUFFIXES:
             _check_medical_header(path, suffix)
             return read_medical(path)
@@ -281,6 +293,37 @@ def read_tiff(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], d
     return image, spacing, metadata
 
 
+# ------------------------------------------------------------------ PNG / JPEG
+
+
+def read_raster(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], dict[str, Any]]:
+    """Read a PNG or JPEG (first frame) with imageio; see :func:`read_image` for the returns.
+
+    Grey images come back as ``(Y, X)`` (``axes`` ``"YX"``), colour ones as ``(Y, X, C)``
+    (``axes`` ``"YXC"``) with ``rgb`` True for 3 or 4 samples, as :func:`read_tiff` returns
+    an RGB(A) TIFF; a palette image comes back as its colours. The spacing is
+    ``(1.0, 1.0)`` pixel: these formats carry no physical calibration that microscopes
+    write.
+    """
+    import imageio.v3 as iio
+
+    try:
+        image = np.asarray(iio.imread(path, plugin="pillow", index=0))
+    except OSError as exc:  # imageio's message lists plugins to install; say what the file is not
+        raise ImageReadError(f"Could not read {path}: not a readable PNG or JPEG file") from exc
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:
+        axes = "YX"
+    elif image.ndim == 3 and image.shape[-1] <= 4:
+        axes = "YXC"
+    else:
+        raise ImageReadError(f"{path}: expected a 2D grey or colour image, got shape {image.shape}")
+    rgb = axes == "YXC" and image.shape[-1] in (3, 4)
+    metadata = {"axes": axes, "unit": "pixel", "rgb": bool(rgb), "path": str(path)}
+    return image, (1.0, 1.0), metadata
+
+
 # ------------------------------------------------------------------ NIfTI / NRRD
 
 # NRRD "type" field -> numpy dtype (NRRD spec, "type" section). pynrrd keeps its own
@@ -408,22 +451,23 @@ def _build_tifffile_reader_class():
     from monai.utils import MetaKeys, SpaceKeys
 
     class TifffileReader(ImageReader):
-        """MONAI ``ImageReader`` for (multi-page) TIFF files, built on tifffile.
+        """MONAI ``ImageReader`` for (multi-page) TIFF, PNG and JPEG files, built on
+        :func:`read_tiff` and :func:`read_raster`.
 
         Reads every page (MONAI's PIL fallback reads only the first page of a 3D
-        TIFF). The array's spatial axes are (Z, Y, X) or (Y, X) as returned by
-        :func:`read_tiff`, channels last (``original_channel_dim = -1``); the affine is
-        ``diag(spacing, 1)`` in the file's units. Time axes are not supported here
-        (``ValueError``).
+        TIFF, and a palette PNG's indices). The array's spatial axes are (Z, Y, X) or
+        (Y, X) as :func:`read_image` returns them (numpy order), channels last
+        (``original_channel_dim = -1``); the affine is ``diag(spacing, 1)`` in the
+        file's units. Time axes are not supported here (``ValueError``).
         """
 
         def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
             names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
-            return all(_suffix(n) in TIFF_SUFFIXES for n in names)
+            return all(_suffix(n) in TIFF_SUFFIXES + RASTER_SUFFIXES for n in names)
 
         def read(self, data, **kwargs):
             names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-            out = [read_tiff(n) for n in names]
+            out = [read_tiff(n) if _suffix(n) in TIFF_SUFFIXES else read_raster(n) for n in names]
             return out if len(out) > 1 else out[0]
 
         def get_data(self, img):
@@ -468,7 +512,7 @@ def __getattr__(name: str):
 
 
 def monai_readers() -> list:
-    """Reader instances for MONAI ``LoadImage(d)``: tifffile for TIFF, then NIfTI and NRRD.
+    """Reader instances for MONAI ``LoadImage(d)``: TIFF, PNG and JPEG, then NIfTI and NRRD.
 
     Returns
     -------

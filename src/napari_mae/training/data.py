@@ -69,9 +69,9 @@ __all__ = [
 
 CacheMode = Literal["memory", "disk", "none"]
 
-# Files whose MONAI reader (napari_mae.io.readers.TifffileReader) already returns
-# numpy axis order ([Z,] Y, X); the other readers return (X, Y[, Z]).
-_NUMPY_ORDER_SUFFIXES = (".tif", ".tiff")
+# Files whose MONAI reader (napari_mae.io.readers.TifffileReader: TIFF, PNG, JPEG) already
+# returns numpy axis order ([Z,] Y, X); the other readers return (X, Y[, Z]).
+_NUMPY_ORDER_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
 # --------------------------------------------------------------------------------------
