@@ -178,7 +178,10 @@ def test_segment_uncalibrated_yx3_stack_as_rgb(tmp_path, capsys):
     assert "RGB" in capsys.readouterr().err
     labels = tifffile.imread(out)
     assert labels.shape == (96, 96) and labels.max() == 1
-    assert main(["segment", str(path), "--out", str(out), "--spacing", "1", "1", "1", "--quiet"]) == 0
+    assert (
+        main(["segment", str(path), "--out", str(out), "--spacing", "1", "1", "1", "--overwrite", "--quiet"])
+        == 0
+    )
     assert tifffile.imread(out).shape == (96, 96, 3)
 
 

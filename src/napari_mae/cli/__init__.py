@@ -48,13 +48,21 @@ class CLIError(Exception):
 
 
 def check_output_path(
-    path: str | None, option: str, suffixes: tuple[str, ...], what: str = "TIFF"
+    path: str | None,
+    option: str,
+    suffixes: tuple[str, ...],
+    what: str = "TIFF",
+    *,
+    overwrite: bool | None = None,
 ) -> Path | None:
     """Check an output file option before any work is done; return it as a Path.
 
     Raises ``CLIError`` when the name does not end in one of ``suffixes``
-    (case-insensitive; ``what`` names the formats in the message) or when an existing
-    parent of it is a file. ``None`` passes through.
+    (case-insensitive; ``what`` names the formats in the message), when an existing
+    parent of it is a file, or, with ``overwrite=False``, when it exists already: every
+    command that writes a result file refuses to replace one unless ``--overwrite`` is
+    given (``None``: the caller checks that itself, e.g. an atomic core writer). ``None``
+    as ``path`` passes through.
     """
     if path is None:
         return None
@@ -63,12 +71,35 @@ def check_output_path(
         raise CLIError(
             f"{option} {path}: only {what} output is written; use a name ending in {', '.join(suffixes)}"
         )
+    if overwrite is not None:
+        check_not_existing(out, option, overwrite=overwrite)
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise CLIError(f"{option} {path}: {parent} is a file, not a folder")
             break
     return out
+
+
+def check_not_existing(path: Path | None, option: str, *, overwrite: bool) -> None:
+    """Refuse to replace an existing output file unless ``--overwrite`` was given.
+
+    The one rule of every command that writes a result file (``segment --out``,
+    ``reconstruct --out`` and its ``--save-*``); folders of results (batch, train,
+    finetune, demo) have the same rule in their own checks. ``None`` passes.
+
+    Raises
+    ------
+    CLIError
+        If ``path`` exists (as a file, a folder or a link) and ``overwrite`` is False,
+        or it is a folder.
+    """
+    if path is None:
+        return
+    if path.is_dir():
+        raise CLIError(f"{option} {path} is a folder; give a file name")
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise CLIError(f"{option} {path} exists; choose another name, or pass --overwrite to replace it")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,7 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="output exists: skip the files (folder) or blocks (OME-Zarr) already done",
     )
-    g.add_argument("--overwrite", action="store_true", help="output exists: start again from scratch")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="output exists: replace it (one file's --out), or start again from scratch (a folder, OME-Zarr)",
+    )
 
 
 def _common(args) -> dict:

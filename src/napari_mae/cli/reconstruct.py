@@ -60,6 +60,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--save-mask", metavar="P.tif", default=None, help="also write the pixel mask (1 = removed)"
     )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out and the --save-* files where they exist"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from napari_mae.cli import check_output_path
+    from napari_mae.cli import check_not_existing, check_output_path
     from napari_mae.io.readers import read_image
     from napari_mae.models.mae import PRESETS, load_model
     from napari_mae.reconstruction import reconstruct
@@ -107,15 +110,15 @@ def run(args: argparse.Namespace) -> int:
         "error": check_output_path(args.save_error, "--save-error", TIFF_SUFFIXES),
         "mask": check_output_path(args.save_mask, "--save-mask", TIFF_SUFFIXES),
     }
-    _check_distinct_outputs(
-        args.image,
-        {
-            "--out": out,
-            "--save-masked": saves["masked"],
-            "--save-error": saves["error"],
-            "--save-mask": saves["mask"],
-        },
-    )
+    outputs = {
+        "--out": out,
+        "--save-masked": saves["masked"],
+        "--save-error": saves["error"],
+        "--save-mask": saves["mask"],
+    }
+    _check_distinct_outputs(args.image, outputs)  # first: --overwrite never replaces the input
+    for option, path in outputs.items():
+        check_not_existing(path, option, overwrite=args.overwrite)
     image, spacing, metadata = read_image(args.image)
     spatial_dims, channel_axis, axes = _spatial_layout(image, metadata)
     spec = args.model or f"default-{spatial_dims}d"

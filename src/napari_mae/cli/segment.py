@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         return _many.run_folder(args)
     if args.workers is not None or args.scheduler is not None or args.block_size is not None:
         raise CLIError("--workers, --scheduler and --block-size are for OME-Zarr input")
-    out = check_output_path(args.out, "--out", OUT_SUFFIXES, what="TIFF or NIfTI")
+    out = check_output_path(args.out, "--out", OUT_SUFFIXES, what="TIFF or NIfTI", overwrite=args.overwrite)
     image, spacing, meta = _read(args.image)
     axes = str(meta.get("axes", ""))
     if "T" in axes:
