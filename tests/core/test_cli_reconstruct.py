@@ -113,3 +113,43 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, shape, extra, me
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("napari-mae reconstruct: error:")
+
+
+@pytest.mark.parametrize("name", ["rgb.tif", "rgb.png"])
+def test_rgb_input_is_written_in_its_axis_order(tmp_path, name):
+    """An RGB (Y, X, 3) input gives (Y, X, 3) RGB files, as the mask is (Y, X): not (3, Y, X)."""
+    import imageio.v3 as iio
+
+    from napari_mae.io.readers import read_image
+
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((40, 56, 3)) * 255).astype(np.uint8)
+    path = tmp_path / name
+    if name.endswith(".tif"):
+        tifffile.imwrite(path, rgb, photometric="rgb")
+    else:
+        iio.imwrite(path, rgb)
+    files = {key: tmp_path / f"{key}.tif" for key in ("out", "masked", "error", "mask")}
+    argv = ["reconstruct", str(path), "--model", "tiny-2d", "--out", str(files["out"]), "--quiet"]
+    argv += ["--save-masked", str(files["masked"]), "--save-error", str(files["error"])]
+    assert main([*argv, "--save-mask", str(files["mask"])]) == 0
+    for key in ("out", "masked", "error"):
+        with tifffile.TiffFile(files[key]) as tif:
+            assert tif.series[0].axes == "YXS" and tif.series[0].shape == (40, 56, 3), key
+        data, _, meta = read_image(files[key])
+        assert meta["axes"] == "YXC" and meta["rgb"], key
+    mask = tifffile.imread(files["mask"]).astype(bool)
+    assert mask.shape == (40, 56)
+    np.testing.assert_array_equal(tifffile.imread(files["masked"])[mask], 0 * rgb[mask])
+    np.testing.assert_array_equal(tifffile.imread(files["out"])[~mask], rgb[~mask])
+
+
+def test_multichannel_input_keeps_its_channels_first(tmp_path):
+    """A 2-channel (C, Y, X) TIFF is not RGB: its reconstruction stays (C, Y, X) on disk."""
+    stack = (np.random.default_rng(1).random((2, 40, 56)) * 255).astype(np.uint8)
+    path = tmp_path / "cyx.tif"
+    tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "CYX"})
+    out = tmp_path / "r.tif"
+    assert main(["reconstruct", str(path), "--model", "tiny-2d", "--out", str(out), "--quiet"]) == 0
+    with tifffile.TiffFile(out) as tif:
+        assert tif.series[0].axes == "CYX" and tif.series[0].shape == (2, 40, 56)

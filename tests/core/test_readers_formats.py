@@ -182,3 +182,19 @@ def test_evaluate_reads_png_ground_truth(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "pred" / "a_labels.tif", gt.astype(np.uint32))
     assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]) == 0
     assert "accuracy 1.000" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_write_tiff_rgb_keeps_samples_last_and_spacing(tmp_path, dtype):
+    from napari_mae.io.writers import write_tiff
+
+    rgb = (np.random.default_rng(2).random((3, 12, 20)) * 200).astype(dtype)  # channels first in memory
+    path = write_tiff(tmp_path / "rgb.tif", rgb, spacing=(0.5, 0.25), unit="um", channel_axis=0, rgb=True)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].axes == "YXS"
+    data, spacing, meta = read_image(path)
+    np.testing.assert_array_equal(data, np.moveaxis(rgb, 0, -1))
+    assert meta["rgb"] and spacing == pytest.approx((0.5, 0.25)) and meta["unit"] == "um"
+    two = write_tiff(tmp_path / "two.tif", rgb[:2], channel_axis=0, rgb=True)  # 2 channels: not RGB
+    with tifffile.TiffFile(two) as tif:
+        assert tif.series[0].axes == "CYX"

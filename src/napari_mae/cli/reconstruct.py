@@ -67,11 +67,16 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _write_tiff(path: Path, data, axes: str, spacing, unit: str) -> None:
-    """Write ``data`` (axes ``axes``) as OME-TIFF with its spacing (:func:`napari_mae.io.writers.write_tiff`)."""
+def _write_tiff(path: Path, data, axes: str, spacing, unit: str, rgb: bool = False) -> None:
+    """Write ``data`` (axes ``axes``) as OME-TIFF with its spacing (:func:`napari_mae.io.writers.write_tiff`).
+
+    ``rgb``: the input was RGB(A), so the channels are written as its samples, in its
+    axis order (``Y, X, S``), not as grey channels before Y, X.
+    """
     from napari_mae.io.writers import write_tiff
 
-    write_tiff(path, data, spacing=spacing, unit=unit, channel_axis=axes.index("C") if "C" in axes else None)
+    channel_axis = axes.index("C") if "C" in axes else None
+    write_tiff(path, data, spacing=spacing, unit=unit, channel_axis=channel_axis, rgb=rgb)
 
 
 def _spatial_layout(image, metadata: dict) -> tuple[int, int | None, str]:
@@ -148,11 +153,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     unit = str(metadata.get("unit", "pixel"))
-    _write_tiff(out, result.reconstruction, axes, spacing, unit)
+    rgb = bool(metadata.get("rgb"))  # written in the input's axis order (Y, X, S), as the mask is
+    _write_tiff(out, result.reconstruction, axes, spacing, unit, rgb)
     if saves["masked"] is not None:
-        _write_tiff(saves["masked"], result.masked, axes, spacing, unit)
+        _write_tiff(saves["masked"], result.masked, axes, spacing, unit, rgb)
     if saves["error"] is not None:
-        _write_tiff(saves["error"], result.error, axes, spacing, unit)
+        _write_tiff(saves["error"], result.error, axes, spacing, unit, rgb)
     if saves["mask"] is not None:
         _write_tiff(saves["mask"], result.mask.astype(np.uint8), axes.replace("C", ""), spacing, unit)
     summary = ""

@@ -28,6 +28,7 @@ def write_tiff(
     unit: str | None = None,
     channel_axis: int | None = None,
     time_axis: int | None = None,
+    rgb: bool = False,
 ) -> Path:
     """Write ``array`` as a zlib-compressed OME-TIFF with its voxel spacing, atomically.
 
@@ -46,6 +47,10 @@ def write_tiff(
     time_axis : int, optional
         Axis of ``array`` holding time points (OME axis ``T``); the file's axes
         are ``[T,] [C,] [Z,] Y, X``.
+    rgb : bool
+        With a ``channel_axis`` of 3 or 4 and no ``time_axis``: write the channels as the
+        RGB(A) samples of each pixel (photometric RGB, file axes ``[Z,] Y, X, S``), as an
+        RGB input is stored, instead of grey channels before Y, X.
 
     Returns
     -------
@@ -65,17 +70,20 @@ def write_tiff(
     if path.suffix.lower() not in TIFF_SUFFIXES:
         raise ValueError(f"{path}: only TIFF output is written; use a .tif name")
     array = np.asarray(array)
+    samples = rgb and channel_axis is not None and time_axis is None and array.shape[channel_axis] in (3, 4)
+    if samples:  # RGB(A) samples last, as tifffile writes photometric RGB
+        array, channel_axis = np.moveaxis(array, channel_axis, -1), None
     lead = [a % array.ndim for a in (time_axis, channel_axis) if a is not None]
     if len(set(lead)) != len(lead):
         raise ValueError(f"time_axis={time_axis} and channel_axis={channel_axis} are the same axis")
     if lead:
         array = np.moveaxis(array, lead, list(range(len(lead))))
-    n_spatial = array.ndim - len(lead)
+    n_spatial = array.ndim - len(lead) - samples
     if n_spatial not in (2, 3):
         raise ValueError(f"expected 2 or 3 spatial axes, got array of shape {array.shape}")
     spatial_axes = "ZYX"[3 - n_spatial :]
     lead_axes = ("T" if time_axis is not None else "") + ("C" if channel_axis is not None else "")
-    metadata: dict = {"axes": lead_axes + spatial_axes}
+    metadata: dict = {"axes": lead_axes + spatial_axes + "S" * samples}
     if spacing is not None and unit not in (None, "pixel"):
         if len(spacing) != n_spatial:
             raise ValueError(f"spacing {tuple(spacing)} does not match {n_spatial} spatial axes")
@@ -87,7 +95,12 @@ def write_tiff(
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tifffile.imwrite(
-            tmp, array, ome=True, photometric="minisblack", compression="zlib", metadata=metadata
+            tmp,
+            array,
+            ome=True,
+            photometric="rgb" if samples else "minisblack",
+            compression="zlib",
+            metadata=metadata,
         )
         os.replace(tmp, path)
     finally:
