@@ -93,7 +93,7 @@ def test_train_leaves_annotation_files_out(image_folder, tmp_path, capsys):
     tifffile.imwrite(image_folder / "cell0_mask.tif", np.zeros((48, 64), np.uint8))
     out = tmp_path / "run"
     assert main(["train", str(image_folder), "--out", str(out), "--epochs", "1", *TINY_ARGS]) == 0
-    assert "on 3 images (1 for validation)" in capsys.readouterr().err  # the 4 cell crops only
+    assert "on 3 images for training and 1 for validation" in capsys.readouterr().err  # the 4 cell crops only
 
 
 @pytest.mark.parametrize(

@@ -78,7 +78,7 @@ def test_two_epoch_run_writes_checkpoints_and_log(image_folder, tmp_path):
     kinds = [u.kind for u in updates]
     # 5 training files, batch 2 -> 3 steps per epoch
     assert kinds == ["start"] + ["step"] * 3 + ["epoch"] + ["step"] * 3 + ["epoch", "finished"]
-    assert "5 images (1 for validation)" in updates[0].message
+    assert "5 images for training and 1 for validation" in updates[0].message
     steps = [u for u in updates if u.kind == "step"]
     assert [u.step for u in steps] == list(range(1, 7))
     assert all(

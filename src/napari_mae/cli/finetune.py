@@ -73,7 +73,8 @@ def register(subparsers) -> None:
         "--encoder-blocks",
         type=int,
         default=0,
-        help="also train the encoder's last N transformer blocks, at a tenth of the rate (default 0: frozen)",
+        help="also train the encoder's last N transformer blocks, at a tenth of the rate (default 0: frozen; "
+        "at most the encoder's depth, 4 for default-2d)",
     )
     p.add_argument(
         "--no-pseudo-labels",
@@ -91,8 +92,9 @@ def register(subparsers) -> None:
         "--radius",
         type=float,
         default=None,
-        help="object radius, physical units (default: the model's, else estimated, or from the object "
-        "strokes where the estimate found other things); stored in the model, which segments at it",
+        help="object radius, in the physical units of the files' spacing (or --spacing), pixels where a "
+        "file has none (default: the model's, else estimated, or from the object strokes where the "
+        "estimate found other things); stored in the model, which segments at it",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where to train")

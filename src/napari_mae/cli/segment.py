@@ -95,9 +95,21 @@ def register(subparsers) -> None:
         "the reader recognises have them last, and need no flag)",
     )
     p.add_argument(
-        "--radius", type=float, default=None, help="object radius, physical units (default: estimated)"
+        "--radius",
+        type=float,
+        default=None,
+        help="object radius, in the physical units of the file's spacing (or --spacing), pixels where the "
+        "file has none (default: estimated; a fine-tuned model keeps its own)",
     )
-    p.add_argument("--threshold", type=float, default=None, help="foreground threshold (default: estimated)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="classical method's foreground threshold, on a 0-1 scale: without --scribbles on the "
+        "background-subtracted image normalised so that its 1st and 99.8th percentiles are 0 and 1 "
+        "(default: Otsu's estimate, printed as 'threshold'); with --scribbles on the object "
+        "probability (default 0.5); the learned method does not use it",
+    )
     p.add_argument(
         "--objects",
         choices=("auto", "bright", "dark"),

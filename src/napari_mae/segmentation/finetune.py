@@ -187,6 +187,20 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check_encoder(self, depth: int) -> None:
+        """Check ``encoder_blocks`` against the depth of the model's encoder.
+
+        Raises
+        ------
+        ValueError
+            If ``encoder_blocks`` is more than the encoder's ``depth`` transformer blocks.
+        """
+        if self.encoder_blocks > depth:
+            raise ValueError(
+                f"encoder_blocks={self.encoder_blocks} is more than the {depth} transformer blocks of "
+                f"the model's encoder; give 0 to {depth}"
+            )
+
 
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
@@ -906,7 +920,8 @@ def finetune(
     ValueError
         Bad inputs (see :func:`check_finetune_inputs`), bad spacing, ``out`` not a
         ``.pt`` file or the model itself, a model that is not a 2D segmentation model
-        (``CheckpointError``), before anything is written.
+        (``CheckpointError``), ``config.encoder_blocks`` above the encoder's depth
+        (:meth:`FinetuneConfig.check_encoder`), before anything is written.
     FileExistsError
         ``out`` exists and ``overwrite`` is False.
     FileNotFoundError
@@ -926,6 +941,7 @@ def finetune(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another name or overwrite it")
     net, source, source_path = _load_net(model)
+    cfg.check_encoder(int(net.encoder.depth))
     if source_path is not None and out.resolve() == source_path.resolve():
         raise ValueError(f"out {out} is the model being fine-tuned; write the new model to another file")
 

@@ -285,10 +285,11 @@ class MAEObjective(Objective):
         self.model = model
         self.data = data
         self.train_data, self.val_data = data.train, data.val
-        skipped = f", skipped {len(data.skipped)} unusable" if data.skipped else ""
+        skipped = f"; skipped {len(data.skipped)} unusable" if data.skipped else ""
+        n_train, n_val = len(data.train_files), len(data.val_files)
         self._description = (
-            f"{model_desc} ({spatial_dims}D, crops {img_size}) on "
-            f"{len(data.train_files)} images ({len(data.val_files)} for validation{skipped})"
+            f"{model_desc} ({spatial_dims}D, crops {img_size}) on {n_train} image{'s' * (n_train != 1)} "
+            f"for training and {n_val} for validation{skipped}"
         )
 
     def training_step(self, batch, ctx: StepContext):

@@ -465,8 +465,8 @@ class SegmentationObjective(Objective):
         self.train_files = [str(p[0]) for p in train_pairs]
         self.val_files = [str(p[0]) for p in val_pairs]
         self._description = (
-            f"segmentation decoder on {desc} ({len(train_pairs)} labelled images, "
-            f"{len(val_pairs)} for validation; objects resampled to radius {radius:g} px)"
+            f"segmentation decoder on {desc} ({len(train_pairs)} labelled image{'s' * (len(train_pairs) != 1)} "
+            f"for training and {len(val_pairs)} for validation; objects resampled to radius {radius:g} px)"
         )
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
