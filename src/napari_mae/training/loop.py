@@ -675,7 +675,6 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
     def _factor(s: int) -> float:
         return lr_at_step(s, total_steps, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=warmup_steps) / cfg.lr
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _factor)
     use_amp = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp)
     autocast_dtype = amp_dtype(device) if use_amp else None
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
@@ -686,8 +685,7 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
     best = math.inf
     if checkpoint is not None:
         state = checkpoint["training_state"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        optimizer.load_state_dict(state["optimizer"])  # its groups keep "initial_lr", the base lr
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
@@ -707,14 +705,6 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
                 UserWarning,
                 stacklevel=3,
             )
-        # The optimiser's saved lr is the old schedule's value at ``step``; with another number of
-        # total steps (``--epochs`` raised on resume) that is wrong (the old end value, often 0),
-        # so set it from this run's schedule. With the same settings this computes the same value
-        # LambdaLR itself would (base_lr * factor(step)), so an exact resume stays bit-identical.
-        scheduler.last_epoch = step
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base_lr * _factor(step)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         elapsed_before = float(state.get("elapsed_s", 0.0))
         objective.load_state_dict(state.get("objective") or {})
         _set_rng_state(state["rng"])
@@ -723,6 +713,11 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
                 f"{resume_path} already finished all {total_steps} steps; raise epochs to continue"
             )
         del checkpoint, state
+    # Built at ``step`` from this run's schedule (its constructor steps once, to ``last_epoch + 1``):
+    # a resumed run's lr is base_lr * factor(step) of the *new* schedule, not the saved value of the
+    # old one (with ``--epochs`` raised on resume that was its end value, often 0). With the same
+    # settings that is the value an uninterrupted run has, so an exact resume stays bit-identical.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _factor, last_epoch=step - 1)
 
     net = model
     if dist.world_size > 1:
