@@ -182,3 +182,23 @@ def test_cli_finetune_radius_is_stored_and_bad_radius_is_one_line(tiny_model, tm
     assert "--radius must be positive" in capsys.readouterr().err
     assert main([*args, "--radius", "4.5"]) == 0
     assert load_segmenter(out).fitted_radius == 4.5
+
+
+def test_given_radius_of_a_volume_is_not_re_estimated(tiny_model, monkeypatch):
+    """A volume with a given ``object_radius``: the learned method segments at it. The
+    decoder's plane estimate replaced it (a sweep of given radii on a nuclei volume ran at
+    the planes' radius instead, whatever was given)."""
+    from napari_mae.segmentation import learned, segment_instances
+
+    # the tiny random decoder finds no objects in planes: stand in for one that does
+    monkeypatch.setattr(learned, "_radius_from_planes", lambda *a, **k: 9.0)
+
+    rng = np.random.default_rng(0)
+    vol = rng.random((12, 48, 48)).astype(np.float32)
+    vol[4:8, 10:20, 10:20] += 2.0
+    _, info = segment_instances(vol, method="learned", model=str(tiny_model), object_radius=4.0)
+    assert info["radius_source"] == "given"
+    assert info["radius"] == 4.0
+    assert info["radius_planes"] is None
+    _, est = segment_instances(vol, method="learned", model=str(tiny_model))
+    assert est["radius_source"] == "estimate" and est["radius_planes"] == 9.0

@@ -53,3 +53,26 @@ def test_arabidopsis_with_noise_radius(shared_data):
     prepared, _ = prepare_image(noisy)
     est = estimate_object_radius(prepared, spacing)
     assert r_true / 1.5 <= est["radius"] <= r_true * 1.5, (est, r_true)
+
+
+def _thin_stack_of_balls(seed: int = 0):
+    """Blurred balls of radius 5.5 voxels in a stack of 30 slices of 96 x 96 (isotropic)."""
+    rng = np.random.default_rng(seed)
+    shape = (30, 96, 96)
+    zz, yy, xx = np.indices(shape)
+    img = np.zeros(shape, np.float32)
+    centres = [(15, y, x) for y in (16, 48, 80) for x in (16, 48, 80)]
+    for c in centres:
+        img[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < 5.5**2] = 1.0
+    img = ndi.gaussian_filter(img, 1.0) + rng.normal(0, 0.05, shape).astype(np.float32)
+    return np.clip(img, 0, 1)
+
+
+def test_thin_stack_log_scale_counts():
+    """The LoG's largest scale was a sixth of the smallest extent: 30 slices ended the scale
+    range at 5 voxels, under these balls' 5.5, the median landed on the last scale and the LoG
+    never counted (``radius_log`` 0). The range now follows the second-largest extent."""
+    est = estimate_object_radius(_thin_stack_of_balls(), (1.0, 1.0, 1.0))
+    assert est["radius_log"] > 0, est
+    assert 5.5 / 1.3 <= est["radius_log"] <= 5.5 * 1.3, est
+    assert 5.5 / 1.3 <= est["radius"] <= 5.5 * 1.3, est

@@ -73,7 +73,11 @@ def test_radius_from_planes_false_keeps_the_radius(monkeypatch):
     torch.manual_seed(0)
     net = InstanceDecoder(build_model("tiny-2d"), DecoderConfig(features=4)).eval()
     vol = np.stack([_blobs((32, 32), seed=s) for s in range(12)])
-    _, info = segment_instances(vol, method="learned", model=net, object_radius=3.0)
-    _, kept = segment_instances(vol, method="learned", model=net, object_radius=3.0, radius_from_planes=False)
-    assert radii == [7.5, 3.0]
+    _, info = segment_instances(vol, method="learned", model=net)
+    _, kept = segment_instances(vol, method="learned", model=net, radius_from_planes=False)
+    assert radii == [7.5, kept["radius"]] and kept["radius"] != 7.5
     assert info["radius_planes"] == 7.5 and kept["radius_planes"] is None
+    # a given radius is never re-estimated from planes
+    radii.clear()
+    _, given = segment_instances(vol, method="learned", model=net, object_radius=3.0)
+    assert radii == [3.0] and given["radius_planes"] is None

@@ -87,4 +87,6 @@ def test_a_network_of_membranes_keeps_the_plain_estimate(shared_data, monkeypatc
     assert got == estimate_object_radius(x, sp)["radius"]
     monkeypatch.undo()
     monkeypatch.setattr(scale, "BLOB_MAXIMA_FRACTION", 0.0)  # read blobs wherever ridges lead
-    assert estimate_object_radius(x, sp)["radius"] > 2 * got  # the failure the rule prevents
+    # the failure the rule prevents: 5.8 for 0.98 while the scale range ended at a sixth of
+    # the 32-plane stack's depth, 1.12 for 0.93 since it follows the in-plane extent
+    assert estimate_object_radius(x, sp)["radius"] > 1.1 * got

@@ -102,10 +102,10 @@ def segment_instances(
         become 0). For the blocks of a volume: each is normalised as the whole volume is,
         by the volume's range estimated once (:mod:`napari_mae.distributed`).
     radius_from_planes : bool
-        Learned method, volumes: re-estimate the object radius from a few planes with the
-        decoder (:func:`~napari_mae.segmentation.learned.segment_learned`). False
-        segments at ``object_radius`` (or the classical estimate) as it is, e.g. a radius
-        measured once on a whole volume, for its blocks.
+        Learned method, volumes: re-estimate the estimated object radius from a few planes
+        with the decoder (:func:`~napari_mae.segmentation.learned.segment_learned`). A
+        given ``object_radius`` is never re-estimated. False segments at the classical
+        estimate as it is.
 
     Returns
     -------
@@ -188,20 +188,21 @@ def segment_instances(
     report(progress, 2, 100, "estimating object size")
     # A fine-tuned model segments at the radius it was fine-tuned at (decoder.fitted_radius).
     fitted = getattr(net, "fitted_radius", None) if net is not None else None
-    if object_radius is None and fitted is None:
+    fixed = fixed_object_radius(object_radius, net)
+    if fixed is None:
         est = estimate_object_radius(img, sp, progress=sub_progress(progress, 2, 20, 100))
     else:
-        r = float(object_radius if object_radius is not None else fitted)
+        r = fixed[0]
         est = {"radius": r, "radius_px": tuple(r / s for s in sp), "radius_log": float("nan"),
                "radius_foreground": float("nan")}  # fmt: skip
     info.update(est)
-    info["radius_source"] = (
-        "given" if object_radius is not None else "model" if fitted is not None else "estimate"
-    )
+    info["radius_source"] = "estimate" if fixed is None else fixed[1]
     if net is not None:
         labels, extra = _learned_labels(
-            img, net, sp, est["radius"], progress, planes=fitted is None and radius_from_planes
-        )
+            img, net, sp, est["radius"], progress,
+            # only an estimated radius is re-estimated from planes: a given one wins
+            planes=object_radius is None and fitted is None and radius_from_planes,
+        )  # fmt: skip
         info.update(extra)
         if invalid.any():
             labels[invalid] = 0
@@ -319,3 +320,32 @@ def _check_scribbles(scribbles, shape) -> np.ndarray | None:
             f"got background={'yes' if has_bg else 'no'}, objects={'yes' if has_fg else 'no'}"
         )
     return s
+
+
+def fixed_object_radius(object_radius: float | None, net=None) -> tuple[float, str] | None:
+    """The object radius that no estimate may change, and where it came from; None: estimate it.
+
+    The one statement of the radius priority of :func:`segment_instances` and fine-tuning
+    (:func:`napari_mae.segmentation.finetune.finetune`, which trains at the radius
+    inference will use): the given radius, else the one a fine-tuned model was trained at
+    (:func:`napari_mae.models.decoder.fitted_radius`), else the caller estimates it
+    (object strokes that disagree with the estimate win over it: ``"strokes"``, else
+    ``"estimate"``).
+
+    Parameters
+    ----------
+    object_radius : float or None
+        The radius given by the user, in physical units.
+    net : InstanceDecoder or None
+        The segmentation model, if any; its ``fitted_radius`` attribute (physical units,
+        or None) is used.
+
+    Returns
+    -------
+    (float, str) or None
+        ``(radius, "given")``, ``(radius, "model")``, or None when neither is known.
+    """
+    if object_radius is not None:
+        return float(object_radius), "given"
+    fitted = getattr(net, "fitted_radius", None) if net is not None else None
+    return None if fitted is None else (float(fitted), "model")
