@@ -427,19 +427,20 @@ class _Prepared:
 def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_radius, cfg, check):
     """Images at the model's scale and their labelled planes (volumes: Z, Y and X planes)."""
     from napari_mae.segmentation.learned import prepare_image, rescaled
+    from napari_mae.segmentation.segment import fixed_object_radius
 
     r_ref = float(net.decoder_config.object_radius)
     prep = _Prepared([], [], [], [], [])
     # The radius as inference with the fine-tuned model will take it (segment_instances):
     # the given one, else the model's own fitted radius (a model fine-tuned before), else
     # the estimate (volumes: checked on a few planes by the model, as segment_learned does).
-    given = object_radius if object_radius is not None else getattr(net, "fitted_radius", None)
+    fixed = fixed_object_radius(object_radius, net)
     for i, (im, s, c) in enumerate(zip(images, scribbles, corrected, strict=True)):
         check()
         img, info = prepare_image(im, channel_axis=channel_axis)
         sp = np.asarray(spacings[i], float)
-        if given is not None:
-            radius, source = float(given), "given" if object_radius is not None else "model"
+        if fixed is not None:
+            radius, source = fixed
         else:
             radius, source = _estimated_radius(net, img, s, sp, r_ref)
         if img.ndim == 2:
