@@ -76,3 +76,14 @@ def test_thin_stack_log_scale_counts():
     assert est["radius_log"] > 0, est
     assert 5.5 / 1.3 <= est["radius_log"] <= 5.5 * 1.3, est
     assert 5.5 / 1.3 <= est["radius"] <= 5.5 * 1.3, est
+
+
+def test_an_estimate_that_found_nothing_is_none():
+    """One disk wider than the LoG's scale range: the LoG finds no blob scale and says None
+    (it said 0.0, which read as a radius of zero in the CLI's JSON); the foreground decides."""
+    yy, xx = np.indices((64, 64))
+    img = ((yy - 32) ** 2 + (xx - 32) ** 2 < 20**2).astype(np.float32)
+    est = estimate_object_radius(ndi.gaussian_filter(img, 1.0))
+    assert est["radius_log"] is None, est
+    assert 20 / 1.3 < est["radius_foreground"] < 20 * 1.3
+    assert est["radius"] == est["radius_foreground"]

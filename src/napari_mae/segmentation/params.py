@@ -154,7 +154,7 @@ class SegmentationInfo(Mapping):
         Number of tiles processed.
     radius_log, radius_foreground : float, optional
         The two radius estimates (see :func:`~napari_mae.segmentation.scale.estimate_object_radius`);
-        NaN when the radius was given.
+        None where that estimate found nothing, and when the radius was given.
     radius_strokes : float, optional
         Scribble mode: half the median length of the object strokes.
     radius_image : float, optional

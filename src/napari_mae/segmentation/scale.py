@@ -96,8 +96,9 @@ def estimate_object_radius(
     Returns
     -------
     dict
-        ``radius`` (physical units), ``radius_px`` (per axis, pixels), ``radius_log``,
-        ``radius_foreground`` (physical, 0 when undefined).
+        ``radius`` (physical units), ``radius_px`` (per axis, pixels), ``radius_log`` and
+        ``radius_foreground`` (the two estimates, physical; None where that estimate found
+        nothing: no blob scale, no foreground component).
     """
 
     ndim = image.ndim
@@ -155,8 +156,8 @@ def estimate_object_radius(
     return {
         "radius": float(r),
         "radius_px": tuple(float(r / s) for s in sp),
-        "radius_log": r_log,
-        "radius_foreground": r_fg,
+        "radius_log": r_log if r_log > 0 else None,
+        "radius_foreground": r_fg if r_fg > 0 else None,
     }
 
 

@@ -193,8 +193,8 @@ def segment_instances(
         est = estimate_object_radius(img, sp, progress=sub_progress(progress, 2, 20, 100))
     else:
         r = fixed[0]
-        est = {"radius": r, "radius_px": tuple(r / s for s in sp), "radius_log": float("nan"),
-               "radius_foreground": float("nan")}  # fmt: skip
+        est = {"radius": r, "radius_px": tuple(r / s for s in sp), "radius_log": None,
+               "radius_foreground": None}  # fmt: skip
     info.update(est)
     info["radius_source"] = "estimate" if fixed is None else fixed[1]
     if net is not None:
