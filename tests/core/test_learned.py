@@ -149,3 +149,14 @@ def test_segment_learned_shapes_2d_and_3d():
 def test_median_radius():
     assert median_radius(np.zeros((5, 5), np.int32)) is None
     assert median_radius(_disks(radius=10)) == pytest.approx(10, rel=0.05)
+
+
+def test_cached_segmenter_names_the_model_asked_for():
+    """'default-2d' and its alias 'default-2d-nuclei' are one file, cached once; the model
+    kept the first name it was loaded by, so a folder run reported the other one."""
+    from napari_mae.segmentation.learned import cached_segmenter
+
+    a = cached_segmenter("default-2d-nuclei")
+    assert a.source == "default-2d-nuclei"
+    b = cached_segmenter("default-2d")
+    assert b is a and b.source == "default-2d"

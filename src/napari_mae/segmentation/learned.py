@@ -435,4 +435,7 @@ def cached_segmenter(spec) -> torch.nn.Module:
         net.source = str(spec)
         _CACHE.clear()  # one model at a time: they are ~10 MB each
         _CACHE[key] = net
-    return _CACHE[key]
+    net = _CACHE[key]
+    # the name asked for this time: "default-2d" and its alias share one file
+    net.source = str(spec)
+    return net
