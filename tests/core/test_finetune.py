@@ -141,6 +141,7 @@ def test_bad_input_leaves_the_model_and_out_untouched(tiny_model, tmp_path):
         ({"crop_size": 40}, "crop_size"),
         ({"pseudo_confidence": 0.4}, "pseudo_confidence"),
         ({"encoder_blocks": -1}, "encoder_blocks"),
+        ({"pseudo_source": "labels"}, "pseudo_source"),
     ],
 )
 def test_bad_config_raises(kw, match):
@@ -364,3 +365,32 @@ def test_a_budget_used_up_while_preparing_says_so(tiny_model, tmp_path):
     assert updates[-1].kind == "finished" and updates[-1].checkpoint is None
     assert "more seconds" in updates[-1].message and "nothing was saved" in updates[-1].message
     assert not out.exists()
+
+
+def test_pseudo_labels_from_the_classical_pipeline(tiny_model):
+    """pseudo_source="classical": the classical scribble mode's objects are the
+    pseudo-labels, whole (all three targets) and everywhere the user did not label, except on
+    their outlines; the untrained model's own predictions are not used."""
+    from skimage.segmentation import find_boundaries
+
+    from napari_mae.models.decoder import load_segmenter
+    from napari_mae.segmentation import segment_instances
+    from napari_mae.segmentation.targets import distance_targets
+
+    net = load_segmenter(tiny_model)
+    img, gt = _nuclei()
+    strokes = _strokes(gt)
+    cfg = FinetuneConfig(**{**TINY, "pseudo_source": "classical"})
+    prep = _prepared(net, img, strokes, None, cfg, object_radius=6.0)
+    (item,) = training_planes(net, prep, cfg)
+    t, w = item["target"], item["weight"]
+    teacher, _ = segment_instances(img, method="classical", scribbles=strokes)
+    assert teacher.max() == 5  # the five nuclei, the pseudo-labels' source
+    pseudo = (w[0] > 0) & (w[0] < 1)
+    edge = find_boundaries(teacher, mode="thick")
+    assert pseudo.sum() > 0.8 * (~edge & (strokes == 0)).sum()
+    assert not (pseudo & edge).any() and not (pseudo & (strokes > 0)).any()
+    inner = pseudo & (teacher > 0)
+    np.testing.assert_allclose(t[:, inner], distance_targets(teacher)[:, inner])
+    assert (t[0][pseudo & (teacher == 0)] == 0).all()
+    assert item["pseudo"] == {"foreground": True, "background": True}

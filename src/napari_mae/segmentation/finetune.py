@@ -32,9 +32,9 @@ Priority where sources overlap: strokes, then corrected objects, then pseudo-lab
 (:func:`napari_mae.segmentation.learned.segment_plane`): each image is resampled so that
 its objects have the decoder's ``object_radius``; strokes and objects are resampled with
 it. The object radius is the given one, else the fitted radius of a model fine-tuned
-before, else the estimate of inference
-(:func:`napari_mae.segmentation.estimate_object_radius`; volumes: checked by the model on
-a few Z planes), replaced by the object strokes' size where the strokes show that the
+before, else the classical estimate
+(:func:`napari_mae.segmentation.estimate_object_radius`; volumes too, not the untuned
+decoder's re-estimate from planes), replaced by the object strokes' size where the strokes show that the
 estimate found other things (the classical scribble mode's rule, e.g. a CT's body where
 the bones are meant). The radius used (physical units; the median over the images) is
 stored in the checkpoint (``extra["object_radius"]``, read by
@@ -91,6 +91,8 @@ RING_PX = 2
 #: Share of a class's stroke pixels the model must predict right for its pseudo-labels
 #: of the other class to be used (see the module docstring).
 AGREEMENT = 0.8
+#: Where pseudo-labels come from (FinetuneConfig.pseudo_source).
+PSEUDO_SOURCES = ("model", "classical")
 #: Largest id of a corrected-objects array (napari Labels may hold int64; the targets use int32).
 MAX_LABEL_ID = 2**31 - 1
 
@@ -119,7 +121,14 @@ class FinetuneConfig:
         Steps between evaluations of the loss on the labelled pixels (the best model is
         kept; nothing is saved before the first).
     pseudo_labels : bool
-        Use the previous model's confident predictions away from the strokes (source c).
+        Use pseudo-labels away from the strokes (source c).
+    pseudo_source : {"model", "classical"}
+        Where they come from: the previous model's confident predictions, or the
+        classical pipeline's segmentation with the same strokes (its scribble mode,
+        :func:`napari_mae.segmentation.segment_instances` with ``method="classical"``):
+        every pixel the user did not label, except a one-pixel band on its objects'
+        outlines, at ``pseudo_weight``; ``pseudo_confidence`` and ``pseudo_distance``
+        apply to the model's only.
     pseudo_confidence : float
         Foreground probability (or one minus it) from which a prediction is confident, in (0.5, 1).
     pseudo_distance : float
@@ -151,6 +160,7 @@ class FinetuneConfig:
     batch_size: int = 4
     eval_every: int = 20
     pseudo_labels: bool = True
+    pseudo_source: str = "model"
     pseudo_confidence: float = 0.9
     pseudo_distance: float = 3.0
     pseudo_weight: float = 0.5
@@ -173,6 +183,7 @@ class FinetuneConfig:
              "a multiple of 16, at least 32"),
             (_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "a positive integer"),
             (_is_int(self.eval_every) and self.eval_every >= 1, "eval_every", "a positive integer"),
+            (self.pseudo_source in PSEUDO_SOURCES, "pseudo_source", f"one of {PSEUDO_SOURCES}"),
             (0.5 < self.pseudo_confidence < 1.0, "pseudo_confidence", "in (0.5, 1)"),
             (self.pseudo_distance >= 0, "pseudo_distance", ">= 0"),
             (0.0 <= self.pseudo_weight <= 1.0, "pseudo_weight", "in [0, 1]"),
@@ -412,6 +423,7 @@ class _Plane:
     corrected: np.ndarray | None  # (H, W) int32
     invalid: np.ndarray | None  # (H, W) bool
     source: tuple  # (image index, axis or None, plane index)
+    teacher: np.ndarray | None = None  # (H, W) int32: the classical pipeline's labels
 
 
 @dataclass
@@ -442,7 +454,7 @@ def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_r
         if fixed is not None:
             radius, source = fixed
         else:
-            radius, source = _estimated_radius(net, img, s, sp, r_ref)
+            radius, source = _estimated_radius(img, s, sp)
         if img.ndim == 2:
             r_px = radius / float(np.sqrt(sp[0] * sp[1]))
             scale = _clip_scale(r_ref / max(r_px, 1e-3))
@@ -455,6 +467,9 @@ def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_r
         wc = None if c is None else _resize_labels(c.astype(np.int32), work.shape)
         inv = info["invalid"]
         wi = _resize_labels(inv.astype(np.int32), work.shape).astype(bool) if inv.any() else None
+        wt = None
+        if cfg.pseudo_labels and cfg.pseudo_weight > 0 and cfg.pseudo_source == "classical":
+            wt = _resize_labels(_classical_labels(im, s, sp, channel_axis), work.shape)
         prep.images.append(img)
         prep.work.append(work)
         prep.factors.append(factor)
@@ -462,7 +477,7 @@ def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_r
         prep.sources.append(source)
         if work.ndim == 2:
             if ws.any() or (wc is not None and wc.any()):  # an image without labels teaches nothing
-                prep.planes.append(_Plane(work, ws, wc, wi, (i, None, 0)))
+                prep.planes.append(_Plane(work, ws, wc, wi, (i, None, 0), wt))
             continue
         candidates = []
         for axis in range(3):
@@ -480,6 +495,7 @@ def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_r
                         None if c_ax is None else np.ascontiguousarray(c_ax[k]),
                         None if wi is None else np.ascontiguousarray(np.moveaxis(wi, axis, 0)[k]),
                         (i, axis, int(k)),
+                        None if wt is None else np.ascontiguousarray(np.moveaxis(wt, axis, 0)[k]),
                     ),
                 ))  # fmt: skip
         candidates.sort(key=lambda c: -c[0])  # the most labelled planes of this volume
@@ -489,41 +505,43 @@ def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_r
     return prep
 
 
-def _estimated_radius(net, img, strokes, sp, r_ref) -> tuple[float, str]:
+def _classical_labels(image, strokes, spacing, channel_axis) -> np.ndarray:
+    """The classical pipeline's labels of an image with the user's strokes (its scribble
+    mode, its own radius estimate and preparation): the pseudo-labels of
+    ``pseudo_source="classical"``."""
+    from napari_mae.segmentation import segment_instances
+
+    labels, _ = segment_instances(
+        image, method="classical", scribbles=strokes, spacing=tuple(spacing), channel_axis=channel_axis
+    )
+    return np.asarray(labels).astype(np.int32)
+
+
+def _estimated_radius(img, strokes, sp) -> tuple[float, str]:
     """An image's object radius (physical) without a given one, and where it came from.
 
-    The estimate of inference (:func:`~napari_mae.segmentation.estimate_object_radius`;
-    volumes: checked by the model on a few planes), unless the object strokes say it
+    The classical estimate (:func:`~napari_mae.segmentation.estimate_object_radius`), unless
+    the object strokes say it
     found other things than the user's objects: the classical scribble mode's rule
     (:func:`napari_mae.segmentation.classical.segment_classical`): object strokes far
     shorter than the estimated diameter, lying in automatic objects that background
     strokes cross too (a CT: the body found, the bones meant). Then the strokes' size
     (half their median length) is the radius: ``"strokes"``; else ``"estimate"``.
+
+    Volumes too take the classical estimate, not the untuned decoder's re-estimate from a
+    few planes that inference uses: fine-tuning is for data the decoder gets wrong, and
+    there its planes' estimate is wrong with it (on a blurred nuclei volume the decoder
+    merged nuclei and its estimate came out 1.4x the labels' radius; fine-tuned at it,
+    acc@0.5 stayed near 0.1, at the classical estimate it reached 0.5-0.6).
     """
     from napari_mae.segmentation import estimate_object_radius
     from napari_mae.segmentation.classical import _stroke_radius, _strokes_disagree
 
     estimate = float(estimate_object_radius(img, sp)["radius"])
-    radius = _plane_radius(net, img, sp, estimate, r_ref) if img.ndim == 3 else estimate
     r_strokes = _stroke_radius(strokes, sp)
-    if 0 < r_strokes < 0.5 * min(radius, estimate) and _strokes_disagree(img, strokes, estimate, sp):
+    if 0 < r_strokes < 0.5 * estimate and _strokes_disagree(img, strokes, estimate, sp):
         return max(r_strokes, float(sp.min())), "strokes"
-    return radius, "estimate"
-
-
-def _plane_radius(net, volume, sp, radius, r_ref) -> float:
-    """The radius inference will use for a volume (``segment_learned``'s estimate from Z planes)."""
-    try:  # private in learned.py; without it, the classical estimate alone (as before it existed)
-        from napari_mae.segmentation.learned import LearnedParams, _radius_from_planes
-    except ImportError:  # pragma: no cover - learned.py reorganised
-        return radius
-    import torch
-
-    from napari_mae.models.mae import amp_dtype
-
-    bf16 = amp_dtype(next(net.parameters()).device, cpu_bf16=True) == torch.bfloat16
-    found = _radius_from_planes(net, volume, sp, radius, r_ref, LearnedParams(), bf16=bf16)
-    return radius if found is None else float(found)
+    return estimate, "estimate"
 
 
 def training_planes(net, prep: _Prepared, cfg: FinetuneConfig, check=lambda: None) -> list[dict]:
@@ -537,6 +555,7 @@ def training_planes(net, prep: _Prepared, cfg: FinetuneConfig, check=lambda: Non
         distance terms); ``user`` (1, H, W) float32, 1 where the user labelled; ``source``.
     """
     import torch
+    from skimage.segmentation import find_boundaries
 
     from napari_mae.models.mae import amp_dtype
     from napari_mae.segmentation.learned import LearnedParams, instances_from_maps, predict_maps
@@ -566,13 +585,20 @@ def training_planes(net, prep: _Prepared, cfg: FinetuneConfig, check=lambda: Non
         weight[1, bg] = 0.0  # a background stroke inside a corrected object wins
         pred = None
         if cfg.pseudo_labels and cfg.pseudo_weight > 0:
-            maps = predict_maps(net, pl.image, bf16=bf16)
-            p = maps[0]
+            if pl.teacher is not None:
+                # The classical labels: certain except on their outlines (a pixel either
+                # side), which are where the two pipelines' boundaries differ.
+                inst, maps = pl.teacher, None
+                p = np.where(find_boundaries(inst, mode="thick"), 0.5, (inst > 0).astype(np.float32))
+                far = ~user
+            else:
+                maps = predict_maps(net, pl.image, bf16=bf16)
+                p, inst = maps[0], None
+                far = ndi.distance_transform_edt(~user) > cfg.pseudo_distance * r_ref if user.any() else None
             for v, m, right in ((1, bg, p < 0.5), (2, obj, p >= 0.5)):
                 agree[v][0] += int(np.count_nonzero(right & m))
                 agree[v][1] += int(np.count_nonzero(m))
-            far = ndi.distance_transform_edt(~user) > cfg.pseudo_distance * r_ref if user.any() else None
-            pred = (maps, far)
+            pred = (p, inst, maps, far)
         preds.append(pred)
         out.append({
             "image": pl.image[None].astype(np.float32),
@@ -586,18 +612,19 @@ def training_planes(net, prep: _Prepared, cfg: FinetuneConfig, check=lambda: Non
     use_bg = agree[2][1] == 0 or agree[2][0] >= AGREEMENT * agree[2][1]
     pw, conf = float(cfg.pseudo_weight), float(cfg.pseudo_confidence)
     for item, pred in zip(out, preds, strict=True):
-        if pred is None or pred[1] is None:
+        if pred is None or pred[3] is None:
             continue
         check()
-        maps, far = pred
+        p, inst, maps, far = pred
         free = far & (item["weight"][0] == 0)
         if use_bg:
-            sel = free & (maps[0] <= 1.0 - conf)
+            sel = free & (p <= 1.0 - conf)
             item["target"][0, sel] = 0.0
             item["weight"][0, sel] = pw
         if use_fg:
-            inst = instances_from_maps(maps, LearnedParams())
-            sel = free & (maps[0] >= conf) & (inst > 0)
+            if inst is None:
+                inst = instances_from_maps(maps, LearnedParams())
+            sel = free & (p >= conf) & (inst > 0)
             if sel.any():
                 t = distance_targets(inst)
                 item["target"][:, sel] = t[:, sel]
