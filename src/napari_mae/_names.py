@@ -62,3 +62,8 @@ def bundled_segmenter_path(name: str) -> Path | None:
     """
     file = BUNDLED_SEGMENTERS.get(SEGMENTER_ALIASES.get(name, name))
     return None if file is None else WEIGHTS_DIR / file
+
+
+#: Where fine-tuning's pseudo-labels come from (``FinetuneConfig.pseudo_source``): the
+#: model's confident predictions, or the classical pipeline's scribble-mode segmentation.
+PSEUDO_SOURCES = ("model", "classical")

@@ -394,3 +394,20 @@ def test_pseudo_labels_from_the_classical_pipeline(tiny_model):
     np.testing.assert_allclose(t[:, inner], distance_targets(teacher)[:, inner])
     assert (t[0][pseudo & (teacher == 0)] == 0).all()
     assert item["pseudo"] == {"foreground": True, "background": True}
+
+
+def test_cli_pseudo_source(tiny_model, tmp_path, capsys):
+    from napari_mae.cli import main
+    from napari_mae.io.checkpoint import load_checkpoint
+
+    img, gt = _nuclei()
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    tifffile.imwrite(tmp_path / "s.tif", _strokes(gt))
+    out = tmp_path / "tuned.pt"
+    args = ["finetune", str(tmp_path / "img.tif"), "--scribbles", str(tmp_path / "s.tif"), "--out", str(out)]
+    args += ["--model", str(tiny_model), "--steps", "2", "--seconds", "120", "--device", "cpu"]
+    assert main([*args, "--pseudo-source", "classical"]) == 0
+    assert load_checkpoint(out)["extra"]["finetune"]["pseudo_source"] == "classical"
+    with pytest.raises(SystemExit):  # argparse: not a choice
+        main([*args, "--pseudo-source", "labels", "--overwrite"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import argparse
 import math
 import sys
 
+from napari_mae._names import PSEUDO_SOURCES
 from napari_mae.cli import CLIError, check_output_path
 from napari_mae.io.readers import FORMAT_NAMES
 
@@ -79,7 +80,14 @@ def register(subparsers) -> None:
     p.add_argument(
         "--no-pseudo-labels",
         action="store_true",
-        help="train on your labels only (no self-training on the model's confident predictions)",
+        help="train on your labels only (no self-training on pseudo-labels)",
+    )
+    p.add_argument(
+        "--pseudo-source",
+        choices=PSEUDO_SOURCES,
+        default="model",
+        help="where the pseudo-labels come from: the model's confident predictions (default) or "
+        "the classical pipeline's segmentation with the same strokes",
     )
     p.add_argument(
         "--spacing",
@@ -131,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
             steps=args.steps,
             encoder_blocks=args.encoder_blocks,
             pseudo_labels=not args.no_pseudo_labels,
+            pseudo_source=args.pseudo_source,
             seed=args.seed,
             device=args.device,
         )

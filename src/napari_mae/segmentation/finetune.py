@@ -72,6 +72,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_mae._names import PSEUDO_SOURCES
 from napari_mae.training.loop import Objective, decay_groups
 
 __all__ = [
@@ -91,8 +92,6 @@ RING_PX = 2
 #: Share of a class's stroke pixels the model must predict right for its pseudo-labels
 #: of the other class to be used (see the module docstring).
 AGREEMENT = 0.8
-#: Where pseudo-labels come from (FinetuneConfig.pseudo_source).
-PSEUDO_SOURCES = ("model", "classical")
 #: Largest id of a corrected-objects array (napari Labels may hold int64; the targets use int32).
 MAX_LABEL_ID = 2**31 - 1
 
