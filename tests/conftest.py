@@ -34,3 +34,20 @@ def shared_data() -> Path:
 def sample_data_dir() -> Path:
     """Path of the plugin's bundled ``sample_data/`` folder."""
     return SAMPLE_DATA
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A small segmentation checkpoint: tiny-2d encoder (4 blocks), 4 decoder features,
+    object radius 6 px, seeded (the same weights in every module that asks)."""
+    import torch
+
+    from napari_mae.io.checkpoint import save_checkpoint
+    from napari_mae.models import mae
+    from napari_mae.models.decoder import DecoderConfig, InstanceDecoder
+
+    torch.manual_seed(0)
+    net = InstanceDecoder(mae.build_model("tiny-2d"), DecoderConfig(features=4, object_radius=6.0))
+    path = tmp_path_factory.mktemp("model") / "tiny-seg.pt"
+    save_checkpoint(path, net, normalization={"lower": 1.0, "upper": 99.8}, extra={"task": "segmentation"})
+    return path

@@ -7,7 +7,6 @@ import argparse
 import numpy as np
 import pytest
 import tifffile
-import torch
 from skimage.draw import disk
 
 from napari_mae.cli import build_parser, main
@@ -32,20 +31,6 @@ def test_threshold_help_gives_its_scale():
 def test_radius_help_says_physical_units_or_pixels(command):
     text = _option_help(command, "--radius")
     assert "physical units of the file" in text and "pixels where" in text
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A small segmentation checkpoint: tiny-2d encoder (4 blocks), 4 decoder features."""
-    from napari_mae.io.checkpoint import save_checkpoint
-    from napari_mae.models import mae
-    from napari_mae.models.decoder import DecoderConfig, InstanceDecoder
-
-    torch.manual_seed(0)
-    net = InstanceDecoder(mae.build_model("tiny-2d"), DecoderConfig(features=4, object_radius=6.0))
-    path = tmp_path_factory.mktemp("model") / "tiny-seg.pt"
-    save_checkpoint(path, net, normalization={"lower": 1.0, "upper": 99.8}, extra={"task": "segmentation"})
-    return path
 
 
 def test_finetune_config_checks_encoder_blocks_against_the_depth():

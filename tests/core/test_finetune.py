@@ -25,20 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = dict(seconds=None, steps=4, eval_every=2, batch_size=2, crop_size=64, live_every_s=0, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A small segmentation checkpoint (tiny-2d encoder, 4 decoder features), object radius 6 px."""
-    from napari_mae.io.checkpoint import save_checkpoint
-    from napari_mae.models import mae
-    from napari_mae.models.decoder import DecoderConfig, InstanceDecoder
-
-    torch.manual_seed(0)
-    net = InstanceDecoder(mae.build_model("tiny-2d"), DecoderConfig(features=4, object_radius=6.0))
-    path = tmp_path_factory.mktemp("model") / "tiny-seg.pt"
-    save_checkpoint(path, net, normalization={"lower": 1.0, "upper": 99.8}, extra={"task": "segmentation"})
-    return path
-
-
 def _nuclei(shape=(96, 96), radius=6):
     gt = np.zeros(shape, np.int32)
     centres = [(20, 20), (22, 70), (70, 28), (62, 74), (46, 48)]
@@ -325,15 +311,21 @@ def test_volume_strokes_on_any_plane(tiny_model):
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_cli_finetune_then_segment_with_it(tiny_model, tmp_path, capsys):
-    from napari_mae.cli import main
-
+def _cli_finetune_args(tmp_path, tiny_model):
+    """``finetune`` arguments for a tiny run on the test nuclei, the output path, the labels."""
     img, gt = _nuclei()
     tifffile.imwrite(tmp_path / "img.tif", img)
     tifffile.imwrite(tmp_path / "s.tif", _strokes(gt))
     out = tmp_path / "tuned.pt"
     args = ["finetune", str(tmp_path / "img.tif"), "--scribbles", str(tmp_path / "s.tif"), "--out", str(out)]
     args += ["--model", str(tiny_model), "--steps", "2", "--seconds", "120", "--device", "cpu"]
+    return args, out, gt
+
+
+def test_cli_finetune_then_segment_with_it(tiny_model, tmp_path, capsys):
+    from napari_mae.cli import main
+
+    args, out, gt = _cli_finetune_args(tmp_path, tiny_model)
     assert main(args) == 0
     assert "saved the best model" in capsys.readouterr().out and out.is_file()
     seg = ["segment", str(tmp_path / "img.tif"), "--method", "learned", "--model", str(out)]
@@ -400,12 +392,7 @@ def test_cli_pseudo_source(tiny_model, tmp_path, capsys):
     from napari_mae.cli import main
     from napari_mae.io.checkpoint import load_checkpoint
 
-    img, gt = _nuclei()
-    tifffile.imwrite(tmp_path / "img.tif", img)
-    tifffile.imwrite(tmp_path / "s.tif", _strokes(gt))
-    out = tmp_path / "tuned.pt"
-    args = ["finetune", str(tmp_path / "img.tif"), "--scribbles", str(tmp_path / "s.tif"), "--out", str(out)]
-    args += ["--model", str(tiny_model), "--steps", "2", "--seconds", "120", "--device", "cpu"]
+    args, out, gt = _cli_finetune_args(tmp_path, tiny_model)
     assert main([*args, "--pseudo-source", "classical"]) == 0
     assert load_checkpoint(out)["extra"]["finetune"]["pseudo_source"] == "classical"
     with pytest.raises(SystemExit):  # argparse: not a choice

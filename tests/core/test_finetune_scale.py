@@ -25,11 +25,6 @@ def _save_tiny(path, extra):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return _save_tiny(tmp_path_factory.mktemp("model") / "tiny-seg.pt", {"task": "segmentation"})
-
-
 def _nuclei(shape=(96, 96), radius=6):
     gt = np.zeros(shape, np.int32)
     for k, c in enumerate([(20, 20), (22, 70), (70, 28), (62, 74), (46, 48)], start=1):

@@ -31,20 +31,6 @@ def _rgb(img):
     return np.stack([img, (img * 0.5).astype(np.uint8), (img * 0.8).astype(np.uint8)], axis=-1)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A small segmentation checkpoint (tiny-2d encoder, 4 decoder features), object radius 6 px."""
-    from napari_mae.io.checkpoint import save_checkpoint
-    from napari_mae.models import mae
-    from napari_mae.models.decoder import DecoderConfig, InstanceDecoder
-
-    torch.manual_seed(0)
-    net = InstanceDecoder(mae.build_model("tiny-2d"), DecoderConfig(features=4, object_radius=6.0))
-    path = tmp_path_factory.mktemp("model") / "tiny-seg.pt"
-    save_checkpoint(path, net, normalization={"lower": 1.0, "upper": 99.8}, extra={"task": "segmentation"})
-    return path
-
-
 # ----------------------------------------------------------------------------- read_image
 
 

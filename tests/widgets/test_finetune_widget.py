@@ -11,22 +11,6 @@ from widget_helpers import errors, small_nuclei_2d, wait_done
 TINY = {"eval_every": 2, "batch_size": 2, "crop_size": 64, "steps": 4, "live_every_s": 1e-6, "device": "cpu"}
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A small segmentation checkpoint (tiny-2d encoder, 4 decoder features)."""
-    import torch
-
-    from napari_mae.io.checkpoint import save_checkpoint
-    from napari_mae.models import mae
-    from napari_mae.models.decoder import DecoderConfig, InstanceDecoder
-
-    torch.manual_seed(0)
-    net = InstanceDecoder(mae.build_model("tiny-2d"), DecoderConfig(features=4, object_radius=6.0))
-    path = tmp_path_factory.mktemp("model") / "tiny-seg.pt"
-    save_checkpoint(path, net, normalization={"lower": 1.0, "upper": 99.8}, extra={"task": "segmentation"})
-    return path
-
-
 def _strokes(image):
     s = np.zeros(image.shape, np.uint8)
     lo, hi = np.percentile(image, [20, 99])
