@@ -16,6 +16,10 @@ from the bundled MAE encoder::
 
     napari-mae train images/ --labels labels/ --out seg_run --epochs 20
 
+Volumes with 3D labels train a native 3D decoder (on default-3d, or ``--model tiny-3d``)::
+
+    napari-mae train volumes/ --labels labels3d/ --out seg3d --model tiny-3d
+
 Continue a stopped run with ``--resume`` (same ``--out``). Ctrl-C stops a run cleanly: it
 writes ``last.pt`` after the current step and prints the command that resumes it (a second
 Ctrl-C quits at once).
@@ -67,7 +71,8 @@ def register(subparsers) -> None:
         default=None,
         metavar="LABELS_DIR",
         help="segmentation task: instance label images with the same file names as the images; trains the "
-        "decoder on the --model MAE encoder (default default-2d), or continues a segmentation checkpoint",
+        "decoder on the --model MAE encoder (default default-2d; for volumes default-3d, a 3D decoder), "
+        "or continues a segmentation checkpoint",
     )
     p.add_argument(
         "--frozen-epochs",
@@ -223,15 +228,13 @@ def _run_segmentation(args: argparse.Namespace) -> int:
     from napari_mae.cli import CLIError
     from napari_mae.training.segmentation import SegmentationConfig, train_segmentation
 
-    if args.spatial_dims == 3:
-        raise CLIError("the segmentation task trains a 2D decoder (volumes are segmented from their planes)")
     if args.adversarial_weight:
         raise CLIError("--adversarial-weight is for the MAE task; leave it out with --labels")
     config = SegmentationConfig(
         data_dir=args.data_dir if len(args.data_dir) > 1 else args.data_dir[0],
         labels_dir=args.labels,
         output_dir=args.out,
-        model=args.model or "default-2d",
+        model=args.model or _segmentation_encoder(args),
         epochs=args.epochs,
         batch_size=args.batch_size,
         **_given(args, "lr", "samples_per_image"),
@@ -249,6 +252,26 @@ def _run_segmentation(args: argparse.Namespace) -> int:
         return _report(train_segmentation(config, stop=stop), args, stop)
     except (ValueError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from None
+
+
+def _segmentation_encoder(args: argparse.Namespace) -> str:
+    """The encoder of a new decoder when no --model is given: default-3d for volumes, else default-2d.
+
+    Volumes are told by --spatial-dims or, without it, by the first image (as for the MAE
+    task); 3D labels then train a native 3D decoder.
+    """
+    import sys
+
+    from napari_mae.training import guess_spatial_dims
+    from napari_mae.training.files import DEFAULT_EXCLUDE
+
+    dims = args.spatial_dims
+    if dims is None:
+        guess = guess_spatial_dims(args.data_dir, args.pattern, exclude=args.exclude or DEFAULT_EXCLUDE)
+        if guess is not None and guess[0] == 3:
+            dims = 3
+            print(f"{guess[1].name} is a 3D volume: training a 3D decoder on default-3d", file=sys.stderr)
+    return "default-3d" if dims == 3 else "default-2d"
 
 
 def _given(args: argparse.Namespace, *names: str) -> dict:

@@ -221,10 +221,9 @@ class InstanceDecoder(nn.Module):
         self.encoder = MAEEncoder(mae)
         nd = len(self.encoder.patch_size)
         p = self.encoder.patch_size
+        _check_patch_size(p)
         # up-steps from the token grid to 1/2 and 1/4 resolution, per axis (anisotropic patches)
         steps = [int(round(math.log2(s))) for s in p]
-        if len(set(p)) != 1 or 2 ** steps[0] != p[0] or p[0] < 8:
-            raise ValueError(f"patch_size {p} must be one power of two >= 8 on every axis")
         self.n_up = max(steps)
         depth = self.encoder.depth
         # depths read: evenly spaced, the last block last (UNETR: 3, 6, 9, 12 of 12)
@@ -246,14 +245,17 @@ class InstanceDecoder(nn.Module):
         self.dec4 = UnetrBasicBlock(
             nd, 16 * f, 8 * f, kernel_size=3, stride=1, norm_name="instance", res_block=True
         )
+        # level k has 1 / min(2^k, p) of the resolution per axis: an axis with a smaller patch
+        # (Z of tiny-3d's 4 x 8 x 8) reaches its token grid sooner, and is not upsampled there
+        ups = [_level_step(steps, k) for k in (3, 2, 1)]
         self.dec3 = UnetrUpBlock(
-            nd, 8 * f, 4 * f, kernel_size=3, upsample_kernel_size=2, norm_name="instance", res_block=True
+            nd, 8 * f, 4 * f, kernel_size=3, upsample_kernel_size=ups[0], norm_name="instance", res_block=True
         )
         self.dec2 = UnetrUpBlock(
-            nd, 4 * f, 2 * f, kernel_size=3, upsample_kernel_size=2, norm_name="instance", res_block=True
+            nd, 4 * f, 2 * f, kernel_size=3, upsample_kernel_size=ups[1], norm_name="instance", res_block=True
         )
         self.dec1 = UnetrUpBlock(
-            nd, 2 * f, f, kernel_size=3, upsample_kernel_size=2, norm_name="instance", res_block=True
+            nd, 2 * f, f, kernel_size=3, upsample_kernel_size=ups[2], norm_name="instance", res_block=True
         )
         self.out = UnetOutBlock(nd, f, cfg.out_channels)
 
@@ -302,6 +304,34 @@ class InstanceDecoder(nn.Module):
         return torch.cat([y[:, :1], torch.sigmoid(y[:, 1:])], dim=1)
 
 
+def _check_patch_size(p: Sequence[int]) -> None:
+    """Patch sizes the decoder's levels fit: powers of two, Y and X equal and >= 8, Z (3D) <= Y.
+
+    Raises
+    ------
+    ValueError
+        Naming ``patch_size``.
+    """
+    powers = all(int(s) >= 1 and (int(s) & (int(s) - 1)) == 0 for s in p)
+    plane = p[-2:]
+    if not powers or plane[0] != plane[1] or plane[0] < 8 or (len(p) == 3 and p[0] > plane[0]):
+        raise ValueError(
+            f"patch_size {tuple(p)} must be powers of two, equal and >= 8 in Y and X"
+            + (", and Z no larger" if len(p) == 3 else "")
+        )
+
+
+def _level_step(steps: Sequence[int], k: int) -> int | tuple[int, ...]:
+    """Upsampling factor per axis from level ``k`` (1 / 2^k) to level ``k - 1``, for patches 2^steps.
+
+    An int where all axes agree (the isotropic decoder's modules, whose weights the bundled
+    2D model holds, are unchanged), else a tuple (1 on an axis already at full token
+    resolution at level ``k``).
+    """
+    f = tuple(2 if s >= k else 1 for s in steps)
+    return f[0] if len(set(f)) == 1 else f
+
+
 def _up_from_grid(nd: int, in_ch: int, out_ch: int, ups: Sequence[int], kernel_size: int = 3) -> nn.Module:
     """Token grid -> a finer level: transposed convolutions (UNETR's projection)."""
     n = max(ups)
@@ -322,7 +352,42 @@ def _up_from_grid(nd: int, in_ch: int, out_ch: int, ups: Sequence[int], kernel_s
             conv_block=True,
             res_block=True,
         )
-    raise ValueError("anisotropic patch sizes are not supported by the decoder")
+    return _AnisotropicPrUp(nd, in_ch, out_ch, ups)
+
+
+class _AnisotropicPrUp(nn.Module):
+    """MONAI's ``UnetrPrUpBlock`` (conv_block, res_block) with a factor per axis and layer.
+
+    ``UnetrPrUpBlock`` applies one ``upsample_kernel_size`` in every layer, so it cannot
+    bring a 4 x 8 x 8 token grid to one level (Z up 2x, Y and X up 4x). This is the same
+    stack from MONAI's own layers: a transposed convolution, then per further layer a
+    transposed convolution and a ``UnetResBlock``; layer ``i`` doubles the axes that
+    still need it (``i < ups[axis]``).
+    """
+
+    def __init__(self, nd: int, in_ch: int, out_ch: int, ups: Sequence[int]):
+        super().__init__()
+        from monai.networks.blocks.dynunet_block import UnetResBlock, get_conv_layer
+
+        kernels = [tuple(2 if i < u else 1 for u in ups) for i in range(max(ups))]
+        self.transp_conv_init = get_conv_layer(
+            nd, in_ch, out_ch, kernel_size=kernels[0], stride=kernels[0], conv_only=True, is_transposed=True
+        )
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                get_conv_layer(
+                    nd, out_ch, out_ch, kernel_size=k, stride=k, conv_only=True, is_transposed=True
+                ),
+                UnetResBlock(nd, out_ch, out_ch, kernel_size=3, stride=1, norm_name="instance"),
+            )
+            for k in kernels[1:]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.transp_conv_init(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
 
 
 def is_segmenter_checkpoint(checkpoint: dict) -> bool:

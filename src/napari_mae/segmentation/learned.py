@@ -19,9 +19,11 @@ The pipeline of micro-sam's automatic instance segmentation with a decoder
    a watershed on the boundary distance (torch-em's
    ``watershed_from_center_and_boundary_distances``).
 
-Volumes are segmented with the 2D model from their three orthogonal plane
+Volumes are segmented with a 2D model from their three orthogonal plane
 stacks, resampled towards isotropic voxels, the three predicted maps averaged,
-then a 3D seeded watershed (Cellpose's 3D mode, Stringer et al. 2021).
+then a 3D seeded watershed (Cellpose's 3D mode, Stringer et al. 2021); a 3D
+model (trained on volumes) predicts the resampled volume itself with 3D sliding
+windows (:func:`segment_volume`), then the same 3D watershed.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from skimage.transform import resize
 from napari_mae.segmentation.prepare import prepare_image
 from napari_mae.segmentation.watershed import relabel, remove_small_labels
 
-__all__ = ["LearnedParams", "instances_from_maps", "predict_maps", "prepare_image"]
+__all__ = ["LearnedParams", "instances_from_maps", "predict_maps", "prepare_image", "segment_volume"]
 
 
 @dataclass(frozen=True)
@@ -110,50 +112,85 @@ def _clip_scale(scale: float) -> float:
     return float(min(max(scale, 1.0 / 16.0), MAX_UPSCALE))
 
 
+#: Window side of :func:`predict_maps` for volumes (3D decoder), in voxels of the model's scale.
+ROI_3D = 64
+
+
 def predict_maps(
     net: torch.nn.Module,
     image: np.ndarray,
     *,
-    roi: int = 128,
+    roi: int | None = None,
     overlap: float = 0.25,
     sw_batch_size: int = 8,
     bf16: bool = False,
+    progress=None,
 ) -> np.ndarray:
-    """The decoder's maps of one normalised 2D image, by blended sliding windows.
+    """The decoder's maps of one normalised image (2D, or a volume for a 3D decoder), by blended sliding windows.
 
     Parameters
     ----------
     net : InstanceDecoder
-    image : ndarray of float32, shape (Y, X)
+        Of ``image.ndim`` spatial dimensions.
+    image : ndarray of float32, shape ([Z,] Y, X)
         Intensity-normalised (about [0, 1]), bright objects, at the model's scale.
-    roi : int
-        Window size in pixels (rounded down to the patch size).
+    roi : int or None
+        Window side in pixels (rounded down to the patch size per axis); None: 128 for
+        images, :data:`ROI_3D` for volumes.
     overlap : float
         Fraction of overlap between windows (MONAI ``sliding_window_inference``).
     bf16 : bool
         Run under bfloat16 autocast (CPU with native bf16 or CUDA).
+    progress : callable or None
+        ``progress(done, total, message)`` after each batch of windows.
 
     Returns
     -------
-    ndarray of float32, shape (3, Y, X)
+    ndarray of float32, shape ``(3,) + image.shape``
         Foreground probability, centre distance, boundary distance.
+
+    Raises
+    ------
+    ValueError
+        If ``image.ndim`` is not the decoder's number of spatial dimensions.
     """
     from monai.inferers import sliding_window_inference
 
-    p = int(net.encoder.patch_size[0])
+    patch = tuple(int(q) for q in net.encoder.patch_size)
+    if image.ndim != len(patch):
+        raise ValueError(f"a {len(patch)}D decoder cannot predict a {image.ndim}D image")
+    if roi is None:
+        roi = 128 if image.ndim == 2 else ROI_3D
     shape = image.shape
     # pad to a multiple of the patch size and at least one window of one patch
-    pad = [(0, (-s) % p) for s in shape]
+    pad = [(0, (-s) % p) for s, p in zip(shape, patch, strict=True)]
     x = np.pad(image, pad, mode="reflect") if any(b for _, b in pad) else image
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
-    roi_size = tuple(max(p, min(roi, s) - (min(roi, s) % p)) for s in xt.shape[2:])
+    roi_size = tuple(
+        max(p, min(roi, s) - (min(roi, s) % p)) for s, p in zip(xt.shape[2:], patch, strict=True)
+    )
     device = next(net.parameters()).device
+    predictor = net
+    if progress is not None:
+        # windows per axis as MONAI's scan: interval roi * (1 - overlap), the last one flush
+        total = math.prod(
+            1 + math.ceil(max(s - r, 0) / max(int(r * (1 - overlap)), 1))
+            for s, r in zip(xt.shape[2:], roi_size, strict=True)
+        )
+        done = [0]
+
+        def predictor(batch):
+            out = net(batch)
+            done[0] = min(done[0] + batch.shape[0], total)
+            progress(done[0], total, f"window {done[0]} of {total}")
+            return out
+
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         y = sliding_window_inference(
             xt.to(device),
             roi_size,
             sw_batch_size,
-            net,
+            predictor,
             overlap=overlap,
             mode="gaussian",
             padding_mode="reflect",
@@ -253,6 +290,35 @@ def segment_plane(
     }
 
 
+def isotropic_factor(spacing: Sequence[float], radius: float, r_ref: float) -> tuple[float, ...]:
+    """Resampling factor per axis (grid size / input size) to the model's isotropic working grid.
+
+    One working voxel measures ``radius / r_ref`` physical units on every axis, so that
+    objects of ``radius`` (physical) have ``r_ref`` voxels radius. A radius estimate far
+    too small (a noisy volume) must not blow the grid up: at most :data:`MAX_UPSCALE` per
+    axis and :data:`MAX_VOLUME_GROWTH` times the input's voxels.
+
+    Parameters
+    ----------
+    spacing : sequence of 3 float
+        Physical voxel size (Z, Y, X).
+    radius : float
+        Object radius in the units of ``spacing``.
+    r_ref : float
+        Object radius in voxels the model works at.
+
+    Returns
+    -------
+    tuple of 3 float
+    """
+    iso = radius / r_ref  # physical size of one working voxel
+    factor = np.minimum(np.asarray(spacing, dtype=float) / iso, MAX_UPSCALE)
+    growth = float(np.prod(factor))
+    if growth > MAX_VOLUME_GROWTH:
+        factor = factor * (MAX_VOLUME_GROWTH / growth) ** (1 / 3)
+    return tuple(float(f) for f in factor)
+
+
 def predict_volume_maps(
     net: torch.nn.Module,
     volume: np.ndarray,
@@ -284,17 +350,7 @@ def predict_volume_maps(
     factor : tuple of 3 float
         Resampling factor per axis (grid size / input size).
     """
-    sp = np.asarray(spacing, dtype=float)
-    iso = radius / r_ref  # physical size of one working voxel
-    factor = np.array([s / iso for s in sp])
-    # A radius estimate far too small (a noisy volume) must not blow the grid up: at most
-    # MAX_UPSCALE per axis and MAX_VOLUME_GROWTH times the input's voxels.
-    factor = np.minimum(factor, MAX_UPSCALE)
-    growth = float(np.prod(factor))
-    if growth > MAX_VOLUME_GROWTH:
-        factor = factor * (MAX_VOLUME_GROWTH / growth) ** (1 / 3)
-    factor = tuple(float(f) for f in factor)
-    work = rescaled(volume, factor)
+    work = rescaled(volume, isotropic_factor(spacing, radius, r_ref))
     maps = np.zeros((3,) + work.shape, dtype=np.float32)
     total = sum(work.shape)
     done = 0
@@ -331,7 +387,9 @@ def segment_learned(
         One channel, normalised to about [0, 1], bright objects (the classical
         pipeline's preparation: channels, polarity, outlier repair).
     net : InstanceDecoder
-        A 2D decoder; volumes are segmented from their orthogonal planes.
+        A 2D decoder segments images, and volumes from their orthogonal planes
+        (:func:`predict_volume_maps`); a 3D decoder segments volumes directly
+        (:func:`segment_volume`).
     r_ref : float
         Object radius, in pixels, the decoder was trained at.
     spacing : sequence of float
@@ -342,28 +400,41 @@ def segment_learned(
         bfloat16 autocast for the decoder; None: where the device computes it natively
         (:func:`default_bf16`).
     radius_from_planes : bool
-        Volumes: replace ``radius`` by the decoder's own estimate from a few Z planes
-        (:func:`_radius_from_planes`). False keeps ``radius`` (a fine-tuned model's
-        stored radius, see :func:`napari_mae.models.decoder.fitted_radius`).
+        Volumes and a 2D decoder: replace ``radius`` by the decoder's own estimate from a
+        few Z planes (:func:`_radius_from_planes`). False keeps ``radius`` (a fine-tuned
+        model's stored radius, see :func:`napari_mae.models.decoder.fitted_radius`).
+        Ignored by a 3D decoder.
 
     Returns
     -------
     labels : ndarray of int32, shape ``image.shape``
     info : dict
-        ``scale`` (resampling factor per axis), ``passes``, ``radius_found``
-        (physical; None when nothing was found).
+        ``decoder`` (``"2d"``, ``"planes"``: a volume by a 2D decoder, or ``"3d"``),
+        ``scale`` (resampling factor per axis), ``passes``, ``radius_found`` (physical;
+        None when nothing was found); volumes also ``radius_planes``.
+
+    Raises
+    ------
+    ValueError
+        If a 3D decoder is given a 2D image.
     """
     prm = params or LearnedParams()
     sp = np.asarray(spacing, dtype=float)
     if bf16 is None:
         bf16 = default_bf16(next(net.parameters()).device)
+    dims = int(getattr(net, "spatial_dims", 2))
+    if dims == 3:
+        if image.ndim != 3:
+            raise ValueError(f"a 3D segmentation model segments volumes; the image is {image.ndim}D")
+        return segment_volume(net, image, r_ref, spacing=sp, radius=radius, params=prm, bf16=bf16,
+                              progress=progress)  # fmt: skip
     if image.ndim == 2:
         r_px = radius / float(np.sqrt(sp[0] * sp[1]))
         labels, info = segment_plane(net, image, r_px, r_ref, prm, bf16=bf16)
         found = info.pop("radius_found_px")
         info["radius_found"] = None if found is None else float(found * np.sqrt(sp[0] * sp[1]))
         info["scale"] = (info["scale"],) * 2
-        return labels, info
+        return labels, {"decoder": "2d", **info}
     radius_planes = None
     if radius_from_planes:
         radius_planes = _radius_from_planes(net, image, sp, radius, r_ref, prm, bf16=bf16)
@@ -375,10 +446,77 @@ def segment_learned(
     labels = resize(lab, image.shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
     iso = radius / r_ref
     return relabel(labels, np.int32), {
+        "decoder": "planes",
         "scale": factor,
         "passes": 1,
         "radius_planes": radius_planes,
         "radius_found": None if found is None else float(found * iso),
+    }
+
+
+def segment_volume(
+    net: torch.nn.Module,
+    volume: np.ndarray,
+    r_ref: float,
+    *,
+    spacing: Sequence[float],
+    radius: float,
+    params: LearnedParams | None = None,
+    bf16: bool = False,
+    progress=None,
+) -> tuple[np.ndarray, dict]:
+    """Instance labels of a prepared volume with a 3D decoder, run on the volume itself.
+
+    The volume is resampled towards isotropic voxels at which its objects have ``r_ref``
+    voxels radius (:func:`isotropic_factor`, the grid the 3D decoder was trained on, see
+    :mod:`napari_mae.training.segmentation`), predicted by 3D sliding windows blended with
+    Gaussian weights (:func:`predict_maps`), segmented by the seeded watershed
+    (:func:`instances_from_maps`) on that grid, and the labels resampled (nearest) back to
+    the input grid.
+
+    Parameters
+    ----------
+    net : InstanceDecoder
+        A 3D decoder.
+    volume : ndarray of float32, shape (Z, Y, X)
+        One channel, normalised to about [0, 1], bright objects.
+    r_ref : float
+        Object radius, in voxels, the decoder was trained at.
+    spacing : sequence of 3 float
+        Physical voxel size (Z, Y, X).
+    radius : float
+        Object radius in the units of ``spacing``.
+    params : LearnedParams, optional
+    bf16 : bool
+        bfloat16 autocast for the decoder.
+    progress : callable or None
+        ``progress(done, total, message)`` per batch of windows.
+
+    Returns
+    -------
+    labels : ndarray of int32, shape ``volume.shape``
+        0 = background, consecutive ids.
+    info : dict
+        ``decoder`` (``"3d"``), ``scale`` (resampling factor per axis), ``passes`` (1),
+        ``radius_planes`` (None: no plane estimate), ``radius_found`` (physical; None when
+        nothing was found).
+    """
+    prm = params or LearnedParams()
+    factor = isotropic_factor(spacing, radius, r_ref)
+    work = rescaled(volume, factor)
+    maps = predict_maps(net, work, bf16=bf16, progress=progress)  # (3, Z', Y', X')
+    lab = instances_from_maps(maps, prm)
+    found = median_radius(lab)
+    labels = resize(lab, volume.shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
+    factor = tuple(w / n for w, n in zip(work.shape, volume.shape, strict=True))
+    # physical size of one working voxel (isotropic up to rounding; not where the grid was capped)
+    voxel = float(np.prod([s / f for s, f in zip(spacing, factor, strict=True)]) ** (1 / 3))
+    return relabel(labels, np.int32), {
+        "decoder": "3d",
+        "scale": factor,
+        "passes": 1,
+        "radius_planes": None,
+        "radius_found": None if found is None else float(found * voxel),
     }
 
 

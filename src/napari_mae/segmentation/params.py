@@ -111,7 +111,7 @@ _OPTIONAL = frozenset(
     {
         "radius_log", "radius_foreground", "radius_strokes", "radius_image", "radius_auto",
         "outlier_pixels", "working_shape", "tile_thresholds", "model", "scale", "passes",
-        "radius_found", "radius_planes",
+        "radius_found", "radius_planes", "decoder",
     }
 )  # fmt: skip
 #: Entries of the learned method that are present even when None (nothing found).
@@ -177,6 +177,9 @@ class SegmentationInfo(Mapping):
         Learned method: median radius of the objects found (physical units).
     radius_planes : float or None, optional
         Learned method on a volume: the decoder's radius estimate from a few planes.
+    decoder : {"2d", "planes", "3d"}, optional
+        Learned method: a 2D decoder on an image, a 2D decoder on a volume's orthogonal
+        planes, or a 3D decoder on the volume.
     """
 
     mode: str
@@ -203,6 +206,7 @@ class SegmentationInfo(Mapping):
     passes: int | None = None
     radius_found: float | None = None
     radius_planes: float | None = None
+    decoder: str | None = None
 
     def _present(self, name: str) -> bool:
         if name not in _OPTIONAL:

@@ -60,9 +60,10 @@ def segment_instances(
     method : {"auto", "learned", "classical"}
         ``"learned"``: the MAE encoder's instance decoder
         (:func:`napari_mae.segmentation.learned.segment_learned`; volumes from their
-        orthogonal planes); ``"classical"``: the filter-bank pipeline (with scribbles, the
-        scribble classifier); ``"auto"``: learned when ``model`` is a segmentation model and
-        there are no scribbles, classical otherwise (the bundled decoder is not the default:
+        orthogonal planes with a 2D model, directly with a 3D one; ``info["decoder"]``);
+        ``"classical"``: the filter-bank pipeline (with scribbles, the scribble classifier);
+        ``"auto"``: learned when ``model`` is a segmentation model that fits the image (a 3D
+        model only volumes) and there are no scribbles, classical otherwise (the bundled decoder is not the default:
         on the dev sets it scores below the classical pipeline, see the README).
         ``info["method"]`` says which ran.
     model : str, path, model or None
@@ -127,8 +128,9 @@ def segment_instances(
         If the image is empty or not 2D/3D, ``channel_axis`` is out of range, ``spacing``
         is malformed, ``object_radius`` is not positive, the scribbles have the wrong
         shape, negative values or lack either background or object strokes, ``method`` is
-        unknown, ``method="learned"`` is given scribbles, or ``intensity_range`` is not
-        a finite ``(lo, hi)`` with ``hi > lo`` or is given for several channels.
+        unknown, ``method="learned"`` is given scribbles or a 3D model for a 2D image, or
+        ``intensity_range`` is not a finite ``(lo, hi)`` with ``hi > lo`` or is given for
+        several channels.
     FileNotFoundError
         If ``model`` (learned or auto method, no scribbles) is a name or path that is
         neither a bundled model (``"default-2d"``, alias ``"default-2d-nuclei"``), a preset
@@ -160,6 +162,7 @@ def segment_instances(
     net = None
     if scrib is None and (method == "learned" or (method == "auto" and model is not None)):
         net = _learned_model(model, method == "learned")
+        net = _fits_dimensions(net, ndim, method == "learned")
     info: dict = {
         "mode": "scribbles" if scrib is not None else "automatic",
         "method": "learned" if net is not None else "classical",
@@ -239,6 +242,26 @@ def _learned_model(model, required: bool):
         if required:
             raise
         return None  # no bundled weights, or an MAE (not a segmentation) checkpoint
+
+
+def _fits_dimensions(net, ndim: int, required: bool):
+    """``net``, or None (the classical method) where a 3D model meets a 2D image under "auto".
+
+    A 2D model segments images, and volumes from their planes; a 3D model only volumes.
+
+    Raises
+    ------
+    ValueError
+        ``method="learned"`` with a 3D model on a 2D image.
+    """
+    if net is None or int(getattr(net, "spatial_dims", 2)) <= ndim:
+        return net
+    if required:
+        raise ValueError(
+            f"model {getattr(net, 'source', 'model')!r} is a 3D segmentation model and the image is "
+            f"{ndim}D; use a 2D model (default-2d) or method='classical'"
+        )
+    return None
 
 
 def _check_model_exists(spec) -> None:

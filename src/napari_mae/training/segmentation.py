@@ -14,6 +14,16 @@ atomic checkpoints are the MAE pretraining's. What it adds:
   intensity scale, gamma, noise), seeded by ``(seed, epoch, index)`` so a
   resumed run is exact. Validation is split by file: a fixed central crop per
   validation image.
+* **Volumes** (3D labels, a 3D encoder such as ``tiny-3d`` or ``default-3d``): the
+  decoder is 3D. Each volume is resampled (linear; labels nearest) to isotropic
+  voxels of ``r / object_radius`` physical units, ``r`` the labels' median
+  equivalent-sphere radius in the units of the file's spacing, so that its objects
+  have ``object_radius`` voxels radius on every axis: the grid
+  :func:`napari_mae.segmentation.learned.segment_volume` resamples to at inference
+  (the same :func:`~napari_mae.segmentation.learned.isotropic_factor`, growth caps
+  included). Targets are computed there with that grid's spacing; crops are cubes of
+  ``crop_size_3d`` voxels (validation: ``2 * crop_size_3d``, zero-padded where the
+  volume is smaller), rot90 in the Y-X plane, flips on all three axes.
 * **Loss**: Dice on the foreground plus the mean squared error of the centre
   and boundary distances inside objects (torch-em's ``DiceBasedDistanceLoss``
   with ``mask_distances_in_bg``).
@@ -74,6 +84,9 @@ class SegmentationConfig:
         Median object radius in pixels that training images are resampled to.
     crop_size : int
         Side of the training crops in pixels (a multiple of the patch size).
+    crop_size_3d : int
+        Volumes: side of the cubic training crops in voxels (a multiple of the patch size
+        on every axis); validation crops are twice as large.
     samples_per_image : int
         Crops per image and epoch.
     val_fraction : float
@@ -97,6 +110,7 @@ class SegmentationConfig:
     features: int = 16
     object_radius: float = 8.0
     crop_size: int = 112
+    crop_size_3d: int = 64
     samples_per_image: int = 4
     val_fraction: float = 0.1
     frozen_epochs: int = 1
@@ -124,6 +138,7 @@ class SegmentationConfig:
             (self.features >= 1, "features", "must be >= 1"),
             (self.object_radius > 0 and math.isfinite(self.object_radius), "object_radius", "must be > 0"),
             (self.crop_size >= 16, "crop_size", "must be >= 16"),
+            (self.crop_size_3d >= 16, "crop_size_3d", "must be >= 16"),
             (self.samples_per_image >= 1, "samples_per_image", "must be >= 1"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)"),
             (self.frozen_epochs >= 0, "frozen_epochs", "must be >= 0"),
@@ -204,8 +219,14 @@ def _stem(path: Path) -> str:
     return image_stem(path)
 
 
-def _read_pair(image_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """Prepared image (float32, bright objects) and checked labels of one pair."""
+def _read_pair(
+    image_path: Path, labels_path: Path, spatial_dims: int = 2
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Prepared image (float32, bright objects), checked labels and spacing of one pair.
+
+    Raises ``ValueError`` naming the file: float or negative labels, a shape other than
+    the image's, labels of other dimensions than the encoder's ``spatial_dims``.
+    """
     from napari_mae.io.readers import read_image
     from napari_mae.segmentation.learned import prepare_image
 
@@ -222,8 +243,14 @@ def _read_pair(image_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndar
         raise ValueError(
             f"{labels_path}: shape {labels.shape} does not match its image {image_path} {spatial}"
         )
-    if labels.ndim != 2:
-        raise ValueError(f"{labels_path}: the decoder trains on 2D images; got {labels.ndim} dims")
+    if labels.ndim not in (2, 3):
+        raise ValueError(f"{labels_path}: labels must be 2D or 3D, got {labels.ndim} dims")
+    if labels.ndim != spatial_dims:
+        hint = "default-2d or tiny-2d" if labels.ndim == 2 else "tiny-3d or default-3d"
+        raise ValueError(
+            f"{labels_path}: the labels are {labels.ndim}D and the encoder is {spatial_dims}D; "
+            f"{labels.ndim}D labels train a decoder on a {labels.ndim}D encoder (model {hint})"
+        )
     prepared, _ = prepare_image(image, channel_axis=channel_axis)
     return prepared, labels.astype(np.int32), tuple(spacing)
 
@@ -244,6 +271,30 @@ def _rescaled_pair(image: np.ndarray, labels: np.ndarray, object_radius: float):
     return image, labels
 
 
+def _rescaled_volume(image, labels, object_radius, spacing):
+    """A volume and its labels on the isotropic grid where objects have ``object_radius`` voxels.
+
+    Returns the volume, the labels and the physical voxel size (Z, Y, X) of that grid.
+    The labels' median equivalent-sphere radius in physical units (``spacing``) sets the
+    grid, through the inference's :func:`~napari_mae.segmentation.learned.isotropic_factor`.
+    """
+    from skimage.transform import resize
+
+    from napari_mae.segmentation.learned import isotropic_factor, median_radius
+
+    sp = np.asarray(spacing if spacing is not None else (1.0,) * 3, dtype=float)
+    r_phys = median_radius(labels) * float(np.prod(sp)) ** (1 / 3)  # same volume, physical units
+    factor = isotropic_factor(sp, r_phys, object_radius)
+    orig = labels.shape
+    shape = tuple(max(8, int(round(n * f))) for n, f in zip(orig, factor, strict=True))
+    if shape != orig:
+        shrink = any(f < 1 for f in factor)
+        image = resize(image, shape, order=1, anti_aliasing=shrink, preserve_range=True).astype(np.float32)
+        labels = resize(labels, shape, order=0, anti_aliasing=False, preserve_range=True).astype(np.int32)
+    grid = tuple(float(s * n / m) for s, n, m in zip(sp, orig, shape, strict=True))  # physical voxel size
+    return image, labels, grid
+
+
 class LabelledImages:
     """Prepared image/target pairs: random augmented crops (training) or central crops (validation).
 
@@ -253,17 +304,27 @@ class LabelledImages:
     object_radius : float
         Median radius in pixels the images are resampled to.
     crop_size : int
-        Training crop side; validation crops are :data:`VAL_CROP`.
+        Training crop side; validation crops are :data:`VAL_CROP` (images) or twice
+        ``crop_size`` (volumes).
     samples : int
         Crops per image and epoch (training).
     train : bool
     seed : int
+    spatial_dims : {2, 3}
+        The encoder's: labels of other dimensions raise.
 
     Notes
     -----
-    Items are dicts ``{"image": (1, S, S) float32, "target": (3, S, S) float32}``
-    and, for validation, ``"labels": (S, S) int32``. The transform classes are
-    MONAI's own (picklable), so ``num_workers > 0`` works under spawn.
+    Items are dicts ``{"image": (1, *S) float32, "target": (3, *S) float32}``
+    and, for validation, ``"labels": S int32``, ``S = (S,) * spatial_dims``. The
+    transform classes are MONAI's own (picklable), so ``num_workers > 0`` works
+    under spawn.
+
+    Raises
+    ------
+    ValueError
+        Naming the label file: empty, float or negative labels, a shape other than
+        its image's, or dimensions other than ``spatial_dims``.
     """
 
     def __init__(
@@ -275,23 +336,32 @@ class LabelledImages:
         samples: int = 1,
         train: bool = True,
         seed: int = 0,
+        spatial_dims: int = 2,
     ):
         from napari_mae.segmentation.targets import distance_targets
 
         self.items = []
         for img_path, lab_path in pairs:
-            image, labels, _ = _read_pair(img_path, lab_path)
+            image, labels, spacing = _read_pair(img_path, lab_path, spatial_dims)
             if not labels.any():
                 raise ValueError(f"{lab_path}: the label image is empty (no object)")
-            image, labels = _rescaled_pair(image, labels, object_radius)
-            if not train:
+            if labels.ndim == 3:
+                image, labels, grid = _rescaled_volume(image, labels, object_radius, spacing)
+            else:
+                image, labels = _rescaled_pair(image, labels, object_radius)
+                grid = None
+            if not train and spatial_dims == 3:
+                # zeros, not a reflection, where the volume is smaller: a mirrored object
+                # would have no label and count as a false positive
+                image, labels = _central_crop(image, labels, 2 * crop_size, mode="constant")
+            elif not train:
                 image, labels = _central_crop(image, labels, VAL_CROP)
-            self.items.append((image, labels, distance_targets(labels)))
+            self.items.append((image, labels, distance_targets(labels, spacing=grid)))
         self.train = train
         self.samples = samples if train else 1
         self.seed = seed
         self.epoch = 0
-        self.transform = _train_transforms(crop_size) if train else None
+        self.transform = _train_transforms(crop_size, spatial_dims) if train else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -313,18 +383,18 @@ class LabelledImages:
         }
 
 
-def _central_crop(image, labels, size):
-    """Central ``size`` x ``size`` crop, reflect-padded (labels: 0) where the image is smaller."""
+def _central_crop(image, labels, size, mode="reflect"):
+    """Central crop of side ``size``, padded (``mode``; labels: 0) where the image is smaller."""
     pads = [(max(0, size - n) // 2, max(0, size - n) - max(0, size - n) // 2) for n in image.shape]
     if any(a or b for a, b in pads):
-        image = np.pad(image, pads, mode="reflect")
+        image = np.pad(image, pads, mode=mode)
         labels = np.pad(labels, pads)
     starts = [(n - size) // 2 for n in image.shape]
     sl = tuple(slice(s, s + size) for s in starts)
     return np.ascontiguousarray(image[sl]), np.ascontiguousarray(labels[sl])
 
 
-def _train_transforms(crop: int):
+def _train_transforms(crop: int, spatial_dims: int = 2):
     from monai.transforms import (
         Compose,
         RandAdjustContrastd,
@@ -338,24 +408,26 @@ def _train_transforms(crop: int):
     )
 
     keys = ["image", "target"]
+    size = (crop,) * spatial_dims
+    linear = "bilinear" if spatial_dims == 2 else "trilinear"
     # The normalised distances are scale-free, so zooming the target maps with the image
     # is exact up to interpolation: no need to recompute them per crop.
     return Compose(
         [
-            SpatialPadd(keys, spatial_size=(crop, crop), mode="reflect"),
-            RandSpatialCropd(keys, roi_size=(crop, crop), random_size=False),
+            SpatialPadd(keys, spatial_size=size, mode="reflect"),
+            RandSpatialCropd(keys, roi_size=size, random_size=False),
             RandZoomd(
                 keys,
                 prob=0.5,
                 min_zoom=0.75,
                 max_zoom=1.33,
-                mode=("bilinear", "bilinear"),
+                mode=(linear, linear),
                 padding_mode="reflect",
                 keep_size=True,
             ),
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandRotate90d(keys, prob=0.5),
+            *(RandFlipd(keys, prob=0.5, spatial_axis=a) for a in range(spatial_dims)),
+            # volumes: in the Y-X plane only (isotropic voxels, but Z is the optical axis)
+            RandRotate90d(keys, prob=0.5, spatial_axes=(spatial_dims - 2, spatial_dims - 1)),
             RandScaleIntensityd("image", factors=0.3, prob=0.5),
             RandAdjustContrastd("image", prob=0.5, gamma=(0.7, 1.5)),
             RandGaussianNoised("image", prob=0.3, std=0.05),
@@ -436,10 +508,6 @@ class SegmentationObjective(Objective):
             if dec.is_segmenter_checkpoint(ckpt):
                 return dec.segmenter_from_checkpoint(ckpt, source=str(path)), str(spec)
         encoder = mae.load_model(spec)
-        if encoder.config.spatial_dims != 2:
-            raise ValueError(
-                f"the decoder trains on a 2D encoder; {spec!r} is {encoder.config.spatial_dims}D"
-            )
         conf = dec.DecoderConfig(features=cfg.features, object_radius=cfg.object_radius)
         net = dec.InstanceDecoder(encoder.train(), conf, use_encoder=cfg.use_encoder)
         net.normalization = dict(encoder.normalization)
@@ -457,16 +525,24 @@ class SegmentationObjective(Objective):
         val_pairs = [self._pairs[i] for i in sorted(order[:n_val])]
         train_pairs = [self._pairs[i] for i in sorted(order[n_val:])]
         radius = model.decoder_config.object_radius
+        dims = model.spatial_dims
+        crop = cfg.crop_size if dims == 2 else cfg.crop_size_3d
+        patch = model.encoder.patch_size
+        if any(crop % q for q in patch):
+            name = "crop_size" if dims == 2 else "crop_size_3d"
+            raise ValueError(f"{name}={crop} must be a multiple of the encoder's patch_size {patch}")
         self.train_data = LabelledImages(
-            train_pairs, radius, cfg.crop_size, samples=cfg.samples_per_image, train=True, seed=cfg.seed
-        )
-        self.val_data = LabelledImages(val_pairs, radius, cfg.crop_size, train=False)
+            train_pairs, radius, crop, samples=cfg.samples_per_image, train=True, seed=cfg.seed,
+            spatial_dims=dims,
+        )  # fmt: skip
+        self.val_data = LabelledImages(val_pairs, radius, crop, train=False, spatial_dims=dims)
         self.model = model.to(ctx.device)
         self.train_files = [str(p[0]) for p in train_pairs]
         self.val_files = [str(p[0]) for p in val_pairs]
         self._description = (
             f"segmentation decoder on {desc} ({len(train_pairs)} labelled image{'s' * (len(train_pairs) != 1)} "
-            f"for training and {len(val_pairs)} for validation; objects resampled to radius {radius:g} px)"
+            f"for training and {len(val_pairs)} for validation; objects resampled to radius {radius:g} "
+            + ("px)" if dims == 2 else "voxels, isotropic)")
         )
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
