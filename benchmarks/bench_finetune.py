@@ -366,7 +366,10 @@ def main(argv=None) -> int:
     options = {}
     for item in args.option:
         key, _, value = item.partition("=")
-        options[key] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
+        try:  # numbers and true/false as JSON, anything else as a string (pseudo_source=classical)
+            options[key] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
+        except json.JSONDecodeError:
+            options[key] = value
     if not SHARED.is_dir():
         print(f"shared data not found at {SHARED}", file=sys.stderr)
         return 1
