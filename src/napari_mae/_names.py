@@ -65,5 +65,6 @@ def bundled_segmenter_path(name: str) -> Path | None:
 
 
 #: Where fine-tuning's pseudo-labels come from (``FinetuneConfig.pseudo_source``): the
-#: model's confident predictions, or the classical pipeline's scribble-mode segmentation.
-PSEUDO_SOURCES = ("model", "classical")
+#: model's confident predictions, the classical pipeline's scribble-mode segmentation, or
+#: that segmentation where the model confidently agrees.
+PSEUDO_SOURCES = ("model", "classical", "agreement")

@@ -398,3 +398,27 @@ def test_cli_pseudo_source(tiny_model, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: not a choice
         main([*args, "--pseudo-source", "labels", "--overwrite"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_agreement_pseudo_labels_need_the_model_too(tiny_model):
+    """pseudo_source="agreement": the classical objects only where the model confidently
+    says foreground too, its background where the model says background."""
+    from napari_mae.models.decoder import load_segmenter
+    from napari_mae.segmentation import segment_instances
+
+    net = load_segmenter(tiny_model)
+    with torch.no_grad():  # a model that calls everything background
+        net.out.conv.conv.bias[0] = -50.0
+    img, gt = _nuclei()
+    strokes = _strokes(gt)
+    cfg = FinetuneConfig(**{**TINY, "pseudo_source": "agreement"})
+    (item,) = training_planes(net, _prepared(net, img, strokes, None, cfg, object_radius=6.0), cfg)
+    w, t = item["weight"][0], item["target"][0]
+    pseudo = (w > 0) & (w < 1)
+    teacher, _ = segment_instances(img, method="classical", scribbles=strokes)
+    assert pseudo.any() and not (pseudo & (teacher > 0)).any()  # no object: the model disagrees
+    assert (t[pseudo] == 0).all()  # background, where both say so
+    cfg = FinetuneConfig(**{**TINY, "pseudo_source": "classical"})
+    (item,) = training_planes(net, _prepared(net, img, strokes, None, cfg, object_radius=6.0), cfg)
+    w = item["weight"][0]
+    assert ((w > 0) & (w < 1) & (teacher > 0)).any()  # the classical source alone keeps them

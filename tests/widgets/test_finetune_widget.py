@@ -90,10 +90,15 @@ def test_finetune_keeps_the_radius_the_user_set(viewer, add_widget, qtbot, notif
     widget, layer, image = _setup(viewer, add_widget, tiny_model)
     widget.add_scribbles_layer().data = _strokes(image)
     widget.radius.setValue(5.5)
+    widget.pseudo_source.setCurrentText("agreement")
     widget.finetune()
     wait_done(qtbot, widget, timeout=120_000)
     assert not errors(notifications), notifications
     assert load_segmenter(widget.finetune_result.checkpoint).fitted_radius == pytest.approx(5.5)
+    from napari_mae.io.checkpoint import load_checkpoint
+
+    extra = load_checkpoint(widget.finetune_result.checkpoint)["extra"]
+    assert extra["finetune"]["pseudo_source"] == "agreement"  # the box reaches the fine-tuning
 
 
 def test_finetune_bad_input_is_a_notification(

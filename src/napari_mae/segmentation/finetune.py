@@ -16,7 +16,8 @@ nothing):
     each, all three targets are known (:func:`napari_mae.segmentation.targets.distance_targets`);
     a ring of :data:`RING_PX` pixels around each is background (the user says where it
     ends). Zero means "no statement", not background.
-(c) **Pseudo-labels** (self-training): the previous model's confident predictions
+(c) **Pseudo-labels** (self-training; ``pseudo_source``: the model's, the classical
+    pipeline's, or the classical ones where the model agrees): the previous model's confident predictions
     (foreground probability at least ``pseudo_confidence`` or at most
     ``1 - pseudo_confidence``) farther than ``pseudo_distance`` object radii from any
     user label, with the distances of the instances it found, at weight
@@ -121,13 +122,16 @@ class FinetuneConfig:
         kept; nothing is saved before the first).
     pseudo_labels : bool
         Use pseudo-labels away from the strokes (source c).
-    pseudo_source : {"model", "classical"}
-        Where they come from: the previous model's confident predictions, or the
-        classical pipeline's segmentation with the same strokes (its scribble mode,
+    pseudo_source : {"model", "classical", "agreement"}
+        Where they come from: the previous model's confident predictions (farther than
+        ``pseudo_distance`` radii from any user label); the classical pipeline's
+        segmentation with the same strokes (its scribble mode,
         :func:`napari_mae.segmentation.segment_instances` with ``method="classical"``):
         every pixel the user did not label, except a one-pixel band on its objects'
-        outlines, at ``pseudo_weight``; ``pseudo_confidence`` and ``pseudo_distance``
-        apply to the model's only.
+        outlines, its objects with all three targets; or ``"agreement"``: those classical
+        labels only where the previous model confidently says the same (foreground
+        probability at least ``pseudo_confidence``, or at most one minus it), as in
+        co-training's agreement filter.
     pseudo_confidence : float
         Foreground probability (or one minus it) from which a prediction is confident, in (0.5, 1).
     pseudo_distance : float
@@ -467,7 +471,7 @@ def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_r
         inv = info["invalid"]
         wi = _resize_labels(inv.astype(np.int32), work.shape).astype(bool) if inv.any() else None
         wt = None
-        if cfg.pseudo_labels and cfg.pseudo_weight > 0 and cfg.pseudo_source == "classical":
+        if cfg.pseudo_labels and cfg.pseudo_weight > 0 and cfg.pseudo_source != "model":
             wt = _resize_labels(_classical_labels(im, s, sp, channel_axis), work.shape)
         prep.images.append(img)
         prep.work.append(work)
@@ -590,6 +594,10 @@ def training_planes(net, prep: _Prepared, cfg: FinetuneConfig, check=lambda: Non
                 inst, maps = pl.teacher, None
                 p = np.where(find_boundaries(inst, mode="thick"), 0.5, (inst > 0).astype(np.float32))
                 far = ~user
+                if cfg.pseudo_source == "agreement":  # only where the model says so too, confidently
+                    q = predict_maps(net, pl.image, bf16=bf16)[0]
+                    conf = float(cfg.pseudo_confidence)
+                    p = np.where((p == 1) & (q >= conf), 1.0, np.where((p == 0) & (q <= 1 - conf), 0.0, 0.5))
             else:
                 maps = predict_maps(net, pl.image, bf16=bf16)
                 p, inst = maps[0], None

@@ -54,6 +54,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_mae._names import PSEUDO_SOURCES
 from napari_mae.measure import object_table, write_table_csv
 
 from ._common import (
@@ -146,11 +147,19 @@ class SegmentationWidget(ImageJobWidget):
             "How long fine-tuning runs (seconds, preparation included); Stop ends it earlier and keeps "
             "the best model so far"
         )
+        self.pseudo_source = QComboBox()
+        self.pseudo_source.addItems(PSEUDO_SOURCES)
+        self.pseudo_source.setToolTip(
+            "Pseudo-labels away from your strokes: the model's confident predictions (model), the "
+            "classical pipeline's objects with your strokes (classical), or those where the model "
+            "agrees (agreement); which is best depends on the data (see the README)"
+        )
         finetune_row = QWidget()
         finetune_layout = QHBoxLayout(finetune_row)
         finetune_layout.setContentsMargins(0, 0, 0, 0)
         finetune_layout.addWidget(self.finetune_button)
         finetune_layout.addWidget(self.finetune_seconds)
+        finetune_layout.addWidget(self.pseudo_source)
         self.use_model = QCheckBox("MAE features")
         self.use_model.setToolTip(
             "Also let the scribble classifier use what the trained network sees in the image "
@@ -529,7 +538,11 @@ class SegmentationWidget(ImageJobWidget):
             self.notify_error(str(exc))
             return
         seconds = float(self.finetune_seconds.value())
-        options = {"seconds": seconds, **self.finetune_options}
+        options = {
+            "seconds": seconds,
+            "pseudo_source": self.pseudo_source.currentText(),
+            **self.finetune_options,
+        }
         radius = self.radius.value() or None  # a radius the user set wins, and the model keeps it
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = _free_path(finetuned_folder() / f"{_safe(prep.name)}-{stamp}.pt")
