@@ -86,8 +86,9 @@ def register(subparsers) -> None:
         "--pseudo-source",
         choices=PSEUDO_SOURCES,
         default="model",
-        help="where the pseudo-labels come from: the model's confident predictions (default) or "
-        "the classical pipeline's segmentation with the same strokes",
+        help="where the pseudo-labels come from: the model's confident predictions (default), the "
+        "classical pipeline's segmentation with the same strokes, or that segmentation where the "
+        "model agrees; which is best depends on the data (README, fine-tuning)",
     )
     p.add_argument(
         "--spacing",
