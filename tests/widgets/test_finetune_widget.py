@@ -90,7 +90,7 @@ def test_finetune_keeps_the_radius_the_user_set(viewer, add_widget, qtbot, notif
     widget, layer, image = _setup(viewer, add_widget, tiny_model)
     widget.add_scribbles_layer().data = _strokes(image)
     widget.radius.setValue(5.5)
-    widget.pseudo_source.setCurrentText("agreement")
+    widget.pseudo_source.setCurrentIndex(widget.pseudo_source.findData("agreement"))
     widget.finetune()
     wait_done(qtbot, widget, timeout=120_000)
     assert not errors(notifications), notifications

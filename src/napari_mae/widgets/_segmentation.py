@@ -148,7 +148,8 @@ class SegmentationWidget(ImageJobWidget):
             "the best model so far"
         )
         self.pseudo_source = QComboBox()
-        self.pseudo_source.addItems(PSEUDO_SOURCES)
+        for source in PSEUDO_SOURCES:
+            self.pseudo_source.addItem(f"pseudo-labels: {source}", source)
         self.pseudo_source.setToolTip(
             "Pseudo-labels away from your strokes: the model's confident predictions (model), the "
             "classical pipeline's objects with your strokes (classical), or those where the model "
@@ -540,7 +541,7 @@ class SegmentationWidget(ImageJobWidget):
         seconds = float(self.finetune_seconds.value())
         options = {
             "seconds": seconds,
-            "pseudo_source": self.pseudo_source.currentText(),
+            "pseudo_source": self.pseudo_source.currentData(),
             **self.finetune_options,
         }
         radius = self.radius.value() or None  # a radius the user set wins, and the model keeps it
