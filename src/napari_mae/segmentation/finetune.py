@@ -448,7 +448,7 @@ def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_r
     prep = _Prepared([], [], [], [], [])
     # The radius as inference with the fine-tuned model will take it (segment_instances):
     # the given one, else the model's own fitted radius (a model fine-tuned before), else
-    # the estimate (volumes: checked on a few planes by the model, as segment_learned does).
+    # the classical estimate (see _estimated_radius), which the fine-tuned model keeps.
     fixed = fixed_object_radius(object_radius, net)
     for i, (im, s, c) in enumerate(zip(images, scribbles, corrected, strict=True)):
         check()
@@ -524,8 +524,8 @@ def _estimated_radius(img, strokes, sp) -> tuple[float, str]:
     """An image's object radius (physical) without a given one, and where it came from.
 
     The classical estimate (:func:`~napari_mae.segmentation.estimate_object_radius`), unless
-    the object strokes say it
-    found other things than the user's objects: the classical scribble mode's rule
+    the object strokes say it found other things than the user's objects: the classical
+    scribble mode's rule
     (:func:`napari_mae.segmentation.classical.segment_classical`): object strokes far
     shorter than the estimated diameter, lying in automatic objects that background
     strokes cross too (a CT: the body found, the bones meant). Then the strokes' size
