@@ -26,6 +26,7 @@ __all__ = [
     "apply_normalization",
     "as_channels_first",
     "check_channel_axis",
+    "check_object_radius",
     "check_spacing",
     "guess_layer_channel_axis",
     "guess_rgb_axis",
@@ -112,6 +113,48 @@ def check_spacing(spacing: Any, ndim: int) -> np.ndarray:
     if sp is None or sp.shape != (ndim,) or not np.all(np.isfinite(sp)) or not np.all(sp > 0):
         raise ValueError(f"spacing must have {ndim} positive values (one per spatial axis), got {spacing!r}")
     return sp
+
+
+def check_object_radius(radius: Any, shape: tuple[int, ...], spacing: Any) -> float | None:
+    """The one check of a given object radius: positive, finite, and not beyond the image.
+
+    Parameters
+    ----------
+    radius : float or None
+        Object radius in the units of ``spacing`` (None: to be estimated; passes).
+    shape : tuple of int
+        Spatial shape ``([Z,] Y, X)`` of the image.
+    spacing : ndarray of float, shape ``(len(shape),)``
+        Physical pixel size per axis (:func:`check_spacing`).
+
+    Returns
+    -------
+    float or None
+
+    Raises
+    ------
+    ValueError
+        If ``radius`` is not a positive finite number, or is larger than the image's
+        largest physical extent: no object of that size fits, and the segmentation's
+        working grid and smoothing would grow with it (a radius of 1e12 asked for tens of
+        GB before failing).
+    """
+    if radius is None:
+        return None
+    try:
+        r = float(radius)
+    except (TypeError, ValueError):
+        r = float("nan")
+    if not (math.isfinite(r) and r > 0):
+        raise ValueError(f"object_radius must be a positive number, got {radius!r}")
+    extent = float(np.max(np.asarray(shape, float) * np.asarray(spacing, float)))
+    if r > extent:
+        dims = " x ".join(str(n) for n in shape)
+        raise ValueError(
+            f"object_radius {radius:g} is larger than the image ({dims} pixels, at most {extent:g} "
+            "in the spacing's units); give the radius in the image's units (pixels where it has no spacing)"
+        )
+    return r
 
 
 def guess_rgb_axis(shape: tuple[int, ...], *, spacing: Any = None) -> int | None:

@@ -81,6 +81,32 @@ def check_output_path(
     return out
 
 
+def check_distinct_paths(inputs: dict, outputs: dict) -> None:
+    """Refuse an output that is one of the inputs, or two outputs with the same path.
+
+    Otherwise ``--overwrite`` replaces the user's image (or scribbles) with the result, or
+    the later write silently replaces the earlier (``--out r.tif --save-mask r.tif`` left
+    only the mask). ``inputs`` and ``outputs`` map an option's name (``"IMAGE"``,
+    ``"--scribbles"``, ``"--out"``) to its path; None entries are skipped. Paths are compared
+    after resolving links.
+
+    Raises
+    ------
+    CLIError
+        Naming the two options.
+    """
+    import os
+
+    seen = {os.path.realpath(p): option for option, p in inputs.items() if p is not None}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        key = os.path.realpath(path)
+        if key in seen:
+            raise CLIError(f"{option} {path} is the same file as {seen[key]}; give each output its own name")
+        seen[key] = option
+
+
 def check_not_existing(path: Path | None, option: str, *, overwrite: bool) -> None:
     """Refuse to replace an existing output file unless ``--overwrite`` was given.
 

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from napari_mae.cli import check_not_existing, check_output_path
+    from napari_mae.cli import check_distinct_paths, check_not_existing, check_output_path
     from napari_mae.io.readers import read_image
     from napari_mae.models.mae import PRESETS, load_model
     from napari_mae.reconstruction import reconstruct
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         "--save-error": saves["error"],
         "--save-mask": saves["mask"],
     }
-    _check_distinct_outputs(args.image, outputs)  # first: --overwrite never replaces the input
+    check_distinct_paths({"IMAGE": args.image}, outputs)  # first: --overwrite never replaces the input
     for option, path in outputs.items():
         check_not_existing(path, option, overwrite=args.overwrite)
     image, spacing, metadata = read_image(args.image)
@@ -173,28 +173,3 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def _check_distinct_outputs(image: str, outputs: dict) -> None:
-    """Refuse two outputs with the same path, or an output that is the input image.
-
-    Otherwise the later write silently replaces the earlier (``--out r.tif --save-mask
-    r.tif`` left only the mask), or the input is lost.
-
-    Raises
-    ------
-    napari_mae.cli.CLIError
-        Naming the two options.
-    """
-    import os
-
-    from napari_mae.cli import CLIError
-
-    seen = {os.path.realpath(image): "IMAGE"}
-    for option, path in outputs.items():
-        if path is None:
-            continue
-        key = os.path.realpath(path)
-        if key in seen:
-            raise CLIError(f"{option} {path} is the same file as {seen[key]}; give each output its own name")
-        seen[key] = option

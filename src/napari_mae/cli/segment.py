@@ -133,7 +133,7 @@ def _read(path: str):
 def run(args: argparse.Namespace) -> int:
     """Run ``segment``; return the exit code."""
     from napari_mae._json import to_jsonable
-    from napari_mae.cli import CLIError, _many, check_output_path
+    from napari_mae.cli import CLIError, _many, check_distinct_paths, check_output_path
     from napari_mae.io.writers import write_image
     from napari_mae.preprocess import check_channel_axis, guess_rgb_axis
     from napari_mae.segmentation import segment_instances
@@ -152,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         return _many.run_folder(args)
     if args.workers is not None or args.scheduler is not None or args.block_size is not None:
         raise CLIError("--workers, --scheduler and --block-size are for OME-Zarr input")
+    # first: --overwrite never replaces the input image or the scribbles
+    check_distinct_paths({"IMAGE": args.image, "--scribbles": args.scribbles}, {"--out": args.out})
     out = check_output_path(args.out, "--out", OUT_SUFFIXES, what="TIFF or NIfTI", overwrite=args.overwrite)
     image, spacing, meta = _read(args.image)
     axes = str(meta.get("axes", ""))

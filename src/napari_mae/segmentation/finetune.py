@@ -74,6 +74,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_mae._names import PSEUDO_SOURCES
+from napari_mae.preprocess import check_object_radius
 from napari_mae.training.loop import Objective, decay_groups
 
 __all__ = [
@@ -971,8 +972,13 @@ def finetune(
         raise ValueError(f"out {out}: the fine-tuned model is a checkpoint; use a name ending in .pt")
     imgs, scrib, corr = check_finetune_inputs(images, scribbles, corrected, channel_axis=channel_axis)
     sps = _spacings(spacing, imgs, channel_axis)
-    if object_radius is not None and not (math.isfinite(object_radius) and object_radius > 0):
-        raise ValueError(f"object_radius={object_radius!r} must be a positive number")
+    shapes = [_spatial_shape(im, channel_axis) for im in imgs]
+    if len({len(sh) for sh in shapes}) > 1:
+        # one model keeps one radius (its checkpoint's); a pixel image's and a calibrated
+        # volume's radii are in different units, and their median fits neither
+        raise ValueError("fine-tune on images of one kind, 2D images or volumes, not both in one run")
+    for sh, sp in zip(shapes, sps, strict=True):
+        check_object_radius(object_radius, sh, sp)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another name or overwrite it")
     net, source, source_path = _load_net(model)

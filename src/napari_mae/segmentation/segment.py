@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from napari_mae._progress import ProgressCallback, report, sub_progress
-from napari_mae.preprocess import check_channel_axis, check_spacing, guess_rgb_axis
+from napari_mae.preprocess import check_channel_axis, check_object_radius, check_spacing, guess_rgb_axis
 from napari_mae.segmentation.classical import segment_classical
 from napari_mae.segmentation.features import as_float_image
 from napari_mae.segmentation.params import DEFAULT_PARAMS, SegmentationInfo, SegmentationParams
@@ -155,8 +155,7 @@ def segment_instances(
     ndim = len(shape)
     sp = check_spacing(spacing, ndim)
     scrib = _check_scribbles(scribbles, shape)
-    if object_radius is not None and not (np.isfinite(object_radius) and object_radius > 0):
-        raise ValueError(f"object_radius must be a positive number, got {object_radius!r}")
+    check_object_radius(object_radius, shape, sp)
     if method == "learned" and scrib is not None:
         raise ValueError("the learned method takes no scribbles; use method='classical' for scribbles")
     net = None
