@@ -60,7 +60,9 @@ def test_a_radius_beyond_the_image_is_refused(radius):
 def test_cli_radius_beyond_the_image_is_one_line(tmp_path, capsys):
     img, _ = _nuclei()
     tifffile.imwrite(tmp_path / "in.tif", img)
-    assert main(["segment", str(tmp_path / "in.tif"), "--out", str(tmp_path / "l.tif"), "--radius", "1e12"]) == 2
+    assert (
+        main(["segment", str(tmp_path / "in.tif"), "--out", str(tmp_path / "l.tif"), "--radius", "1e12"]) == 2
+    )
     err = capsys.readouterr().err
     assert "larger than the image" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "l.tif").exists()
