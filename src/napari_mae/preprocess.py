@@ -27,6 +27,7 @@ __all__ = [
     "as_channels_first",
     "check_channel_axis",
     "check_object_radius",
+    "check_threshold",
     "check_spacing",
     "guess_layer_channel_axis",
     "guess_rgb_axis",
@@ -155,6 +156,26 @@ def check_object_radius(radius: Any, shape: tuple[int, ...], spacing: Any) -> fl
             "in the spacing's units); give the radius in the image's units (pixels where it has no spacing)"
         )
     return r
+
+
+def check_threshold(threshold: Any) -> float | None:
+    """The one check of a given foreground threshold: in (0, 1), the scale of the normalised
+    image (automatic mode) and of the object probability (scribble mode). None passes.
+
+    Raises
+    ------
+    ValueError
+        If ``threshold`` is not a number strictly between 0 and 1.
+    """
+    if threshold is None:
+        return None
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not (math.isfinite(t) and 0.0 < t < 1.0):
+        raise ValueError(f"threshold must be in (0, 1), the normalised image's scale; got {threshold!r}")
+    return t
 
 
 def guess_rgb_axis(shape: tuple[int, ...], *, spacing: Any = None) -> int | None:

@@ -86,3 +86,16 @@ def test_finetune_refuses_a_radius_beyond_the_image_and_mixed_kinds(tiny_model, 
     with pytest.raises(ValueError, match="2D images or volumes, not both"):
         next(finetune([img, vol], [strokes, vstrokes], out=out, model=tiny_model, config=cfg))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["5", "-1", "0"])
+def test_cli_threshold_outside_0_1_is_one_line(tmp_path, capsys, value):
+    """`--threshold 5` gave 0 objects and `-1` five, both with exit 0."""
+    img, _ = _nuclei()
+    tifffile.imwrite(tmp_path / "in.tif", img)
+    assert (
+        main(["segment", str(tmp_path / "in.tif"), "--out", str(tmp_path / "l.tif"), "--threshold", value])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "--threshold must be in (0, 1)" in err and len(err.strip().splitlines()) == 1

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from napari_mae._json import to_jsonable
     from napari_mae.cli import CLIError, _many, check_distinct_paths, check_output_path
     from napari_mae.io.writers import write_image
-    from napari_mae.preprocess import check_channel_axis, guess_rgb_axis
+    from napari_mae.preprocess import check_channel_axis, check_threshold, guess_rgb_axis
     from napari_mae.segmentation import segment_instances
 
     for name in ("radius", "threshold"):
@@ -144,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--{name} must be a finite number, got {value}")
     if args.radius is not None and args.radius <= 0:
         raise CLIError(f"--radius must be positive (physical units), got {args.radius}")
+    try:  # before any folder, OME-Zarr or block is read
+        check_threshold(args.threshold)
+    except ValueError as exc:
+        raise CLIError(f"--{exc}") from None
     if _many.is_zarr_input(args.image):
         return _many.run_zarr(args)
     if args.out is None:

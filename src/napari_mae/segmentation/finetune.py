@@ -980,7 +980,7 @@ def finetune(
     for sh, sp in zip(shapes, sps, strict=True):
         check_object_radius(object_radius, sh, sp)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another name or overwrite it")
+        raise FileExistsError(f"{out} exists; choose another name, or overwrite it (--overwrite)")
     net, source, source_path = _load_net(model)
     cfg.check_encoder(int(net.encoder.depth))
     if source_path is not None and out.resolve() == source_path.resolve():
@@ -1015,7 +1015,8 @@ def _train(net, prep, planes, cfg, out, source, stop, t0, nothing):
     used = [k for k, v in pseudo.items() if v] if cfg.pseudo_labels else []
     description = (
         f"fine-tuning {source} on {len(prep.images)} image(s), {len(planes)} plane(s), "
-        f"{n_user} labelled pixels at the model's scale; pseudo-labels: {', '.join(used) or 'none'}; "
+        f"{n_user} labelled pixels at the model's scale; pseudo-labels ({cfg.pseudo_source}): "
+        f"{', '.join(used) or 'none'}; "
         f"object radius {np.median(prep.radii):.3g} ({', '.join(sorted(set(prep.sources)))})"
     )
     extra = {

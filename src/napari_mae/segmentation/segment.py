@@ -16,7 +16,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from napari_mae._progress import ProgressCallback, report, sub_progress
-from napari_mae.preprocess import check_channel_axis, check_object_radius, check_spacing, guess_rgb_axis
+from napari_mae.preprocess import (
+    check_channel_axis,
+    check_object_radius,
+    check_spacing,
+    check_threshold,
+    guess_rgb_axis,
+)
 from napari_mae.segmentation.classical import segment_classical
 from napari_mae.segmentation.features import as_float_image
 from napari_mae.segmentation.params import DEFAULT_PARAMS, SegmentationInfo, SegmentationParams
@@ -83,7 +89,7 @@ def segment_instances(
     threshold : float or None
         Foreground threshold on the background-subtracted, normalised image (automatic
         mode) or on the object probability (scribble mode, default 0.5); estimated
-        (Otsu) when None.
+        (Otsu) when None. In (0, 1).
     bright_objects : bool or None
         Polarity; detected when None (dark-on-bright images are inverted).
     tile_shape : sequence of int or None
@@ -126,7 +132,8 @@ def segment_instances(
     ------
     ValueError
         If the image is empty or not 2D/3D, ``channel_axis`` is out of range, ``spacing``
-        is malformed, ``object_radius`` is not positive, the scribbles have the wrong
+        is malformed, ``object_radius`` is not positive or exceeds the image, ``threshold`` is
+        not in (0, 1), the scribbles have the wrong
         shape, negative values or lack either background or object strokes, ``method`` is
         unknown, ``method="learned"`` is given scribbles or a 3D model for a 2D image, or
         ``intensity_range`` is not a finite ``(lo, hi)`` with ``hi > lo`` or is given for
@@ -156,6 +163,7 @@ def segment_instances(
     sp = check_spacing(spacing, ndim)
     scrib = _check_scribbles(scribbles, shape)
     check_object_radius(object_radius, shape, sp)
+    check_threshold(threshold)
     if method == "learned" and scrib is not None:
         raise ValueError("the learned method takes no scribbles; use method='classical' for scribbles")
     net = None
