@@ -99,3 +99,13 @@ def test_cli_threshold_outside_0_1_is_one_line(tmp_path, capsys, value):
     )
     err = capsys.readouterr().err
     assert "--threshold must be in (0, 1)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_batch_out_equal_to_the_input_folder_says_so(tmp_path, capsys):
+    img, _ = _nuclei()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", img)
+    assert main(["segment", str(folder), "--out", str(folder), "--overwrite"]) == 2
+    assert "is the input folder" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["a.tif"]

@@ -111,6 +111,9 @@ def run_folder(args: argparse.Namespace) -> int:
     if args.scribbles:
         raise CLIError("--scribbles is for one image; a folder is segmented automatically")
     out = Path(args.out)
+    if Path(args.image).is_dir() and out.resolve() == Path(args.image).resolve():
+        # its images would be taken for earlier results ("no image found")
+        raise CLIError(f"--out {args.out} is the input folder; write the labels to another folder")
     check_batch_output(out, overwrite=args.overwrite, resume=args.resume)
     n = len(list_images(args.image, exclude=out))
     if n == 0:
