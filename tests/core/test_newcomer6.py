@@ -109,3 +109,17 @@ def test_batch_out_equal_to_the_input_folder_says_so(tmp_path, capsys):
     assert main(["segment", str(folder), "--out", str(folder), "--overwrite"]) == 2
     assert "is the input folder" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == ["a.tif"]
+
+
+def test_nifti_of_a_micrometre_volume_is_in_millimetres(tmp_path):
+    """A µm TIFF's labels written as NIfTI kept the µm numbers (zooms 0.127, units unknown)."""
+    import nibabel as nib
+
+    from napari_mae.io.writers import write_image
+
+    path = write_image(
+        tmp_path / "l.nii.gz", np.zeros((4, 5, 6), np.uint16), spacing=(0.284, 0.127, 0.127), unit="um"
+    )
+    img = nib.load(path)
+    np.testing.assert_allclose(img.header.get_zooms(), (0.000127, 0.000127, 0.000284), rtol=1e-4)
+    assert img.header.get_xyzt_units()[0] == "mm"

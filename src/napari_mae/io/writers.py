@@ -158,6 +158,7 @@ def write_nifti(
         array = array.astype(np.int32)  # uint32 is not in the NIfTI-1 standard's common set
     # (Z, Y, X) -> (X, Y, Z), the voxel order voxel_affine describes.
     image = nib.Nifti1Image(np.ascontiguousarray(np.transpose(array, (2, 1, 0))), voxel_affine)
+    image.header.set_xyzt_units("mm")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
     tmp = path.with_name(f".{path.name}.tmp{suffix}")
@@ -167,6 +168,10 @@ def write_nifti(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+#: Millimetres per unit of a spacing, for NIfTI output.
+_TO_MM = {"mm": 1.0, "um": 1e-3, "µm": 1e-3, "nm": 1e-6}
 
 
 def write_image(
@@ -181,7 +186,8 @@ def write_image(
     spacing : sequence of float, optional
         Per spatial axis, (Z, Y, X) or (Y, X).
     unit : str, optional
-        Unit of ``spacing`` (TIFF only; NIfTI is millimetres).
+        Unit of ``spacing``. NIfTI is written in millimetres: a spacing in ``"um"`` or
+        ``"nm"`` is converted; other units (``"pixel"``, None) are written as they are.
     metadata : dict, optional
         The input's ``read_image`` metadata; its ``voxel_affine`` places NIfTI output in
         the input's scanner space.
@@ -193,6 +199,8 @@ def write_image(
     """
     name = str(path).lower()
     if name.endswith(NIFTI_SUFFIXES):
+        if spacing is not None and unit in _TO_MM:  # NIfTI is in millimetres (a µm TIFF kept µm)
+            spacing = [float(v) * _TO_MM[unit] for v in spacing]
         return write_nifti(path, array, voxel_affine=(metadata or {}).get("voxel_affine"), spacing=spacing)
     if name.endswith(TIFF_SUFFIXES):
         return write_tiff(path, array, spacing=spacing, unit=unit)
