@@ -124,9 +124,22 @@ def test_toy_objective_under_torchrun_two_processes(tmp_path):
     assert state["world_size"] == 2 and state["step"] == 4 and "extra_opt" in state["objective"]
 
 
-def test_resume_with_more_epochs_follows_the_new_schedule_and_keeps_elapsed(tmp_path):
+def test_resume_with_more_epochs_follows_the_new_schedule_and_keeps_elapsed(tmp_path, monkeypatch):
     # epochs 2 then --epochs 4 --resume: the first resumed step must use the new schedule's rate
     # at that step (not the old schedule's end value, 0), and elapsed_s must go on, not restart.
+    # Saves are slowed down: the checkpoint's elapsed_s was taken before the save and the last
+    # row's after it, so the resumed rows could start below it (a CI run failed by chance).
+    import time
+
+    import napari_mae.io.checkpoint as checkpoint
+
+    real_save = checkpoint.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        time.sleep(0.05)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", slow_save)
     out = tmp_path / "run"
     list(run(ToyObjective(), _cfg(out, epochs=2)))
     with pytest.warns(UserWarning, match="total steps"):

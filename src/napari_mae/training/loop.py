@@ -734,7 +734,9 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
         (out / "config.json").write_text(json.dumps(objective.config_json(), indent=2))
         log = _LossLog(out / LOSS_LOG, columns, keep_until_step=step if resume_path is not None else None)
 
-    def _save(path_name: str, epoch_done: int) -> Path:
+    def _save(path_name: str, epoch_done: int, elapsed: float | None = None) -> Path:
+        # elapsed: the time the caller also logs, so a resumed run's elapsed_s never goes
+        # back below the last row written (it did by the time the save itself took)
         path = out / path_name
         if dist.main:
             training_state = {
@@ -751,7 +753,7 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
                 "objective": objective.state_dict(),
                 "rng": _rng_state(),
                 "world_size": dist.world_size,
-                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                "elapsed_s": elapsed_before + time.perf_counter() - t_start if elapsed is None else elapsed,
                 "config": objective.config_json(),
             }
             extras = objective.checkpoint_extras()
@@ -968,9 +970,10 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
             improved = math.isfinite(value) and value < best
             if improved:
                 best = value
-            ckpt = _save(LAST, epoch + 1)
+            elapsed = elapsed_before + time.perf_counter() - t_start
+            ckpt = _save(LAST, epoch + 1, elapsed)
             if improved:
-                _save(BEST, epoch + 1)
+                _save(BEST, epoch + 1, elapsed)
             if dist.main:
                 log.write(
                     step=step,
@@ -978,7 +981,7 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
                     loss=f"{step_loss:.6g}",
                     lr=f"{last_lr:.6g}",
                     images_per_s=f"{ips:.3g}",
-                    elapsed_s=f"{elapsed_before + time.perf_counter() - t_start:.2f}",
+                    elapsed_s=f"{elapsed:.2f}",
                     **{k: f"{v:.6g}" for k, v in (val_metrics or {}).items()},
                 )
                 vtxt = "".join(
