@@ -367,6 +367,15 @@ def predict_volume_maps(
     return maps, factor
 
 
+def _labels_on_input_grid(maps: np.ndarray, shape: tuple[int, ...], prm: LearnedParams):
+    """Instances of a volume's maps (on the working grid), brought back to ``shape``, and the
+    median radius of those found in working voxels (None if none)."""
+    lab = instances_from_maps(maps, prm)
+    found = median_radius(lab)
+    labels = resize(lab, shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
+    return relabel(labels, np.int32), found
+
+
 def segment_learned(
     image: np.ndarray,
     net: torch.nn.Module,
@@ -441,11 +450,9 @@ def segment_learned(
     if radius_planes is not None:
         radius = radius_planes
     maps, factor = predict_volume_maps(net, image, sp, radius, r_ref, bf16=bf16, progress=progress)
-    lab = instances_from_maps(maps, prm)
-    found = median_radius(lab)
-    labels = resize(lab, image.shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
+    labels, found = _labels_on_input_grid(maps, image.shape, prm)
     iso = radius / r_ref
-    return relabel(labels, np.int32), {
+    return labels, {
         "decoder": "planes",
         "scale": factor,
         "passes": 1,
@@ -505,13 +512,11 @@ def segment_volume(
     factor = isotropic_factor(spacing, radius, r_ref)
     work = rescaled(volume, factor)
     maps = predict_maps(net, work, bf16=bf16, progress=progress)  # (3, Z', Y', X')
-    lab = instances_from_maps(maps, prm)
-    found = median_radius(lab)
-    labels = resize(lab, volume.shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
+    labels, found = _labels_on_input_grid(maps, volume.shape, prm)
     factor = tuple(w / n for w, n in zip(work.shape, volume.shape, strict=True))
     # physical size of one working voxel (isotropic up to rounding; not where the grid was capped)
     voxel = float(np.prod([s / f for s, f in zip(spacing, factor, strict=True)]) ** (1 / 3))
-    return relabel(labels, np.int32), {
+    return labels, {
         "decoder": "3d",
         "scale": factor,
         "passes": 1,
