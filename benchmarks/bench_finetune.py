@@ -296,8 +296,7 @@ def _pretrained_rows(name, items, budgets, fitted, cfg, seed, minutes, log) -> l
     """Pretrain the encoder on each image's planes at the bundled fine-tune's scale, then fine-tune."""
     from napari_mae.metrics import match_instances
     from napari_mae.models.decoder import load_segmenter
-    from napari_mae.segmentation.finetune import _clip_scale, volume_factor
-    from napari_mae.segmentation.learned import prepare_image, rescaled
+    from napari_mae.segmentation.learned import _clip_scale, isotropic_factor, prepare_image, rescaled
 
     r_ref = float(load_segmenter("default-2d").decoder_config.object_radius)
     rows = []
@@ -309,7 +308,7 @@ def _pretrained_rows(name, items, budgets, fitted, cfg, seed, minutes, log) -> l
         x, _ = prepare_image(img)
         spv = np.ones(x.ndim) if sp is None else np.asarray(sp, float)
         if x.ndim == 3:
-            factor = volume_factor(spv, r, r_ref)
+            factor = isotropic_factor(spv, r, r_ref)
         else:
             factor = (_clip_scale(r_ref / (r / float(np.sqrt(spv[0] * spv[1])))),) * 2
         with tempfile.TemporaryDirectory() as tmp:

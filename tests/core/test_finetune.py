@@ -16,7 +16,6 @@ from napari_mae.segmentation.finetune import (
     finetune,
     partial_segmentation_loss,
     training_planes,
-    volume_factor,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -280,7 +279,7 @@ def test_pseudo_labels_off_where_the_strokes_show_the_model_wrong(tiny_model):
 
 def test_volume_strokes_on_any_plane(tiny_model):
     from napari_mae.models.decoder import load_segmenter
-    from napari_mae.segmentation.learned import predict_volume_maps
+    from napari_mae.segmentation.learned import isotropic_factor, predict_volume_maps
 
     net = load_segmenter(tiny_model)
     vol = np.zeros((20, 40, 40), np.float32)
@@ -302,7 +301,7 @@ def test_volume_strokes_on_any_plane(tiny_model):
     np.testing.assert_allclose(prep.factors[0], factor)
     # 4 x 2 x 2 = 16x the voxels: brought down to 8x
     np.testing.assert_allclose(
-        volume_factor((2.0, 1.0, 1.0), 3.0, 6.0), np.array([4.0, 2.0, 2.0]) / 2 ** (1 / 3)
+        isotropic_factor((2.0, 1.0, 1.0), 3.0, 6.0), np.array([4.0, 2.0, 2.0]) / 2 ** (1 / 3)
     )
     items = training_planes(net, prep, cfg)
     assert sum(float(it["user"].sum()) for it in items) > 0

@@ -364,26 +364,6 @@ def check_finetune_inputs(images, scribbles, corrected=None, *, channel_axis=Non
 # ----------------------------------------------------------------------------- planes
 
 
-def _clip_scale(scale: float) -> float:
-    # The bounds of learned.segment_plane's resampling (its _clip_scale; MAX_UPSCALE = 4).
-    return float(min(max(scale, 1.0 / 16.0), 4.0))
-
-
-def volume_factor(spacing: Sequence[float], radius: float, r_ref: float) -> tuple[float, ...]:
-    """Per-axis resampling of a volume to the working grid of ``predict_volume_maps``.
-
-    Voxels of ``radius / r_ref`` physical units, at most 4x per axis and 8x the voxels
-    (``learned.MAX_UPSCALE``, ``learned.MAX_VOLUME_GROWTH``); a test checks it against
-    :func:`~napari_mae.segmentation.learned.predict_volume_maps`.
-    """
-    iso = radius / r_ref
-    f = np.minimum(np.asarray(spacing, float) / iso, 4.0)
-    growth = float(np.prod(f))
-    if growth > 8.0:
-        f = f * (8.0 / growth) ** (1 / 3)
-    return tuple(float(v) for v in f)
-
-
 def _resize_strokes(s: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Strokes on another grid: each class's coverage, linearly resampled, kept above 1/4.
 
@@ -442,7 +422,7 @@ class _Prepared:
 
 def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_radius, cfg, check):
     """Images at the model's scale and their labelled planes (volumes: Z, Y and X planes)."""
-    from napari_mae.segmentation.learned import prepare_image, rescaled
+    from napari_mae.segmentation.learned import _clip_scale, isotropic_factor, prepare_image, rescaled
     from napari_mae.segmentation.segment import fixed_object_radius
 
     r_ref = float(net.decoder_config.object_radius)
@@ -464,7 +444,7 @@ def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_r
             scale = _clip_scale(r_ref / max(r_px, 1e-3))
             factor = (scale, scale)
         else:
-            factor = volume_factor(sp, radius, r_ref)
+            factor = isotropic_factor(sp, radius, r_ref)
         work = rescaled(img, factor)
         factor = tuple(w / n for w, n in zip(work.shape, img.shape, strict=True))
         ws = _resize_strokes(s, work.shape)
