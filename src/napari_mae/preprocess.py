@@ -116,6 +116,14 @@ def check_spacing(spacing: Any, ndim: int) -> np.ndarray:
     return sp
 
 
+def _as_float(value: Any) -> float:
+    """``float(value)``, or NaN where it is not a number (the checks then say what is wrong)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def check_object_radius(radius: Any, shape: tuple[int, ...], spacing: Any) -> float | None:
     """The one check of a given object radius: positive, finite, and not beyond the image.
 
@@ -142,10 +150,7 @@ def check_object_radius(radius: Any, shape: tuple[int, ...], spacing: Any) -> fl
     """
     if radius is None:
         return None
-    try:
-        r = float(radius)
-    except (TypeError, ValueError):
-        r = float("nan")
+    r = _as_float(radius)
     if not (math.isfinite(r) and r > 0):
         raise ValueError(f"object_radius must be a positive number, got {radius!r}")
     extent = float(np.max(np.asarray(shape, float) * np.asarray(spacing, float)))
@@ -169,10 +174,7 @@ def check_threshold(threshold: Any) -> float | None:
     """
     if threshold is None:
         return None
-    try:
-        t = float(threshold)
-    except (TypeError, ValueError):
-        t = float("nan")
+    t = _as_float(threshold)
     if not (math.isfinite(t) and 0.0 < t < 1.0):
         raise ValueError(f"threshold must be in (0, 1), the normalised image's scale; got {threshold!r}")
     return t

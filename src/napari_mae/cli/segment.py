@@ -138,10 +138,8 @@ def run(args: argparse.Namespace) -> int:
     from napari_mae.preprocess import check_channel_axis, check_threshold, guess_rgb_axis
     from napari_mae.segmentation import segment_instances
 
-    for name in ("radius", "threshold"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise CLIError(f"--{name} must be a finite number, got {value}")
+    if args.radius is not None and not math.isfinite(args.radius):
+        raise CLIError(f"--radius must be a finite number, got {args.radius}")
     if args.radius is not None and args.radius <= 0:
         raise CLIError(f"--radius must be positive (physical units), got {args.radius}")
     try:  # before any folder, OME-Zarr or block is read
