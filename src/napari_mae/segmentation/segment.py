@@ -196,8 +196,7 @@ def segment_instances(
     info["bright_objects"] = prep["bright_objects"]
 
     report(progress, 2, 100, "estimating object size")
-    # A fine-tuned model segments at the radius it was fine-tuned at (decoder.fitted_radius).
-    fitted = getattr(net, "fitted_radius", None) if net is not None else None
+    # A given radius, else a fine-tuned model's (decoder.fitted_radius), else the estimate.
     fixed = fixed_object_radius(object_radius, net)
     if fixed is None:
         est = estimate_object_radius(img, sp, progress=sub_progress(progress, 2, 20, 100))
@@ -210,8 +209,8 @@ def segment_instances(
     if net is not None:
         labels, extra = _learned_labels(
             img, net, sp, est["radius"], progress,
-            # only an estimated radius is re-estimated from planes: a given one wins
-            planes=object_radius is None and fitted is None and radius_from_planes,
+            # only an estimated radius is re-estimated from planes: a given or fitted one stays
+            planes=fixed is None and radius_from_planes,
         )  # fmt: skip
         info.update(extra)
         if invalid.any():
