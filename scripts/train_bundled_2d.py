@@ -32,7 +32,9 @@ SegmentationObjective` runs for ``napari-mae train IMAGES --labels LABELS``, wit
 time-based schedule, since the CPU it was run on was shared. Both stages print their
 wall and CPU time. ``--encoder random`` and ``--no-encoder`` train the ablations
 (randomly initialised encoder; the convolutional branch alone), ``--limit N`` on the
-first N training images (label efficiency).
+first N training images (label efficiency); ``--radius`` and ``--features`` set the
+decoder's object radius and width, ``--bf16`` trains under bfloat16 autocast. The decoder
+stage runs on CUDA when there is one.
 """
 
 from __future__ import annotations
@@ -116,9 +118,11 @@ def train_decoder(mae: str, out: Path, *, args) -> Path:
     torch.manual_seed(args.seed)
     out.mkdir(parents=True, exist_ok=True)
     encoder = build_model("tiny-2d") if mae == "random" else load_model(mae)
-    conf = DecoderConfig(features=16, object_radius=8.0)
+    conf = DecoderConfig(features=args.features, object_radius=args.radius)
     net = InstanceDecoder(encoder.train(), conf, use_encoder=not args.no_encoder)
     net.normalization = dict(encoder.normalization)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net.to(device)
     t0, c0 = time.perf_counter(), time.process_time()
     train_files, val_files = split_files(args.limit)
     data = []
@@ -167,9 +171,13 @@ def train_decoder(mae: str, out: Path, *, args) -> Path:
         opt.param_groups[1]["lr"] = 0.0 if frozen else 0.1 * args.lr * f
         idx = rng.integers(0, len(data), args.batch)
         items = [tf(dict(data[i])) for i in idx]
-        x = torch.stack([torch.as_tensor(np.asarray(it["image"])) for it in items]).float()
-        t = torch.stack([torch.as_tensor(np.asarray(it["target"])) for it in items]).float()
-        loss = segmentation_loss(net(x), t)
+        x = torch.stack([torch.as_tensor(np.asarray(it["image"])) for it in items]).float().to(device)
+        t = torch.stack([torch.as_tensor(np.asarray(it["target"])) for it in items]).float().to(device)
+        # bfloat16 autocast halves the step's CPU time on a CPU with native bf16 (0.43 vs 0.88 s
+        # for batch 8 of 112^2, one thread); the loss is taken in float32
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            y = net(x)
+        loss = segmentation_loss(y.float(), t)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -178,9 +186,10 @@ def train_decoder(mae: str, out: Path, *, args) -> Path:
         done = elapsed > budget or step >= steps
         if step % args.val_every == 0 or done:
             s = evaluate()
-            log.append({"step": step, "loss": float(loss), "val": s, "elapsed_s": elapsed})
+            log.append({"step": step, "loss": float(loss.detach()), "val": s, "elapsed_s": elapsed})
             print(
-                f"[decoder] step {step}: loss {float(loss):.4f}, val acc@0.5 {s['accuracy']:.3f}", flush=True
+                f"[decoder] step {step}: loss {float(loss.detach()):.4f}, val acc@0.5 {s['accuracy']:.3f}",
+                flush=True,
             )
             extra = {
                 "step": step,
@@ -219,6 +228,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=112)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--radius", type=float, default=8.0, help="object radius (pixels) the decoder trains at")
+    ap.add_argument("--features", type=int, default=16, help="channels of the full-resolution level")
+    ap.add_argument("--bf16", action="store_true", help="train the decoder under bfloat16 autocast")
     ap.add_argument("--val-every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RUNS)
