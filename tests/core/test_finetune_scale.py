@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from skimage.draw import disk
+from synthetic import five_nuclei
 
 from napari_mae.segmentation.finetune import FinetuneConfig, check_finetune_inputs, finetune
 
@@ -23,15 +24,6 @@ def _save_tiny(path, extra):
     net = InstanceDecoder(mae.build_model("tiny-2d"), DecoderConfig(features=4, object_radius=6.0))
     save_checkpoint(path, net, normalization={"lower": 1.0, "upper": 99.8}, extra=extra)
     return path
-
-
-def _nuclei(shape=(96, 96), radius=6):
-    gt = np.zeros(shape, np.int32)
-    for k, c in enumerate([(20, 20), (22, 70), (70, 28), (62, 74), (46, 48)], start=1):
-        gt[disk(c, radius, shape=shape)] = k
-    rng = np.random.default_rng(0)
-    img = (20 + 150 * (gt > 0) + rng.normal(0, 5, shape)).clip(0, 255).astype(np.uint8)
-    return img, gt
 
 
 def _strokes(gt):
@@ -66,7 +58,7 @@ def test_the_fine_tuned_checkpoint_stores_the_radius_it_trained_at(tiny_model, t
     from napari_mae.io.checkpoint import load_checkpoint
     from napari_mae.models.decoder import load_segmenter
 
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     out = tmp_path / "tuned.pt"
     list(
         finetune(
@@ -91,7 +83,7 @@ def test_a_fine_tuned_model_segments_at_its_fitted_radius(tmp_path, monkeypatch)
     path = _save_tiny(tmp_path / "fitted.pt", {"task": "segmentation", "object_radius": 4.0})
     monkeypatch.setattr(segment, "estimate_object_radius", no_estimate)
     monkeypatch.setattr(learned, "_radius_from_planes", no_estimate)
-    img, _ = _nuclei()
+    img, _ = five_nuclei()
     _, info = segment_instances(img, method="learned", model=path)
     assert info["radius"] == 4.0 and info["radius_source"] == "model"
     vol = np.stack([img[:64, :64]] * 8).astype(np.float32)
@@ -107,7 +99,7 @@ def test_a_fine_tuned_model_fine_tuned_again_keeps_its_radius(tmp_path):
     from napari_mae.models.decoder import load_segmenter
 
     net = load_segmenter(_save_tiny(tmp_path / "fitted.pt", {"task": "segmentation", "object_radius": 3.0}))
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     prep = _prepared(net, img, _strokes(gt), FinetuneConfig(**TINY))
     assert prep.radii == [3.0] and prep.work[0].shape == (192, 192)  # 6 / 3 = 2x
 
@@ -151,7 +143,7 @@ def test_short_strokes_in_the_objects_found_keep_the_estimate(tiny_model):
     from napari_mae.segmentation.learned import prepare_image
 
     net = load_segmenter(tiny_model)
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     s = np.zeros(gt.shape, np.uint8)
     s[20, 19:22] = 2  # 3 px clicks in objects the estimate finds
     s[46, 47:50] = 2
@@ -167,7 +159,7 @@ def test_cli_finetune_radius_is_stored_and_bad_radius_is_one_line(tiny_model, tm
     from napari_mae.cli import main
     from napari_mae.models.decoder import load_segmenter
 
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     tifffile.imwrite(tmp_path / "img.tif", img)
     tifffile.imwrite(tmp_path / "s.tif", _strokes(gt))
     out = tmp_path / "tuned.pt"
@@ -209,7 +201,7 @@ def test_a_volume_is_fine_tuned_at_the_classical_estimate(tiny_model, monkeypatc
 
     monkeypatch.setattr(learned, "_radius_from_planes", lambda *a, **k: 9.0)
     net = load_segmenter(tiny_model)
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     vol = np.stack([img] * 12).astype(np.float32)
     strokes = np.zeros(vol.shape, np.uint8)
     strokes[6] = _strokes(gt)

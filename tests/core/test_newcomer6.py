@@ -7,19 +7,11 @@ import hashlib
 import numpy as np
 import pytest
 import tifffile
-from skimage.draw import disk
+from synthetic import five_nuclei
 
 from napari_mae.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _nuclei(shape=(96, 96)):
-    gt = np.zeros(shape, np.int32)
-    for k, c in enumerate([(20, 20), (22, 70), (70, 28), (62, 74), (46, 48)], start=1):
-        gt[disk(c, 6, shape=shape)] = k
-    img = (20 + 150 * (gt > 0) + np.random.default_rng(0).normal(0, 5, shape)).clip(0, 255).astype(np.uint8)
-    return img, gt
 
 
 def _digest(path) -> str:
@@ -29,7 +21,7 @@ def _digest(path) -> str:
 @pytest.mark.parametrize("which", ["image", "scribbles"])
 def test_segment_overwrite_never_replaces_an_input(tmp_path, capsys, which):
     """`segment in.tif --out in.tif --overwrite` replaced the image (or the strokes) with labels."""
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     tifffile.imwrite(tmp_path / "in.tif", img)
     strokes = np.zeros(img.shape, np.uint8)
     strokes[20, 16:25], strokes[5, 5:40] = 2, 1
@@ -50,7 +42,7 @@ def test_a_radius_beyond_the_image_is_refused(radius):
     """A radius of 1e12 ran the machine out of memory; above the image's extent nothing fits."""
     from napari_mae.segmentation import segment_instances
 
-    img, _ = _nuclei()
+    img, _ = five_nuclei()
     with pytest.raises(ValueError, match="larger than the image"):
         segment_instances(img, object_radius=radius)
     labels, info = segment_instances(img, object_radius=6.0)  # within it: fine
@@ -58,7 +50,7 @@ def test_a_radius_beyond_the_image_is_refused(radius):
 
 
 def test_cli_radius_beyond_the_image_is_one_line(tmp_path, capsys):
-    img, _ = _nuclei()
+    img, _ = five_nuclei()
     tifffile.imwrite(tmp_path / "in.tif", img)
     assert (
         main(["segment", str(tmp_path / "in.tif"), "--out", str(tmp_path / "l.tif"), "--radius", "1e12"]) == 2
@@ -73,7 +65,7 @@ def test_finetune_refuses_a_radius_beyond_the_image_and_mixed_kinds(tiny_model, 
     image in pixels with a volume in µm averaged radii of two units into one."""
     from napari_mae.segmentation.finetune import FinetuneConfig, finetune
 
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     strokes = np.zeros(img.shape, np.uint8)
     strokes[20, 16:25], strokes[5, 5:40] = 2, 1
     cfg = FinetuneConfig(seconds=None, steps=2, eval_every=2, batch_size=2, crop_size=64, device="cpu")
@@ -91,7 +83,7 @@ def test_finetune_refuses_a_radius_beyond_the_image_and_mixed_kinds(tiny_model, 
 @pytest.mark.parametrize("value", ["5", "-1", "0"])
 def test_cli_threshold_outside_0_1_is_one_line(tmp_path, capsys, value):
     """`--threshold 5` gave 0 objects and `-1` five, both with exit 0."""
-    img, _ = _nuclei()
+    img, _ = five_nuclei()
     tifffile.imwrite(tmp_path / "in.tif", img)
     assert (
         main(["segment", str(tmp_path / "in.tif"), "--out", str(tmp_path / "l.tif"), "--threshold", value])
@@ -102,7 +94,7 @@ def test_cli_threshold_outside_0_1_is_one_line(tmp_path, capsys, value):
 
 
 def test_batch_out_equal_to_the_input_folder_says_so(tmp_path, capsys):
-    img, _ = _nuclei()
+    img, _ = five_nuclei()
     folder = tmp_path / "images"
     folder.mkdir()
     tifffile.imwrite(folder / "a.tif", img)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from skimage.draw import disk
+from synthetic import five_nuclei
 
 from napari_mae.segmentation import segment as segment_module
 
@@ -31,14 +31,6 @@ def test_fixed_object_radius_table(given, net, expected):
     assert segment_module.fixed_object_radius(given, net) == expected
 
 
-def _nuclei():
-    gt = np.zeros((96, 96), np.int32)
-    for k, c in enumerate([(20, 20), (22, 70), (70, 28), (62, 74), (46, 48)], start=1):
-        gt[disk(c, 6, shape=gt.shape)] = k
-    img = (20 + 150 * (gt > 0) + np.random.default_rng(0).normal(0, 5, gt.shape)).clip(0, 255)
-    return img.astype(np.uint8), gt
-
-
 def test_segment_and_finetune_follow_the_one_rule(monkeypatch):
     """Changing the rule changes both callers: the priority is stated once."""
     from napari_mae.models import mae
@@ -46,7 +38,7 @@ def test_segment_and_finetune_follow_the_one_rule(monkeypatch):
     from napari_mae.segmentation.finetune import FinetuneConfig, _prepare, _spacings, check_finetune_inputs
 
     monkeypatch.setattr(segment_module, "fixed_object_radius", lambda r, net=None: (5.5, "model"))
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     _, info = segment_module.segment_instances(img, method="classical")
     assert info["radius"] == 5.5 and info["radius_source"] == "model"
 

@@ -10,21 +10,12 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
-from skimage.draw import disk
+from synthetic import five_nuclei
 
 from napari_mae.cli import main
 from napari_mae.io.readers import ImageReadError, monai_readers, read_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _nuclei(shape=(96, 96), radius=6):
-    gt = np.zeros(shape, np.int32)
-    for k, c in enumerate([(20, 20), (22, 70), (70, 28), (62, 74), (46, 48)], start=1):
-        gt[disk(c, radius, shape=shape)] = k
-    rng = np.random.default_rng(0)
-    img = (20 + 150 * (gt > 0) + rng.normal(0, 5, shape)).clip(0, 255).astype(np.uint8)
-    return img, gt
 
 
 def _rgb(img):
@@ -36,7 +27,7 @@ def _rgb(img):
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".jpeg"])
 def test_grey_png_and_jpeg_read_without_spacing(tmp_path, suffix):
-    img, _ = _nuclei()
+    img, _ = five_nuclei()
     path = tmp_path / f"grey{suffix}"
     iio.imwrite(path, img)
     data, spacing, meta = read_image(path)
@@ -48,7 +39,7 @@ def test_grey_png_and_jpeg_read_without_spacing(tmp_path, suffix):
 
 
 def test_rgb_png_reads_as_an_rgb_tiff_does(tmp_path):
-    rgb = _rgb(_nuclei()[0])
+    rgb = _rgb(five_nuclei()[0])
     iio.imwrite(tmp_path / "rgb.png", rgb)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
     png, png_spacing, png_meta = read_image(tmp_path / "rgb.png")
@@ -60,7 +51,7 @@ def test_rgb_png_reads_as_an_rgb_tiff_does(tmp_path):
 
 
 def test_palette_and_16_bit_png(tmp_path):
-    rgb = _rgb(_nuclei()[0])
+    rgb = _rgb(five_nuclei()[0])
     Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
     data, _, meta = read_image(tmp_path / "p.png")
     assert data.shape == rgb.shape and meta["rgb"]  # the colours, not the palette indices
@@ -81,7 +72,7 @@ def test_monai_pipeline_reads_png_through_the_same_reader(tmp_path):
     """Training (MONAI LoadImaged) gets a palette PNG's colours in numpy order, as for the TIFF."""
     from napari_mae.training.data import FinishItemd, LoadWithReadersd
 
-    rgb = _rgb(_nuclei()[0])[:, :80]  # not square: a transposed read shows
+    rgb = _rgb(five_nuclei()[0])[:, :80]  # not square: a transposed read shows
     Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
     colours = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
     tifffile.imwrite(tmp_path / "p.tif", colours, photometric="rgb")
@@ -99,7 +90,7 @@ def test_monai_pipeline_reads_png_through_the_same_reader(tmp_path):
 
 
 def test_segment_rgb_png_as_its_rgb_tiff(tmp_path, capsys):
-    rgb = _rgb(_nuclei()[0])
+    rgb = _rgb(five_nuclei()[0])
     iio.imwrite(tmp_path / "rgb.png", rgb)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
     infos = {}
@@ -116,7 +107,7 @@ def test_segment_rgb_png_as_its_rgb_tiff(tmp_path, capsys):
 
 
 def test_batch_segment_includes_png_and_jpeg(tmp_path, capsys):
-    img, _ = _nuclei()
+    img, _ = five_nuclei()
     src = tmp_path / "src"
     src.mkdir()
     tifffile.imwrite(src / "a.tif", img)
@@ -133,7 +124,7 @@ def test_batch_segment_includes_png_and_jpeg(tmp_path, capsys):
 
 
 def test_reconstruct_png(tmp_path):
-    img, _ = _nuclei()
+    img, _ = five_nuclei()
     iio.imwrite(tmp_path / "img.png", img)
     out = tmp_path / "r.tif"
     assert (
@@ -144,7 +135,7 @@ def test_reconstruct_png(tmp_path):
 
 
 def test_finetune_png_with_png_scribbles(tiny_model, tmp_path, capsys):
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     strokes = np.zeros(gt.shape, np.uint8)
     strokes[20, 16:25] = 2
     strokes[46, 44:53] = 2
@@ -161,7 +152,7 @@ def test_finetune_png_with_png_scribbles(tiny_model, tmp_path, capsys):
 
 
 def test_evaluate_reads_png_ground_truth(tmp_path, capsys):
-    _, gt = _nuclei()
+    _, gt = five_nuclei()
     (tmp_path / "gt").mkdir()
     (tmp_path / "pred").mkdir()
     iio.imwrite(tmp_path / "gt" / "a.png", gt.astype(np.uint8))

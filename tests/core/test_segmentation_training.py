@@ -7,24 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from skimage.draw import disk
+from synthetic import random_nuclei
 
 from napari_mae.training.loop import run
 from napari_mae.training.objectives import loop_config
 from napari_mae.training.segmentation import SegmentationConfig, SegmentationObjective, match_label_files
-
-
-def _nuclei(seed: int, shape=(96, 96), n=12, radius=(5, 9)):
-    rng = np.random.default_rng(seed)
-    labels = np.zeros(shape, np.uint16)
-    for i in range(1, n + 1):
-        r = int(rng.integers(*radius))
-        c = rng.integers(r, np.array(shape) - r)
-        rr, cc = disk(tuple(c), r, shape=shape)
-        free = labels[rr, cc] == 0
-        labels[rr[free], cc[free]] = i
-    image = (40 + 150 * (labels > 0) + rng.normal(0, 10, shape)).clip(0, 255).astype(np.uint8)
-    return image, labels
 
 
 @pytest.fixture
@@ -33,7 +20,7 @@ def pairs(tmp_path: Path):
     images.mkdir()
     labels.mkdir()
     for k in range(4):
-        img, lab = _nuclei(k)
+        img, lab = random_nuclei(k)
         tifffile.imwrite(images / f"n{k}.tif", img)
         tifffile.imwrite(labels / f"n{k}.tif", lab)
     return images, labels
