@@ -9,6 +9,7 @@ import pytest
 import tifffile
 import torch
 from skimage.draw import disk
+from synthetic import five_nuclei
 
 from napari_mae.segmentation.finetune import (
     FinetuneConfig,
@@ -22,16 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: A tiny budget: a few steps of small crops, no live labels unless asked.
 TINY = dict(seconds=None, steps=4, eval_every=2, batch_size=2, crop_size=64, live_every_s=0, device="cpu")
-
-
-def _nuclei(shape=(96, 96), radius=6):
-    gt = np.zeros(shape, np.int32)
-    centres = [(20, 20), (22, 70), (70, 28), (62, 74), (46, 48)]
-    for k, c in enumerate(centres, start=1):
-        gt[disk(c, radius, shape=shape)] = k
-    rng = np.random.default_rng(0)
-    img = (20 + 150 * (gt > 0) + rng.normal(0, 5, shape)).clip(0, 255).astype(np.uint8)
-    return img, gt
 
 
 def _strokes(gt):
@@ -89,24 +80,25 @@ def test_partial_loss_ignores_unlabelled_pixels():
         (lambda s, c: (s[:-1], None), "scribbles 0 have shape"),
         (lambda s, c: (s, c[:, :-2]), "corrected objects 0 have shape"),
         (lambda s, c: (s, np.where(c > 0, 2**31, 0).astype(np.int64)), "above 2\\*\\*31"),
-        (lambda s, c: (s.astype(np.float32), None), "integer labels"),
+        # integer-valued floats pass, as in segment_instances (one check: scribbles.check_scribbles)
+        (lambda s, c: (s.astype(np.float32) + 0.5, None), "integer labels"),
         (lambda s, c: ([s, s], None), "2 scribble arrays for 1 images"),
     ],
 )
 def test_bad_inputs_raise_naming_the_problem(change, match):
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     s, c = change(_strokes(gt), gt.astype(np.int64))
     with pytest.raises(ValueError, match=match):
         check_finetune_inputs(img, s, c)
 
 
 def test_corrected_objects_alone_are_enough_labels():
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     check_finetune_inputs(img, np.zeros_like(gt, np.uint8), np.where(gt == 1, 1, 0))
 
 
 def test_bad_input_leaves_the_model_and_out_untouched(tiny_model, tmp_path):
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     before = _digest(tiny_model)
     out = tmp_path / "new.pt"
     with pytest.raises(ValueError, match="no background stroke"):
@@ -141,7 +133,7 @@ def test_tiny_run_saves_a_loadable_model_and_keeps_the_previous_one(tiny_model, 
     from napari_mae.io.checkpoint import load_checkpoint
     from napari_mae.models.decoder import load_segmenter
 
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     before = _digest(tiny_model)
     out = tmp_path / "tuned.pt"
     cfg = FinetuneConfig(**{**TINY, "live_every_s": 1e-6})
@@ -168,7 +160,7 @@ def test_tiny_run_saves_a_loadable_model_and_keeps_the_previous_one(tiny_model, 
 def test_encoder_blocks_train_the_last_blocks_only(tiny_model, tmp_path):
     from napari_mae.models.decoder import load_segmenter
 
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     out = tmp_path / "tuned.pt"
     cfg = FinetuneConfig(**{**TINY, "steps": 2, "encoder_blocks": 1, "pseudo_labels": False})
     list(finetune(img, _strokes(gt), out=out, model=tiny_model, config=cfg))
@@ -180,7 +172,7 @@ def test_encoder_blocks_train_the_last_blocks_only(tiny_model, tmp_path):
 
 
 def test_stop_in_the_first_step_saves_nothing(tiny_model, tmp_path):
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     out = tmp_path / "tuned.pt"
     calls = {"n": 0}
 
@@ -196,7 +188,7 @@ def test_stop_in_the_first_step_saves_nothing(tiny_model, tmp_path):
 
 
 def test_stop_while_preparing_saves_nothing(tiny_model, tmp_path):
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     out = tmp_path / "tuned.pt"
     updates = list(
         finetune(
@@ -208,7 +200,7 @@ def test_stop_while_preparing_saves_nothing(tiny_model, tmp_path):
 
 
 def test_stop_after_an_evaluation_keeps_the_best_model(tiny_model, tmp_path):
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     out = tmp_path / "tuned.pt"
     seen = []
 
@@ -236,7 +228,7 @@ def test_targets_strokes_corrected_objects_and_pseudo_labels(tiny_model):
     from napari_mae.segmentation.targets import distance_targets
 
     net = load_segmenter(tiny_model)
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     corrected = np.where(gt == 3, 7, 0)
     strokes = _strokes(gt)
     cfg = FinetuneConfig(**{**TINY, "pseudo_confidence": 0.51, "pseudo_distance": 1.0})
@@ -270,7 +262,7 @@ def test_pseudo_labels_off_where_the_strokes_show_the_model_wrong(tiny_model):
     net = load_segmenter(tiny_model)
     with torch.no_grad():  # a model that calls everything foreground
         net.out.conv.conv.bias[0] = 50.0
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     cfg = FinetuneConfig(**{**TINY, "pseudo_confidence": 0.6, "pseudo_distance": 0.5})
     (item,) = training_planes(net, _prepared(net, img, _strokes(gt), None, cfg), cfg)
     assert item["pseudo"] == {"foreground": False, "background": True}
@@ -312,7 +304,7 @@ def test_volume_strokes_on_any_plane(tiny_model):
 
 def _cli_finetune_args(tmp_path, tiny_model):
     """``finetune`` arguments for a tiny run on the test nuclei, the output path, the labels."""
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     tifffile.imwrite(tmp_path / "img.tif", img)
     tifffile.imwrite(tmp_path / "s.tif", _strokes(gt))
     out = tmp_path / "tuned.pt"
@@ -336,7 +328,7 @@ def test_cli_finetune_then_segment_with_it(tiny_model, tmp_path, capsys):
 def test_cli_finetune_bad_input_is_one_line(tiny_model, tmp_path, capsys):
     from napari_mae.cli import main
 
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     tifffile.imwrite(tmp_path / "img.tif", img)
     tifffile.imwrite(tmp_path / "s.tif", np.where(_strokes(gt) == 2, 0, _strokes(gt)).astype(np.uint8))
     out = tmp_path / "tuned.pt"
@@ -349,7 +341,7 @@ def test_cli_finetune_bad_input_is_one_line(tiny_model, tmp_path, capsys):
 
 
 def test_a_budget_used_up_while_preparing_says_so(tiny_model, tmp_path):
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     out = tmp_path / "tuned.pt"
     cfg = FinetuneConfig(**{**TINY, "seconds": 1e-3, "steps": None})
     updates = list(finetune(img, _strokes(gt), out=out, model=tiny_model, config=cfg))
@@ -369,7 +361,7 @@ def test_pseudo_labels_from_the_classical_pipeline(tiny_model):
     from napari_mae.segmentation.targets import distance_targets
 
     net = load_segmenter(tiny_model)
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     strokes = _strokes(gt)
     cfg = FinetuneConfig(**{**TINY, "pseudo_source": "classical"})
     prep = _prepared(net, img, strokes, None, cfg, object_radius=6.0)
@@ -394,6 +386,7 @@ def test_cli_pseudo_source(tiny_model, tmp_path, capsys):
     args, out, gt = _cli_finetune_args(tmp_path, tiny_model)
     assert main([*args, "--pseudo-source", "classical"]) == 0
     assert load_checkpoint(out)["extra"]["finetune"]["pseudo_source"] == "classical"
+    assert "pseudo-labels (classical):" in capsys.readouterr().err  # the log says which source ran
     with pytest.raises(SystemExit):  # argparse: not a choice
         main([*args, "--pseudo-source", "labels", "--overwrite"])
     assert "invalid choice" in capsys.readouterr().err
@@ -408,7 +401,7 @@ def test_agreement_pseudo_labels_need_the_model_too(tiny_model):
     net = load_segmenter(tiny_model)
     with torch.no_grad():  # a model that calls everything background
         net.out.conv.conv.bias[0] = -50.0
-    img, gt = _nuclei()
+    img, gt = five_nuclei()
     strokes = _strokes(gt)
     cfg = FinetuneConfig(**{**TINY, "pseudo_source": "agreement"})
     (item,) = training_planes(net, _prepared(net, img, strokes, None, cfg, object_radius=6.0), cfg)

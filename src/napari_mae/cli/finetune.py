@@ -21,7 +21,7 @@ import math
 import sys
 
 from napari_mae._names import PSEUDO_SOURCES
-from napari_mae.cli import CLIError, check_output_path
+from napari_mae.cli import CLIError, check_output_path, check_segmentation_model
 from napari_mae.io.readers import FORMAT_NAMES
 
 
@@ -85,10 +85,11 @@ def register(subparsers) -> None:
     p.add_argument(
         "--pseudo-source",
         choices=PSEUDO_SOURCES,
-        default="model",
-        help="where the pseudo-labels come from: the model's confident predictions (default), the "
-        "classical pipeline's segmentation with the same strokes, or that segmentation where the "
-        "model agrees; which is best depends on the data (README, fine-tuning)",
+        default=None,
+        help="where the pseudo-labels come from: the model's confident predictions (model, the default), "
+        "the classical pipeline's segmentation with the same strokes, or that segmentation where the "
+        "model agrees; which is best depends on the data (README, fine-tuning); not with "
+        "--no-pseudo-labels",
     )
     p.add_argument(
         "--spacing",
@@ -112,12 +113,28 @@ def register(subparsers) -> None:
 
 
 def _read_labels(path: str, what: str):
+    """The labels image at ``path`` (``what``: the option, named in the messages).
+
+    Scribbles get the check of segmentation and fine-tuning
+    (:func:`napari_mae.segmentation.scribbles.check_scribbles`, both classes over all
+    images are the core's), corrected objects an integer dtype.
+    """
+    from pathlib import Path
+
     import numpy as np
 
     from napari_mae.io.readers import read_image
+    from napari_mae.segmentation.scribbles import check_scribbles
 
+    if not Path(path).exists():
+        raise CLIError(f"{what} {path}: no such file")
     data, _, _ = read_image(path)
     data = np.asarray(data)
+    if what == "--scribbles":
+        try:
+            return check_scribbles(data, data.shape, name=f"{what} {path}", require_both=False)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
     if not (np.issubdtype(data.dtype, np.integer) or data.dtype == bool):
         raise CLIError(f"{what} {path}: must hold integer labels, not {data.dtype}")
     return data
@@ -127,7 +144,10 @@ def run(args: argparse.Namespace) -> int:
     from napari_mae.io.readers import read_image
     from napari_mae.segmentation.finetune import FinetuneConfig, finetune
 
-    out = check_output_path(args.out, "--out", (".pt", ".pth"), what="checkpoint")
+    out = check_output_path(args.out, "--out", (".pt", ".pth"), what="checkpoint", overwrite=args.overwrite)
+    if args.no_pseudo_labels and args.pseudo_source is not None:
+        raise CLIError("--no-pseudo-labels trains on your labels only; leave out --pseudo-source with it")
+    check_segmentation_model(args.model)
     if len(args.scribbles) != len(args.images):
         raise CLIError(f"{len(args.scribbles)} --scribbles for {len(args.images)} images: give one per image")
     if args.labels is not None and len(args.labels) != len(args.images):
@@ -140,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             steps=args.steps,
             encoder_blocks=args.encoder_blocks,
             pseudo_labels=not args.no_pseudo_labels,
-            pseudo_source=args.pseudo_source,
+            pseudo_source=args.pseudo_source or "model",
             seed=args.seed,
             device=args.device,
         )

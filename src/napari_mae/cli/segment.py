@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from napari_mae.io.readers import FORMAT_NAMES, NIFTI_SUFFIXES, TIFF_SUFFIXES
 
@@ -133,7 +134,13 @@ def _read(path: str):
 def run(args: argparse.Namespace) -> int:
     """Run ``segment``; return the exit code."""
     from napari_mae._json import to_jsonable
-    from napari_mae.cli import CLIError, _many, check_distinct_paths, check_output_path
+    from napari_mae.cli import (
+        CLIError,
+        _many,
+        check_distinct_paths,
+        check_output_path,
+        check_segmentation_model,
+    )
     from napari_mae.io.writers import write_image
     from napari_mae.preprocess import check_channel_axis, check_threshold, guess_rgb_axis
     from napari_mae.segmentation import segment_instances
@@ -157,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
     # first: --overwrite never replaces the input image or the scribbles
     check_distinct_paths({"IMAGE": args.image, "--scribbles": args.scribbles}, {"--out": args.out})
     out = check_output_path(args.out, "--out", OUT_SUFFIXES, what="TIFF or NIfTI", overwrite=args.overwrite)
+    if args.scribbles and not Path(args.scribbles).exists():  # before the image is read
+        raise CLIError(f"--scribbles {args.scribbles}: no such file")
     image, spacing, meta = _read(args.image)
     axes = str(meta.get("axes", ""))
     if "T" in axes:
@@ -210,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
         method = "classical"
     if scribbles is not None and method == "learned":
         raise CLIError("--method learned takes no --scribbles (use --method classical or auto)")
+    if scribbles is None and method == "learned":
+        check_segmentation_model(model)
 
     interactive = sys.stderr.isatty()
     last_message = [None]

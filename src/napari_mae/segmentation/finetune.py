@@ -75,6 +75,7 @@ from scipy import ndimage as ndi
 
 from napari_mae._names import PSEUDO_SOURCES
 from napari_mae.preprocess import check_object_radius
+from napari_mae.segmentation.scribbles import check_scribbles, check_stroke_classes
 from napari_mae.training.loop import Objective, decay_groups
 
 __all__ = [
@@ -303,7 +304,8 @@ def check_finetune_inputs(images, scribbles, corrected=None, *, channel_axis=Non
     ValueError
         Another count of scribbles or corrected arrays than images; scribbles or
         corrected objects of another shape than their image; non-integer or negative
-        values; ids of 2**31 and above in the corrected objects; no object label
+        values; an intensity image given as scribbles
+        (:func:`~napari_mae.segmentation.scribbles.check_scribbles`); ids of 2**31 and above in the corrected objects; no object label
         (stroke 2 or corrected object) or no background label (stroke 1 or the ring of a
         corrected object) in all the images together (the message says which is missing).
     """
@@ -320,15 +322,7 @@ def check_finetune_inputs(images, scribbles, corrected=None, *, channel_axis=Non
             raise ValueError(f"image {i} has {len(shape)} spatial dimensions (shape {im.shape}); need 2 or 3")
         if s is None:
             s = np.zeros(shape, np.uint8)
-        s = np.asarray(s)
-        if s.shape != shape:
-            raise ValueError(f"scribbles {i} have shape {s.shape}, but image {i} has {shape}")
-        if not (np.issubdtype(s.dtype, np.integer) or s.dtype == bool):
-            raise ValueError(
-                f"scribbles {i} must be integer labels (1 = background, 2 = object), not {s.dtype}"
-            )
-        if s.size and s.min() < 0:
-            raise ValueError(f"scribbles {i} hold negative values")
+        s = check_scribbles(s, shape, name=f"scribbles {i}", require_both=False)
         has_object |= bool((s >= 2).any())
         has_background |= bool((s == 1).any())
         if c is not None:
@@ -350,14 +344,7 @@ def check_finetune_inputs(images, scribbles, corrected=None, *, channel_axis=Non
                 c = None
         out_s.append(s)
         out_c.append(c)
-    if not has_object:
-        raise ValueError(
-            "the scribbles hold no object stroke (label 2): paint at least one stroke inside an object"
-        )
-    if not has_background:
-        raise ValueError(
-            "the scribbles hold no background stroke (label 1): paint at least one stroke on the background"
-        )
+    check_stroke_classes(has_background, has_object, name="the scribbles (of all images together)")
     return imgs, out_s, out_c
 
 

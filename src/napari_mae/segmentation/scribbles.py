@@ -2,7 +2,10 @@
 
 Used by the segmentation benchmark (``benchmarks/bench_segmentation.py``) and the demo
 (:mod:`napari_mae.demo`), so that both score the same scribbles on the same images.
-Also :func:`ct_bone_labels`, the vertebra and rib instances of a TotalSegmentator class map.
+Also :func:`ct_bone_labels`, the vertebra and rib instances of a TotalSegmentator class map,
+and :func:`check_scribbles`, the one check of a user's scribbles for segmentation
+(:func:`~napari_mae.segmentation.segment.segment_instances`) and fine-tuning
+(:func:`~napari_mae.segmentation.finetune.check_finetune_inputs`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,14 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
+
+__all__ = [
+    "MAX_STROKE_IDS",
+    "check_scribbles",
+    "check_stroke_classes",
+    "ct_bone_labels",
+    "simulate_scribbles",
+]
 
 
 def simulate_scribbles(
@@ -129,3 +140,104 @@ def ct_bone_labels(class_labels: np.ndarray, class_map: dict[str, str] | str | P
         class_map = class_map.get("total", class_map)
     bone_ids = [int(k) for k, v in class_map.items() if str(v).startswith(("vertebrae_", "rib_"))]
     return np.where(np.isin(class_labels, bone_ids), class_labels, 0).astype(np.int32)
+
+
+#: More distinct values than this, on a mostly painted array, is an intensity image, not strokes.
+MAX_STROKE_IDS = 32
+
+
+def check_scribbles(
+    scribbles,
+    shape,
+    *,
+    name: str = "scribbles",
+    require_both: bool = True,
+) -> np.ndarray:
+    """The one check of a scribble array, for segmentation and fine-tuning alike.
+
+    Parameters
+    ----------
+    scribbles : array-like of int, bool or integer-valued float, shape ``shape``
+        0 = unlabelled, 1 = background, 2 and above = object.
+    shape : tuple of int
+        The image's spatial shape, ``([Z,] Y, X)``.
+    name : str
+        How the messages name the array (``"scribbles 0"`` for the first of several).
+    require_both : bool
+        Refuse an array without a background stroke or without an object stroke (False:
+        the caller checks that over several arrays, see :func:`check_stroke_classes`).
+
+    Returns
+    -------
+    ndarray of an integer dtype, shape ``shape``
+        The input itself when it is of an integer dtype, else as int64.
+
+    Raises
+    ------
+    ValueError
+        Another shape than ``shape``; non-integer values (NaN, 0.5); negative values; an
+        intensity image given as scribbles (more than half the pixels painted with more
+        than :data:`MAX_STROKE_IDS` distinct values: strokes leave most pixels 0 and use a
+        few ids); with ``require_both``, no background or no object stroke.
+    """
+    s = np.asarray(scribbles)
+    shape = tuple(int(n) for n in shape)
+    if s.shape != shape:
+        raise ValueError(f"{name} have shape {s.shape}, but the image's spatial shape is {shape}")
+    if not (np.issubdtype(s.dtype, np.integer) or s.dtype == bool):
+        if not (np.issubdtype(s.dtype, np.floating) and np.all(np.isfinite(s)) and np.all(np.mod(s, 1) == 0)):
+            raise ValueError(
+                f"{name} must be integer labels (0 unlabelled, 1 background, 2.. objects), not {s.dtype} "
+                "values with fractions or NaN"
+            )
+        s = s.astype(np.int64)
+    elif s.dtype == bool:
+        s = s.astype(np.uint8)
+    if s.size and s.min() < 0:
+        raise ValueError(
+            f"{name} hold negative values (smallest {int(s.min())}); they must be non-negative "
+            "(0 unlabelled, 1 background, 2.. objects)"
+        )
+    painted = np.count_nonzero(s)
+    if painted > s.size / 2:  # unique() sorts: only for the rare mostly painted array
+        n_ids = np.unique(s).size
+        if n_ids > MAX_STROKE_IDS:
+            raise ValueError(
+                f"{name} look like an intensity image, not strokes: {painted / s.size:.0%} of the pixels "
+                f"are painted, with {n_ids} distinct values (values {int(s.min())}..{int(s.max())}); "
+                "scribbles are 0 unlabelled, 1 background, 2.. objects"
+            )
+    if require_both:
+        check_stroke_classes(bool((s == 1).any()), bool((s >= 2).any()), name=name)
+    return s
+
+
+def check_stroke_classes(has_background: bool, has_object: bool, *, name: str = "scribbles") -> None:
+    """Refuse scribbles without a background stroke or without an object stroke.
+
+    Parameters
+    ----------
+    has_background, has_object : bool
+        Whether any label 1, and any label 2 or above, is painted (over all the arrays of
+        a run together).
+    name : str
+        How the message names the scribbles.
+
+    Raises
+    ------
+    ValueError
+        Naming the missing kind of stroke.
+    """
+    if has_background and has_object:
+        return
+    if not has_object and not has_background:
+        missing = "object stroke (label >= 2) and no background stroke (label 1)"
+        where = "inside an object and one on the background"
+    elif not has_object:
+        missing, where = "object stroke (label >= 2)", "inside an object"
+    else:
+        missing, where = "background stroke (label 1)", "on the background"
+    raise ValueError(
+        f"{name} need both background (label 1) and object (label >= 2) strokes and hold no {missing}: "
+        f"paint at least one stroke {where}"
+    )

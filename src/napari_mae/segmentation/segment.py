@@ -135,7 +135,8 @@ def segment_instances(
         is malformed, ``object_radius`` is not positive or exceeds the image, ``threshold`` is
         not in (0, 1), the scribbles have the wrong
         shape, negative values or lack either background or object strokes, ``method`` is
-        unknown, ``method="learned"`` is given scribbles or a 3D model for a 2D image, or
+        unknown, ``method="learned"`` is given scribbles or a 3D model for a 2D image, the
+        MAE given with scribbles has other spatial dimensions than the image, or
         ``intensity_range`` is not a finite ``(lo, hi)`` with ``hi > lo`` or is given for
         several channels.
     FileNotFoundError
@@ -166,6 +167,8 @@ def segment_instances(
     check_threshold(threshold)
     if method == "learned" and scrib is not None:
         raise ValueError("the learned method takes no scribbles; use method='classical' for scribbles")
+    if scrib is not None and model is not None:
+        model = _feature_model(model, ndim)  # before any work: a 3D MAE on a 2D image failed after it
     net = None
     if scrib is None and (method == "learned" or (method == "auto" and model is not None)):
         net = _learned_model(model, method == "learned")
@@ -326,29 +329,38 @@ def _learned_labels(img, net, sp, r, progress, planes=True):
 
 
 def _check_scribbles(scribbles, shape) -> np.ndarray | None:
-    """Scribbles as int64 of the image's spatial shape with both kinds of strokes, or None."""
+    """Scribbles as int64 of the image's spatial shape with both kinds of strokes, or None.
+
+    The checks are :func:`napari_mae.segmentation.scribbles.check_scribbles` (shared with fine-tuning).
+    """
     if scribbles is None:
         return None
-    s = np.asarray(scribbles)
-    if s.shape != tuple(shape):
-        raise ValueError(f"scribbles must have the image's spatial shape {tuple(shape)}, got {s.shape}")
-    if (
-        not np.issubdtype(s.dtype, np.integer)
-        and s.dtype != bool
-        and not (np.all(np.isfinite(s)) and np.all(np.mod(s, 1) == 0))
-    ):
-        raise ValueError("scribbles must be integer labels (0 unlabelled, 1 background, 2.. objects)")
-    s = s.astype(np.int64)
-    if (s < 0).any():
-        raise ValueError("scribbles must be non-negative (0 unlabelled, 1 background, 2.. objects)")
-    has_bg = bool((s == 1).any())
-    has_fg = bool((s >= 2).any())
-    if not (has_bg and has_fg):
+    from napari_mae.segmentation.scribbles import check_scribbles
+
+    return check_scribbles(scribbles, shape).astype(np.int64, copy=False)
+
+
+def _feature_model(model, ndim: int):
+    """The MAE of the scribble classifier's features, loaded, if it fits ``ndim``-D images.
+
+    Raises
+    ------
+    ValueError
+        If its spatial dimensions are not ``ndim``
+        (:func:`~napari_mae.segmentation.features.model_features` needs them equal).
+    """
+    from napari_mae.models.mae import load_model
+
+    net = model if hasattr(model, "encoder_features") else load_model(model)
+    cfg = net.config
+    sd = int(getattr(cfg, "spatial_dims", len(np.atleast_1d(cfg.img_size))))
+    if sd != ndim:
+        name = str(model) if isinstance(model, str) else getattr(cfg, "name", "model")
         raise ValueError(
-            "scribbles need both background (label 1) and object (label >= 2) strokes; "
-            f"got background={'yes' if has_bg else 'no'}, objects={'yes' if has_fg else 'no'}"
+            f"model {name!r} is a {sd}D MAE and the image is {ndim}D; "
+            f"the scribble classifier's features need a {ndim}D model (default-{ndim}d) or none"
         )
-    return s
+    return net
 
 
 def fixed_object_radius(object_radius: float | None, net=None) -> tuple[float, str] | None:

@@ -1,0 +1,134 @@
+"""Small CLI messages (options named, one check each) and refusals that come before the slow work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from synthetic import five_nuclei
+
+from napari_mae.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _files(tmp_path):
+    """The five nuclei and strokes in them, as TIFFs; their paths."""
+    img, _ = five_nuclei()
+    s = np.zeros(img.shape, np.uint8)
+    s[20, 16:25] = 2
+    s[5, 5:40] = 1
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    tifffile.imwrite(tmp_path / "s.tif", s)
+    return str(tmp_path / "img.tif"), str(tmp_path / "s.tif")
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def test_finetune_existing_out_names_overwrite(tmp_path, capsys):
+    img, s = _files(tmp_path)
+    out = tmp_path / "tuned.pt"
+    out.write_bytes(b"mine")
+    assert main(["finetune", img, "--scribbles", s, "--out", str(out)]) == 2
+    assert "exists" in (line := _one_line(capsys)) and "--overwrite" in line
+    assert out.read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("command", ["segment", "finetune"])
+def test_a_bundled_mae_as_segmentation_model_gets_the_mae_message(command, tmp_path, capsys):
+    img, s = _files(tmp_path)
+    out = str(tmp_path / ("l.tif" if command == "segment" else "m.pt"))
+    argv = (
+        ["segment", img, "--method", "learned"]
+        if command == "segment"
+        else ["finetune", img, "--scribbles", s]
+    )
+    assert main([*argv, "--model", "default-3d", "--out", out]) == 2
+    line = _one_line(capsys)
+    assert "default-3d is an MAE checkpoint without a segmentation decoder; train one with" in line
+
+
+def test_segment_missing_scribbles_names_the_option(tmp_path, capsys):
+    img, _ = _files(tmp_path)
+    assert (
+        main(["segment", img, "--scribbles", str(tmp_path / "nope.tif"), "--out", str(tmp_path / "l.tif")])
+        == 2
+    )
+    assert f"--scribbles {tmp_path / 'nope.tif'}: no such file" in _one_line(capsys)
+
+
+def test_finetune_missing_scribbles_names_the_option(tmp_path, capsys):
+    img, _ = _files(tmp_path)
+    nope = str(tmp_path / "nope.tif")
+    assert main(["finetune", img, "--scribbles", nope, "--out", str(tmp_path / "m.pt")]) == 2
+    assert f"--scribbles {nope}: no such file" in _one_line(capsys)
+
+
+def test_no_pseudo_labels_with_a_pseudo_source_is_refused(tmp_path, capsys):
+    img, s = _files(tmp_path)
+    argv = ["finetune", img, "--scribbles", s, "--out", str(tmp_path / "m.pt"), "--no-pseudo-labels"]
+    assert main([*argv, "--pseudo-source", "classical"]) == 2
+    assert "--no-pseudo-labels" in (line := _one_line(capsys)) and "--pseudo-source" in line
+
+
+# ----------------------------------------------------------------------------- refusals before work
+
+
+def _slow(*args, **kwargs):
+    raise AssertionError("the slow step ran before the refusal")
+
+
+def test_3d_mae_with_scribbles_on_a_2d_image_is_refused_before_preparing(monkeypatch):
+    import napari_mae.segmentation.segment as segment
+
+    img, _ = five_nuclei()
+    s = np.zeros(img.shape, np.uint8)
+    s[20, 16:25] = 2
+    s[5, 5:40] = 1
+    monkeypatch.setattr(segment, "bright_single_channel", _slow)
+    with pytest.raises(ValueError, match="'default-3d' is a 3D MAE and the image is 2D"):
+        segment.segment_instances(img, scribbles=s, model="default-3d")
+
+
+def test_reconstruct_3d_model_on_a_2d_image_is_refused_before_masking(tmp_path, capsys, monkeypatch):
+    import napari_mae.reconstruction as reconstruction
+
+    img, _ = _files(tmp_path)
+    monkeypatch.setattr(reconstruction, "make_mask", _slow)
+    assert (
+        main(["reconstruct", img, "--model", "default-3d", "--out", str(tmp_path / "r.tif"), "--quiet"]) == 2
+    )
+    assert "3D model" in (line := _one_line(capsys)) and "image is 2D" in line
+
+
+def test_demo_non_empty_out_is_refused_before_the_demo_starts(tmp_path, capsys, monkeypatch):
+    import napari_mae.demo as demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(demo, "run_demo", _slow)  # it imports torch before its own check
+    assert main(["demo", "--out", str(out)]) == 2
+    assert "not empty" in _one_line(capsys) and (out / "notes.txt").read_text() == "mine"
+
+
+def test_train_into_an_existing_run_is_refused_before_the_data_is_prepared(tmp_path, capsys, monkeypatch):
+    import napari_mae.training.data as data
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", five_nuclei()[0])
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"a run")
+    monkeypatch.setattr(data, "make_datasets", _slow)
+    assert main(["train", str(folder), "--out", str(out), "--epochs", "1", "--model", "tiny-2d"]) == 2
+    assert "already holds a training run" in _one_line(capsys)
+    assert (out / "last.pt").read_bytes() == b"a run"
