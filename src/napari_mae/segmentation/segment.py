@@ -133,8 +133,9 @@ def segment_instances(
     ValueError
         If the image is empty or not 2D/3D, ``channel_axis`` is out of range, ``spacing``
         is malformed, ``object_radius`` is not positive or exceeds the image, ``threshold`` is
-        not in (0, 1), the scribbles have the wrong
-        shape, negative values or lack either background or object strokes, ``method`` is
+        not in (0, 1), the scribbles have the wrong shape, non-integer or negative values,
+        look like an intensity image or lack either background or object strokes
+        (:func:`~napari_mae.segmentation.scribbles.check_scribbles`), ``method`` is
         unknown, ``method="learned"`` is given scribbles or a 3D model for a 2D image, the
         MAE given with scribbles has other spatial dimensions than the image, or
         ``intensity_range`` is not a finite ``(lo, hi)`` with ``hi > lo`` or is given for
