@@ -7,25 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from skimage.draw import disk
+from synthetic import random_nuclei
 from widget_helpers import errors, setup_training, wait_done
 
 from napari_mae.widgets._registry import registry, segmenters
 from napari_mae.widgets._training import TASK_MAE, TASK_SEGMENTATION
-
-
-def _nuclei(seed: int, shape=(64, 64), n=8, radius=(4, 7)):
-    """Bright discs on a noisy background, and their instance labels."""
-    rng = np.random.default_rng(seed)
-    labels = np.zeros(shape, np.uint16)
-    for i in range(1, n + 1):
-        r = int(rng.integers(*radius))
-        c = rng.integers(r, np.array(shape) - r)
-        rr, cc = disk(tuple(c), r, shape=shape)
-        free = labels[rr, cc] == 0
-        labels[rr[free], cc[free]] = i
-    image = (40 + 150 * (labels > 0) + rng.normal(0, 10, shape)).clip(0, 255).astype(np.uint8)
-    return image, labels
 
 
 @pytest.fixture
@@ -35,7 +21,7 @@ def pairs(tmp_path: Path) -> tuple[Path, Path]:
     images.mkdir()
     labels.mkdir()
     for k in range(4):
-        img, lab = _nuclei(k)
+        img, lab = random_nuclei(k, shape=(64, 64), n=8, radius=(4, 7))
         tifffile.imwrite(images / f"n{k}.tif", img)
         tifffile.imwrite(labels / f"n{k}.tif", lab)
     return images, labels
@@ -169,7 +155,12 @@ def test_a_folder_of_one_image_is_refused_clearly(
 def test_task_switch_shows_its_fields_and_choices(viewer, add_widget, tmp_path):
     widget = add_widget("Training")
     mae_only = [widget.mask_ratio.native, widget.patch_size, widget.pattern, widget.adversarial_weight.native]
-    seg_only = [widget.labels, widget.frozen_epochs.native, widget.crop_size.native]
+    seg_only = [
+        widget.labels,
+        widget.frozen_epochs.native,
+        widget.crop_size.native,
+        widget.crop_size_3d.native,
+    ]
     assert widget.task.currentText() == TASK_MAE
     assert all(w.isVisibleTo(widget) for w in mae_only) and not any(w.isVisibleTo(widget) for w in seg_only)
     assert widget.epochs.value == 10 and widget.lr.value == pytest.approx(1e-3)
@@ -203,6 +194,18 @@ def test_task_switch_shows_its_fields_and_choices(viewer, add_widget, tmp_path):
         assert _rows_without_gaps(widget), task
     widget.start_from.setCurrentText("checkpoint file...")
     assert widget.checkpoint.isVisibleTo(widget) and _rows_without_gaps(widget)
+
+
+def test_3d_crop_size_reaches_the_config(viewer, add_widget, tmp_path):
+    widget = add_widget("Training")
+    widget.task.setCurrentText(TASK_SEGMENTATION)
+    widget.folder.setText(str(tmp_path))
+    (tmp_path / "labels").mkdir()
+    widget.labels.setText(str(tmp_path / "labels"))
+    assert widget.build_config().crop_size_3d == 64  # SegmentationConfig's default
+    widget.crop_size_3d.value = 48
+    config = widget.build_config()
+    assert (config.crop_size_3d, config.crop_size) == (48, 112)
 
 
 def _rows_without_gaps(widget) -> bool:

@@ -9,7 +9,7 @@ Two tasks share one form and one worker pattern:
   :data:`~._registry.registry`.
 * **Segmentation** (images + a folder of instance labels with the same file
   names): builds a :class:`napari_mae.training.segmentation.SegmentationConfig`
-  (encoder to start from, frozen epochs, crop size) and iterates
+  (encoder to start from, frozen epochs, crop sizes 2D and 3D) and iterates
   :func:`~napari_mae.training.segmentation.train_segmentation`; the plot adds
   the validation acc@0.5 per epoch on a second axis, and the model joins the
   segmentation-model list (:data:`~._registry.segmenters`). Bad labels (missing
@@ -214,6 +214,14 @@ class TrainingWidget(JobWidget):
             tooltip="Side in pixels of the random pieces cut from each image for training, after the "
             "images are rescaled to the model's object size (larger: more context, slower)",
         )
+        self.crop_size_3d = magic_field(
+            int(seg_defaults["crop_size_3d"]),
+            min=16,
+            max=1024,
+            tooltip="Only for a 3D model (a 3D checkpoint file): side in voxels of the cubic pieces cut "
+            "from each volume for training (a multiple of the patch size; validation pieces are twice as "
+            "large). 2D models use the crop size above",
+        )
         self.epochs = magic_field(
             int(defaults["epochs"]),
             min=1,
@@ -263,6 +271,7 @@ class TrainingWidget(JobWidget):
             ("adversarial weight", self.adversarial_weight.native, TASK_MAE),
             ("frozen epochs", self.frozen_epochs.native, TASK_SEGMENTATION),
             ("crop size", self.crop_size.native, TASK_SEGMENTATION),
+            ("3D crop size", self.crop_size_3d.native, TASK_SEGMENTATION),
             ("epochs", self.epochs.native, None),
             ("crops per image", self.crops_per_image.native, None),
             ("batch size", self.batch_size.native, None),
@@ -559,6 +568,7 @@ class TrainingWidget(JobWidget):
             model=model,
             frozen_epochs=int(self.frozen_epochs.value),
             crop_size=int(self.crop_size.value),
+            crop_size_3d=int(self.crop_size_3d.value),
         )
 
     # ----------------------------------------------------------------- run
