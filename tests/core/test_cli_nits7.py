@@ -132,3 +132,14 @@ def test_train_into_an_existing_run_is_refused_before_the_data_is_prepared(tmp_p
     assert main(["train", str(folder), "--out", str(out), "--epochs", "1", "--model", "tiny-2d"]) == 2
     assert "already holds a training run" in _one_line(capsys)
     assert (out / "last.pt").read_bytes() == b"a run"
+
+
+def test_load_segmenter_names_a_bundled_mae_without_decoder():
+    """The Python API (and so the widgets) get the CLI's message for ``default-3d``, not
+    "no segmentation model at default-3d" (the check is load_segmenter's)."""
+    from napari_mae.io.checkpoint import CheckpointError
+    from napari_mae.models.decoder import load_segmenter
+
+    with pytest.raises(CheckpointError, match="default-3d is an MAE checkpoint without a segmentation decoder"):
+        load_segmenter("default-3d")
+    assert load_segmenter("default-2d").spatial_dims == 2

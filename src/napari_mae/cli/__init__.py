@@ -129,29 +129,23 @@ def check_not_existing(path: Path | None, option: str, *, overwrite: bool) -> No
 
 
 def check_segmentation_model(spec) -> None:
-    """Refuse a bundled MAE (``default-3d``) where a segmentation model is needed.
+    """Refuse, before any other work, a bundled name that is no segmentation model (``default-3d``).
 
-    ``load_segmenter`` looks such a name up as a file ("no segmentation model at
-    default-3d"); an MAE checkpoint given by its path gets the better message of
-    :func:`napari_mae.models.decoder.segmenter_from_checkpoint`, which this gives the
-    bundled MAE too (its checkpoint is read, nothing else is done). Other names, paths
-    and None pass.
+    The check is :func:`napari_mae.models.decoder.load_segmenter`'s: a bundled name's
+    checkpoint is small and loads in a fraction of a second. Paths and None pass (they are
+    loaded with the images).
 
     Raises
     ------
     napari_mae.io.checkpoint.CheckpointError
         ``spec`` names a bundled MAE that is not a segmentation model.
     """
-    from napari_mae._names import BUNDLED_MODELS, bundled_segmenter_path, bundled_weights_path
+    from napari_mae._names import BUNDLED_MODELS
 
-    if not isinstance(spec, str) or spec not in BUNDLED_MODELS or bundled_segmenter_path(spec) is not None:
-        return
-    from napari_mae.io.checkpoint import load_checkpoint
-    from napari_mae.models.decoder import segmenter_from_checkpoint
+    if isinstance(spec, str) and spec in BUNDLED_MODELS:
+        from napari_mae.models.decoder import load_segmenter
 
-    path = bundled_weights_path(spec)
-    if path.is_file():
-        segmenter_from_checkpoint(load_checkpoint(path), source=spec)
+        load_segmenter(spec)
 
 
 def main(argv: list[str] | None = None) -> int:

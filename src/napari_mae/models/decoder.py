@@ -463,19 +463,25 @@ def load_segmenter(spec: Any, device: str = "cpu") -> InstanceDecoder:
     CheckpointError
         If it is not a segmentation checkpoint (see :func:`segmenter_from_checkpoint`).
     """
-    from napari_mae._names import bundled_segmenter_path
+    from napari_mae._names import BUNDLED_MODELS, bundled_segmenter_path, bundled_weights_path
     from napari_mae.io.checkpoint import load_checkpoint
     from napari_mae.models.mae import resolve_device
 
     dev = resolve_device(device)
     if isinstance(spec, InstanceDecoder):
         return spec.to(dev).eval()
-    path = (
-        bundled_segmenter_path(spec) if isinstance(spec, str) and bundled_segmenter_path(spec) else Path(spec)
-    )
+    if isinstance(spec, str) and bundled_segmenter_path(spec):
+        path = bundled_segmenter_path(spec)
+    elif isinstance(spec, str) and spec in BUNDLED_MODELS:
+        # a bundled MAE without a decoder (default-3d): its checkpoint gets the message of
+        # segmenter_from_checkpoint ("an MAE checkpoint without a segmentation decoder")
+        path = bundled_weights_path(spec)
+    else:
+        path = Path(spec)
+    source = spec if isinstance(spec, str) and spec in BUNDLED_MODELS else str(path)
     if not path.is_file():
         raise FileNotFoundError(f"no segmentation model at {path}")
-    return segmenter_from_checkpoint(load_checkpoint(path), source=str(path)).to(dev)
+    return segmenter_from_checkpoint(load_checkpoint(path), source=source).to(dev)
 
 
 #: The ``extra`` key of a fine-tuned checkpoint holding the object radius it was trained at.
