@@ -140,6 +140,8 @@ def test_load_segmenter_names_a_bundled_mae_without_decoder():
     from napari_mae.io.checkpoint import CheckpointError
     from napari_mae.models.decoder import load_segmenter
 
-    with pytest.raises(CheckpointError, match="default-3d is an MAE checkpoint without a segmentation decoder"):
+    with pytest.raises(
+        CheckpointError, match="default-3d is an MAE checkpoint without a segmentation decoder"
+    ):
         load_segmenter("default-3d")
     assert load_segmenter("default-2d").spatial_dims == 2
