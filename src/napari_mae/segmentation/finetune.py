@@ -409,7 +409,13 @@ class _Prepared:
 
 def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_radius, cfg, check):
     """Images at the model's scale and their labelled planes (volumes: Z, Y and X planes)."""
-    from napari_mae.segmentation.learned import _clip_scale, isotropic_factor, prepare_image, rescaled
+    from napari_mae.segmentation.learned import (
+        _clip_scale,
+        decoder_input,
+        isotropic_factor,
+        prepare_image,
+        rescaled,
+    )
     from napari_mae.segmentation.segment import fixed_object_radius
 
     r_ref = float(net.decoder_config.object_radius)
@@ -432,7 +438,9 @@ def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_r
             factor = (scale, scale)
         else:
             factor = isotropic_factor(sp, radius, r_ref)
-        work = rescaled(img, factor)
+        # the radius was estimated on the prepared image, as inference does; the decoder
+        # sees it rescaled as inference's (segment_instances)
+        work = rescaled(decoder_input(img), factor)
         factor = tuple(w / n for w, n in zip(work.shape, img.shape, strict=True))
         ws = _resize_strokes(s, work.shape)
         wc = None if c is None else _resize_labels(c.astype(np.int32), work.shape)

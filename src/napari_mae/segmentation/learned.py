@@ -42,7 +42,14 @@ from skimage.transform import resize
 from napari_mae.segmentation.prepare import prepare_image
 from napari_mae.segmentation.watershed import relabel, remove_small_labels
 
-__all__ = ["LearnedParams", "instances_from_maps", "predict_maps", "prepare_image", "segment_volume"]
+__all__ = [
+    "LearnedParams",
+    "decoder_input",
+    "instances_from_maps",
+    "predict_maps",
+    "prepare_image",
+    "segment_volume",
+]
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,43 @@ def default_bf16(device: torch.device) -> bool:
     from napari_mae.models.mae import amp_dtype
 
     return device.type in ("cuda", "cpu") and amp_dtype(device, cpu_bf16=True) == torch.bfloat16
+
+
+#: Gaussian sigma, in pixels of the input grid, of the copy whose percentiles scale the
+#: decoder's input (:func:`decoder_input`).
+INPUT_SMOOTHING = 1.0
+
+
+def decoder_input(image: np.ndarray) -> np.ndarray:
+    """The decoder's input: a prepared image rescaled by the 1-99.8 % percentiles of a smoothed copy.
+
+    :func:`prepare_image` scales by the image's own percentiles. Those of a noisy image
+    sit in the noise's tails, so its background lands well above 0 and its objects below
+    1: on the Arabidopsis volume with 15 % noise the decoder then called 2 % of the
+    voxels foreground (the labels: 23 %) and found 5 nuclei for 54. The percentiles of a
+    copy smoothed by :data:`INPUT_SMOOTHING` pixels are the signal's; on clean images
+    they are about the image's own, so the rescaling is close to the identity there
+    (and applying it twice changes little). The returned image is the input rescaled,
+    not smoothed.
+
+    Parameters
+    ----------
+    image : ndarray of float, shape ``([Z,] Y, X)``
+        One prepared channel, bright objects (:func:`prepare_image`).
+
+    Returns
+    -------
+    ndarray of float32, shape ``image.shape``
+        The smoothed copy's 1st percentile at 0 and 99.8th at 1; ``image`` unchanged
+        where that range is empty (a constant image).
+    """
+    x = np.asarray(image, dtype=np.float32)
+    smooth = ndi.gaussian_filter(x, INPUT_SMOOTHING)
+    flat = smooth.ravel()
+    lo, hi = np.percentile(flat[:: max(1, flat.size // 1_000_000)], [1, 99.8])
+    if not hi > lo:
+        return x
+    return ((x - lo) / (hi - lo)).astype(np.float32, copy=False)
 
 
 def _clip_scale(scale: float) -> float:
@@ -394,7 +438,8 @@ def segment_learned(
     ----------
     image : ndarray of float32, shape ([Z,] Y, X)
         One channel, normalised to about [0, 1], bright objects (the classical
-        pipeline's preparation: channels, polarity, outlier repair).
+        pipeline's preparation: channels, polarity, outlier repair), rescaled by
+        :func:`decoder_input` (as training and fine-tuning rescale theirs).
     net : InstanceDecoder
         A 2D decoder segments images, and volumes from their orthogonal planes
         (:func:`predict_volume_maps`); a 3D decoder segments volumes directly

@@ -211,8 +211,12 @@ def segment_instances(
     info.update(est)
     info["radius_source"] = "estimate" if fixed is None else fixed[1]
     if net is not None:
+        from napari_mae.segmentation.learned import decoder_input
+
+        # a given intensity_range (the blocks of a volume, scaled as the whole) is kept
+        dec = img if intensity_range is not None else decoder_input(img)
         labels, extra = _learned_labels(
-            img, net, sp, est["radius"], progress,
+            dec, net, sp, est["radius"], progress,
             # only an estimated radius is re-estimated from planes: a given or fitted one stays
             planes=fixed is None and radius_from_planes,
         )  # fmt: skip

@@ -6,7 +6,8 @@ atomic checkpoints are the MAE pretraining's. What it adds:
 
 * **Data** (:class:`LabelledImages`): image/label pairs matched by file name,
   each image prepared as at inference (one channel, normalised, bright objects:
-  :func:`napari_mae.segmentation.learned.prepare_image`) and resampled so that
+  :func:`napari_mae.segmentation.learned.prepare_image`, then
+  :func:`~napari_mae.segmentation.learned.decoder_input`) and resampled so that
   its objects' median radius is the decoder's ``object_radius`` (the scale the
   inference resamples every image to); targets from
   :func:`napari_mae.segmentation.targets.distance_targets`. Training samples are
@@ -222,13 +223,13 @@ def _stem(path: Path) -> str:
 def _read_pair(
     image_path: Path, labels_path: Path, spatial_dims: int = 2
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """Prepared image (float32, bright objects), checked labels and spacing of one pair.
+    """Prepared image (float32, bright objects, :func:`decoder_input`'s scaling), checked labels and spacing of one pair.
 
     Raises ``ValueError`` naming the file: float or negative labels, a shape other than
     the image's, labels of other dimensions than the encoder's ``spatial_dims``.
     """
     from napari_mae.io.readers import read_image
-    from napari_mae.segmentation.learned import prepare_image
+    from napari_mae.segmentation.learned import decoder_input, prepare_image
 
     image, spacing, meta = read_image(image_path)
     labels, _, _ = read_image(labels_path)
@@ -252,7 +253,7 @@ def _read_pair(
             f"{labels.ndim}D labels train a decoder on a {labels.ndim}D encoder (model {hint})"
         )
     prepared, _ = prepare_image(image, channel_axis=channel_axis)
-    return prepared, labels.astype(np.int32), tuple(spacing)
+    return decoder_input(prepared), labels.astype(np.int32), tuple(spacing)
 
 
 def _rescaled_pair(image: np.ndarray, labels: np.ndarray, object_radius: float):
