@@ -86,7 +86,9 @@ class GlobalParameters:
     ----------
     intensity_range : tuple of float
         ``(lo, hi)``: the volume's 1st and 99.8th percentiles (intensity units of the file);
-        the unit in which ``threshold`` is given.
+        the unit in which ``threshold`` is given. For the learned method, those of the
+        volume smoothed by ``learned.INPUT_SMOOTHING`` pixels, the scaling the decoder's
+        input gets in memory (:func:`napari_mae.segmentation.learned.decoder_input`).
     object_radius : float
         Physical units (of ``spacing``).
     bright_objects : bool
@@ -302,20 +304,35 @@ def estimate_global_parameters(
     # float32 values, as segment_instances (as_float_image) takes the percentiles: a
     # volume that fits in memory gets the same range here and there, to the last bit.
     volume = _as_dask(image).astype(np.float32)[None]
+    # The learned method scales the decoder's input by the range of the volume smoothed
+    # by learned.INPUT_SMOOTHING px (learned.decoder_input does so in memory): taken too
+    # where the learned method may run, and used where it does.
+    maybe_learned = method == "learned" or (method in (None, "auto") and model is not None)
+
+    def ranges():
+        plain = percentile_range(volume, 1.0, 99.8)
+        if not maybe_learned:
+            return plain, None
+        from napari_mae.segmentation.learned import INPUT_SMOOTHING
+
+        return plain, percentile_range(volume, 1.0, 99.8, smooth=INPUT_SMOOTHING)
+
     if client is None:
-        lo, hi = percentile_range(volume, 1.0, 99.8)
+        (lo, hi), smoothed = ranges()
         samples = [_sample_info(image, crop, *args, model) for crop in crops]
     else:
         src = _shippable(client, image)
         model_f = _shippable_model(client, model)
         futures = [client.submit(_sample_info, src, crop, *args, model_f, pure=False) for crop in crops]
-        lo, hi = percentile_range(volume, 1.0, 99.8)  # meanwhile, on this client
+        (lo, hi), smoothed = ranges()  # meanwhile, on this client
         samples = client.gather(futures)
     lo_g, hi_g = float(lo[0]), float(hi[0])
     found = [s for s in samples if s.get("n_objects", 0) > 0]
     used = found or samples
     methods = {s.get("method", "classical") for s in used}
     run_method = "learned" if "learned" in methods else "classical"
+    if run_method == "learned" and smoothed is not None:
+        lo_g, hi_g = float(smoothed[0][0]), float(smoothed[1][0])
     if object_radius is not None:
         radius = float(object_radius)
     else:

@@ -397,8 +397,20 @@ def _subsample(channel: Any, max_samples: int) -> np.ndarray:
     return np.asarray(channel[(slice(None, None, step),) * channel.ndim]).ravel()
 
 
+def _smoothed(channel: Any, sigma: float):
+    """``channel`` smoothed by a Gaussian of ``sigma`` pixels (float32; dask stays lazy)."""
+    from scipy import ndimage as ndi
+
+    if hasattr(channel, "map_overlap"):  # dask
+        depth = int(math.ceil(4.0 * sigma)) + 1  # scipy's kernel reaches 4 sigma (truncate)
+        return channel.astype(np.float32).map_overlap(
+            ndi.gaussian_filter, depth=depth, boundary="reflect", sigma=sigma, dtype=np.float32
+        )
+    return ndi.gaussian_filter(np.asarray(channel, dtype=np.float32), sigma)
+
+
 def percentile_range(
-    x: Any, lower: float = 1.0, upper: float = 99.8, *, max_samples: int = 1 << 20
+    x: Any, lower: float = 1.0, upper: float = 99.8, *, max_samples: int = 1 << 20, smooth: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel lower and upper percentiles of the finite values of ``x``.
 
@@ -412,6 +424,11 @@ def percentile_range(
         Percentiles in [0, 100], ``lower < upper``.
     max_samples : int
         Values per channel above which the subsample is used.
+    smooth : float
+        Gaussian sigma, in pixels: the percentiles of each channel smoothed by it (the
+        signal's range, not its pixel noise's tails; 0: of ``x`` itself). A dask channel is
+        smoothed block by block with an overlap of 4 sigma (``map_overlap``), as
+        ``scipy.ndimage.gaussian_filter`` smooths a whole array; the channel must be finite.
 
     Returns
     -------
@@ -433,7 +450,7 @@ def percentile_range(
     lo = np.empty(x.shape[0])
     hi = np.empty(x.shape[0])
     for c in range(x.shape[0]):
-        values = _subsample(x[c], max_samples)
+        values = _subsample(_smoothed(x[c], smooth) if smooth > 0 else x[c], max_samples)
         if values.dtype == bool:
             values = values.astype(np.float32)
         if np.issubdtype(values.dtype, np.floating):

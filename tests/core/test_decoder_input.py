@@ -103,7 +103,26 @@ def test_finetuning_is_scaled_as_inference(monkeypatch, tiny_model, tmp_path):
     s = np.zeros(gt.shape, np.uint8)
     s[20, 16:25] = 2
     s[5, 5:40] = 1
-    cfg = FinetuneConfig(seconds=None, steps=1, eval_every=1, batch_size=1, crop_size=64, device="cpu", pseudo_labels=False)
+    cfg = FinetuneConfig(
+        seconds=None, steps=1, eval_every=1, batch_size=1, crop_size=64, device="cpu", pseudo_labels=False
+    )
     for _ in finetune([x], [s], out=tmp_path / "ft.pt", model=tiny_model, config=cfg, object_radius=8.0):
         pass
     assert x.shape in calls
+
+
+def test_smoothed_range_of_a_dask_volume_is_the_whole_arrays():
+    """Block-wise segmentation takes the learned range of a lazy volume: smoothing it
+    block by block (map_overlap) gives the range of the whole array smoothed at once."""
+    import dask.array as da
+
+    from napari_mae.preprocess import percentile_range
+
+    rng = np.random.default_rng(0)
+    x = (rng.random((20, 40, 36)) ** 3 * 1000).astype(np.float32)
+    lo, hi = percentile_range(x[None], smooth=1.0)
+    lo_d, hi_d = percentile_range(da.from_array(x, chunks=(7, 16, 16))[None], smooth=1.0)
+    np.testing.assert_allclose([lo_d[0], hi_d[0]], [lo[0], hi[0]], rtol=1e-5)
+    # and it is not the plain range (the noise's tails)
+    plain = percentile_range(x[None])
+    assert plain[0][0] < lo[0] and plain[1][0] > hi[0]
