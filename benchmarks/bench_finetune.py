@@ -296,7 +296,13 @@ def _pretrained_rows(name, items, budgets, fitted, cfg, seed, minutes, log) -> l
     """Pretrain the encoder on each image's planes at the bundled fine-tune's scale, then fine-tune."""
     from napari_mae.metrics import match_instances
     from napari_mae.models.decoder import load_segmenter
-    from napari_mae.segmentation.learned import _clip_scale, isotropic_factor, prepare_image, rescaled
+    from napari_mae.segmentation.learned import (
+        _clip_scale,
+        decoder_input,
+        isotropic_factor,
+        prepare_image,
+        rescaled,
+    )
 
     r_ref = float(load_segmenter("default-2d").decoder_config.object_radius)
     rows = []
@@ -312,7 +318,8 @@ def _pretrained_rows(name, items, budgets, fitted, cfg, seed, minutes, log) -> l
         else:
             factor = (_clip_scale(r_ref / (r / float(np.sqrt(spv[0] * spv[1])))),) * 2
         with tempfile.TemporaryDirectory() as tmp:
-            net = pretrained_segmenter(rescaled(x, factor), minutes, seed, Path(tmp), log)
+            # the planes as the decoder sees them (segment_instances, fine-tuning)
+            net = pretrained_segmenter(rescaled(decoder_input(x), factor), minutes, seed, Path(tmp), log)
         nets.append(net)
         net.fitted_radius = r  # segmented at the bundled fine-tune's radius, as it is fine-tuned
         before.append(match_instances(gt, segment(img, sp, net)))

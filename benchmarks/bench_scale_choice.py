@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     from napari_mae.segmentation.learned import (
         _clip_scale,
         cached_segmenter,
+        decoder_input,
         default_bf16,
         instances_from_maps,
         predict_maps,
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
         gt = np.asarray(read_image(f.parent.parent / "labels" / f.name)[0]).astype(np.int32)
         x, _ = prepare_image(np.asarray(img), channel_axis=-1 if meta.get("rgb") else None)
         r = estimate_object_radius(x)["radius"]
+        x = decoder_input(x)  # as segment_instances scales the decoder's input, after the estimate
         base = rescaled(x, (_clip_scale(r_ref / r),) * 2).shape
         maps, per, cons = [], [], []
         for fac in FACTORS:
