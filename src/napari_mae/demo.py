@@ -56,11 +56,31 @@ def demo_outputs(out_dir: str | Path) -> list[Path]:
     return [*paths, out / "finetune_loss.png", out / "metrics.json", out / FINETUNE_DIR]
 
 
+def check_output(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse a demo output folder that is a file, or not empty without ``overwrite``; change nothing.
+
+    Raises
+    ------
+    NotADirectoryError
+        If ``out_dir`` is an existing file.
+    FileExistsError
+        If ``out_dir`` is not empty and ``overwrite`` is False.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(
+            f"--out {out} is not empty; choose a new folder, or pass --overwrite to replace the demo's outputs in it"
+        )
+    return out
+
+
 def prepare_output(out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Check the demo's output folder before any work and make it ready; return it.
 
     A missing or empty folder is used as it is (created). An existing non-empty folder is
-    refused unless ``overwrite``, which removes the demo's own outputs in it
+    refused (:func:`check_output`) unless ``overwrite``, which removes the demo's own outputs in it
     (:func:`demo_outputs`, including the fine-tuning run) and leaves any other file alone,
     so a rerun never mixes old and new results.
 
@@ -73,14 +93,8 @@ def prepare_output(out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """
     import shutil
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    out = check_output(out_dir, overwrite=overwrite)
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"--out {out} is not empty; choose a new folder, or pass --overwrite to replace the demo's outputs in it"
-            )
         for path in demo_outputs(out):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)

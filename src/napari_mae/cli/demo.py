@@ -47,13 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from napari_mae.demo import SAMPLES, prepare_output, run_demo
+    from napari_mae.demo import SAMPLES, check_output, run_demo
 
-    out = Path(args.out)
-    if not args.overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        # run_demo refuses it too, but only after importing torch (seconds); this raises the
-        # same refusal now, and changes nothing: the folder is a file or not empty
-        prepare_output(out)
+    # run_demo checks its folder too, but only after importing torch (seconds)
+    check_output(Path(args.out), overwrite=args.overwrite)
     run_demo(
         args.out,
         mask_ratio=args.mask_ratio,
