@@ -311,7 +311,7 @@ def _pretrained_rows(name, items, budgets, fitted, cfg, seed, minutes, log) -> l
         r = fitted.get((i, budgets[0]))
         if r is None:
             return rows
-        x, _ = prepare_image(img)
+        x, info = prepare_image(img)
         spv = np.ones(x.ndim) if sp is None else np.asarray(sp, float)
         if x.ndim == 3:
             factor = isotropic_factor(spv, r, r_ref)
@@ -319,7 +319,15 @@ def _pretrained_rows(name, items, budgets, fitted, cfg, seed, minutes, log) -> l
             factor = (_clip_scale(r_ref / (r / float(np.sqrt(spv[0] * spv[1])))),) * 2
         with tempfile.TemporaryDirectory() as tmp:
             # the planes as the decoder sees them (segment_instances, fine-tuning)
-            net = pretrained_segmenter(rescaled(decoder_input(x), factor), minutes, seed, Path(tmp), log)
+            net = pretrained_segmenter(
+                rescaled(
+                    decoder_input(x, invalid=info["invalid"], inverted=not info["bright_objects"]), factor
+                ),
+                minutes,
+                seed,
+                Path(tmp),
+                log,
+            )
         nets.append(net)
         net.fitted_radius = r  # segmented at the bundled fine-tune's radius, as it is fine-tuned
         before.append(match_instances(gt, segment(img, sp, net)))

@@ -74,9 +74,11 @@ def main(argv=None) -> int:
     for f in files(args.heldout):
         img, _, meta = read_image(f)
         gt = np.asarray(read_image(f.parent.parent / "labels" / f.name)[0]).astype(np.int32)
-        x, _ = prepare_image(np.asarray(img), channel_axis=-1 if meta.get("rgb") else None)
+        x, info = prepare_image(np.asarray(img), channel_axis=-1 if meta.get("rgb") else None)
         r = estimate_object_radius(x)["radius"]
-        x = decoder_input(x)  # as segment_instances scales the decoder's input, after the estimate
+        x = decoder_input(
+            x, invalid=info["invalid"], inverted=not info["bright_objects"]
+        )  # as segment_instances scales the decoder's input, after the estimate
         base = rescaled(x, (_clip_scale(r_ref / r),) * 2).shape
         maps, per, cons = [], [], []
         for fac in FACTORS:

@@ -214,12 +214,17 @@ def _intensity_range(x: np.ndarray) -> tuple[float, float]:
     return float(lo[0]), float(hi[0])
 
 
+def _may_run_learned(method, model) -> bool:
+    """Whether ``segment_instances`` may run the learned method (``method="auto"``: when a model is named)."""
+    return method == "learned" or (method in (None, "auto") and model is not None)
+
+
 def _sample_info(image, crop, sp, object_radius, bright_objects, method, model) -> dict:
     """``segment_instances``' info on one sample crop, its range; a task for the workers."""
     from napari_mae.segmentation import segment_instances
 
     sample = _read(image, crop).astype(np.float32, copy=False)
-    if method == "learned" or (method in (None, "auto") and model is not None):
+    if _may_run_learned(method, model):
         _one_torch_thread_per_worker()
     _, info = segment_instances(
         sample,
@@ -307,7 +312,7 @@ def estimate_global_parameters(
     # The learned method scales the decoder's input by the range of the volume smoothed
     # by learned.INPUT_SMOOTHING px (learned.decoder_input does so in memory): taken too
     # where the learned method may run, and used where it does.
-    maybe_learned = method == "learned" or (method in (None, "auto") and model is not None)
+    maybe_learned = _may_run_learned(method, model)
 
     def ranges():
         plain = percentile_range(volume, 1.0, 99.8)

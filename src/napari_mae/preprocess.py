@@ -397,16 +397,32 @@ def _subsample(channel: Any, max_samples: int) -> np.ndarray:
     return np.asarray(channel[(slice(None, None, step),) * channel.ndim]).ravel()
 
 
-def _smoothed(channel: Any, sigma: float):
-    """``channel`` smoothed by a Gaussian of ``sigma`` pixels (float32; dask stays lazy)."""
+def _finite_gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing of the finite values of ``x`` (normalised convolution); NaN where ``x`` is not finite.
+
+    A plain Gaussian would spread each NaN over its whole kernel (4 sigma), so a volume
+    with a few per cent of scattered NaN would keep only NaN-free pockets.
+    """
     from scipy import ndimage as ndi
 
+    x = np.asarray(x, dtype=np.float32)
+    valid = np.isfinite(x)
+    if valid.all():
+        return ndi.gaussian_filter(x, sigma)
+    num = ndi.gaussian_filter(np.where(valid, x, 0.0).astype(np.float32), sigma)
+    den = ndi.gaussian_filter(valid.astype(np.float32), sigma)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(valid, num / den, np.nan).astype(np.float32)
+
+
+def _smoothed(channel: Any, sigma: float):
+    """``channel``'s finite values smoothed by a Gaussian of ``sigma`` pixels (float32; dask stays lazy)."""
     if hasattr(channel, "map_overlap"):  # dask
         depth = int(math.ceil(4.0 * sigma)) + 1  # scipy's kernel reaches 4 sigma (truncate)
         return channel.astype(np.float32).map_overlap(
-            ndi.gaussian_filter, depth=depth, boundary="reflect", sigma=sigma, dtype=np.float32
+            _finite_gaussian, depth=depth, boundary="reflect", sigma=sigma, dtype=np.float32
         )
-    return ndi.gaussian_filter(np.asarray(channel, dtype=np.float32), sigma)
+    return _finite_gaussian(channel, sigma)
 
 
 def percentile_range(
@@ -425,10 +441,11 @@ def percentile_range(
     max_samples : int
         Values per channel above which the subsample is used.
     smooth : float
-        Gaussian sigma, in pixels: the percentiles of each channel smoothed by it (the
-        signal's range, not its pixel noise's tails; 0: of ``x`` itself). A dask channel is
-        smoothed block by block with an overlap of 4 sigma (``map_overlap``), as
-        ``scipy.ndimage.gaussian_filter`` smooths a whole array; the channel must be finite.
+        Gaussian sigma, in pixels: the percentiles of each channel's finite values smoothed
+        by it (the signal's range, not its pixel noise's tails; 0: of ``x`` itself). A dask
+        channel is smoothed block by block with an overlap of 4 sigma (``map_overlap``), as
+        ``scipy.ndimage.gaussian_filter`` smooths a whole array; a numpy or memmap channel
+        is smoothed whole (a float32 copy of it).
 
     Returns
     -------
@@ -441,8 +458,11 @@ def percentile_range(
     Raises
     ------
     ValueError
-        If the percentiles are out of order or a channel has no finite value.
+        If the percentiles are out of order, ``smooth`` is negative or not finite, or a
+        channel has no finite value.
     """
+    if not (math.isfinite(smooth) and smooth >= 0):
+        raise ValueError(f"smooth={smooth!r} must be a finite sigma >= 0 (pixels)")
     if not 0.0 <= lower < upper <= 100.0:
         raise ValueError(
             f"percentiles must satisfy 0 <= lower < upper <= 100, got lower={lower}, upper={upper}"

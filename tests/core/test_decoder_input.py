@@ -1,8 +1,8 @@
 """The decoder's input scaling (learned.decoder_input) and where it is applied.
 
-Percentiles of a noisy image sit in the noise's tails, which left a noisy volume's
-background grey and its nuclei dim for the decoder (Arabidopsis + 15 % noise: 5 nuclei
-for 54). decoder_input scales by the percentiles of a smoothed copy.
+Percentiles of a noisy image sit in the noise's tails, which leaves its background grey
+and its objects dim for the decoder; decoder_input scales by the percentiles of a
+smoothed copy.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ def _recorder(monkeypatch):
     calls = []
     real = learned.decoder_input
 
-    def record(image):
+    def record(image, **kw):
         calls.append(image.shape)
-        return real(image)
+        return real(image, **kw)
 
     monkeypatch.setattr(learned, "decoder_input", record)
     return calls
@@ -126,3 +126,24 @@ def test_smoothed_range_of_a_dask_volume_is_the_whole_arrays():
     # and it is not the plain range (the noise's tails)
     plain = percentile_range(x[None])
     assert plain[0][0] < lo[0] and plain[1][0] > hi[0]
+
+
+@pytest.mark.parametrize("sigma", [-1.0, float("nan"), float("inf")])
+def test_percentile_range_refuses_a_bad_smoothing(sigma):
+    from napari_mae.preprocess import percentile_range
+
+    with pytest.raises(ValueError, match="smooth="):
+        percentile_range(np.ones((1, 8, 8), np.float32), smooth=sigma)
+
+
+def test_invalid_pixels_are_left_out_of_the_range():
+    """A slab of filled-in non-finite pixels (prepare_image sets them to its low end) does
+    not pull the range: the background still lands near 0."""
+    x, gt = _noisy(30.0)
+    x[:, :30] = np.nan
+    prepared, info = prepare_image(x)
+    assert info["invalid"][:, :30].all()
+    out = learned.decoder_input(prepared, invalid=info["invalid"])
+    naive = learned.decoder_input(prepared)
+    bg = (gt == 0) & ~info["invalid"]
+    assert abs(float(np.median(out[bg]))) < 0.5 * float(np.median(naive[bg]))

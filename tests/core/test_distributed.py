@@ -545,3 +545,46 @@ def test_client_gathers_no_volume_sized_array_and_reads_the_labels_once(tmp_path
         [[s.start, s.stop] for s in core] for _, core, _, _ in block_grid(img.shape, (256, 256), (0, 0))
     )
     assert relabelled == cores  # every block's labels once: no second pass over the label image
+
+
+@pytest.mark.parametrize("variant", ["dark", "nan"])
+def test_learned_blocks_scaled_as_in_memory_for_dark_objects_and_nan(tmp_path, monkeypatch, variant):
+    """The decoder's input of a block is the in-memory one for dark objects (the range of the
+    image before its inversion) and with non-finite voxels (left out of the smoothed range,
+    not spread over it); the filled-in invalid voxels themselves are not compared."""
+    import torch
+
+    import napari_mae.segmentation.learned as learned
+    from napari_mae.models.decoder import DecoderConfig, InstanceDecoder
+    from napari_mae.models.mae import build_model
+
+    seen = []
+
+    def local_maps(net, volume, spacing, radius, r_ref, **kw):
+        seen.append(volume.copy())
+        v = np.clip(volume, 0.0, 1.0)
+        return np.stack([v, 1.0 - v, 1.0 - v]).astype(np.float32), (1.0, 1.0, 1.0)
+
+    monkeypatch.setattr(learned, "predict_volume_maps", local_maps)
+    monkeypatch.setattr(learned, "_radius_from_planes", lambda *a, **k: 4.0)
+    torch.manual_seed(0)
+    net = InstanceDecoder(build_model("tiny-2d"), DecoderConfig(features=4)).eval()
+    img, _ = _spheres()
+    invalid = np.zeros(img.shape, bool)
+    if variant == "dark":
+        img = 1.0 - img
+    else:
+        invalid[np.random.default_rng(1).random(img.shape) < 0.03] = True
+        img[invalid] = np.nan
+    segment_instances(img, method="learned", model=net, bright_objects=variant != "dark")
+    whole = seen.pop()
+    res = segment_blockwise(
+        img, tmp_path / "o.zarr" / "labels" / "seg", method="learned", model=net,
+        block_shape=(16, 48, 48), sample_voxels=img.size, bright_objects=variant != "dark",
+    )  # fmt: skip
+    grid = list(block_grid(img.shape, res["block_shape"], res["overlap"]))
+    blocks = seen[1:]
+    assert len(blocks) == len(grid) == 8
+    for volume, (_, _, outer, _) in zip(blocks, grid):
+        ok = ~invalid[outer]
+        np.testing.assert_allclose(volume[ok], whole[outer][ok], rtol=0, atol=1e-4)

@@ -80,3 +80,16 @@ def test_cli_finetune_refuses_an_image_as_scribbles_naming_the_file(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--scribbles {path} look like an intensity image" in err[0]
     assert "distinct values" in err[0] and not out.exists()
+
+
+def test_a_full_annotation_is_not_taken_for_an_intensity_image():
+    """Background 1 everywhere and one id per object (more ids than MAX_STROKE_IDS) is
+    scribbles by the convention: accepted, by both callers."""
+    from synthetic import random_nuclei
+
+    img, gt = random_nuclei(0, shape=(128, 128), n=MAX_STROKE_IDS + 8, radius=(3, 6))
+    full = np.where(gt > 0, gt.astype(np.int32) + 1, 1)
+    assert np.unique(full).size > MAX_STROKE_IDS + 1
+    out = check_scribbles(full, full.shape)
+    assert out.shape == full.shape
+    check_finetune_inputs([img], [full])

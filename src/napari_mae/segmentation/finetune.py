@@ -440,7 +440,9 @@ def _prepare(net, images, scribbles, corrected, spacings, channel_axis, object_r
             factor = isotropic_factor(sp, radius, r_ref)
         # the radius was estimated on the prepared image, as inference does; the decoder
         # sees it rescaled as inference's (segment_instances)
-        work = rescaled(decoder_input(img), factor)
+        work = rescaled(
+            decoder_input(img, invalid=info["invalid"], inverted=not info["bright_objects"]), factor
+        )
         factor = tuple(w / n for w, n in zip(work.shape, img.shape, strict=True))
         ws = _resize_strokes(s, work.shape)
         wc = None if c is None else _resize_labels(c.astype(np.int32), work.shape)

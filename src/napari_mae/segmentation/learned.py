@@ -119,40 +119,47 @@ def default_bf16(device: torch.device) -> bool:
 INPUT_SMOOTHING = 1.0
 
 
-def decoder_input(image: np.ndarray) -> np.ndarray:
+def decoder_input(
+    image: np.ndarray, *, invalid: np.ndarray | None = None, inverted: bool = False
+) -> np.ndarray:
     """The decoder's input: a prepared image rescaled by the 1-99.8 % percentiles of a smoothed copy.
 
-    The percentiles are :func:`napari_mae.preprocess.percentile_range`'s with
-    ``smooth=INPUT_SMOOTHING``, as block-wise segmentation takes the range of a whole
-    volume for the learned method
-    (:func:`napari_mae.distributed.estimate_global_parameters`).
-
-    :func:`prepare_image` scales by the image's own percentiles. Those of a noisy image
-    sit in the noise's tails, so its background lands well above 0 and its objects below
-    1: on the Arabidopsis volume with 15 % noise the decoder then called 2 % of the
-    voxels foreground (the labels: 23 %) and found 5 nuclei for 54. The percentiles of a
-    copy smoothed by :data:`INPUT_SMOOTHING` pixels are the signal's; on clean images
-    they are about the image's own, so the rescaling is close to the identity there
-    (and applying it twice changes little). The returned image is the input rescaled,
-    not smoothed.
+    :func:`prepare_image` scales by the image's own percentiles, which in a noisy image
+    sit in the noise's tails: its background lands well above 0 and its objects below 1,
+    out of what a decoder trained on clean images has seen. The percentiles of a copy
+    smoothed by :data:`INPUT_SMOOTHING` pixels are the signal's
+    (:func:`napari_mae.preprocess.percentile_range` with ``smooth``, as block-wise
+    segmentation takes the range of a whole volume for the learned method:
+    :func:`napari_mae.distributed.estimate_global_parameters`). On clean images they are
+    about the image's own, so the rescaling is close to the identity there. The returned
+    image is the input rescaled, not smoothed.
 
     Parameters
     ----------
     image : ndarray of float, shape ``([Z,] Y, X)``
         One prepared channel, bright objects (:func:`prepare_image`).
+    invalid : ndarray of bool, shape ``image.shape``, or None
+        Pixels that were not finite in the input (``prepare_image``'s ``info["invalid"]``):
+        left out of the percentiles and of the smoothing.
+    inverted : bool
+        ``image`` was inverted to bright objects (``not info["bright_objects"]``): the
+        range is the one of the image before the inversion (its 0.2 and 99 % percentiles
+        after it), as a block whose volume's range is given is scaled and then inverted.
 
     Returns
     -------
     ndarray of float32, shape ``image.shape``
-        The smoothed copy's 1st percentile at 0 and 99.8th at 1; ``image`` unchanged
-        where that range is empty (a constant image).
+        The range's low end at 0 and its high end at 1; ``image`` unchanged where that
+        range is empty (a constant image).
     """
     from napari_mae.preprocess import percentile_range
 
     x = np.asarray(image, dtype=np.float32)
-    if not np.ptp(x) > 0:
+    valid = x if invalid is None or not invalid.any() else np.where(invalid, np.float32(np.nan), x)
+    if not np.ptp(x) > 0 or not np.isfinite(valid).any():
         return x
-    lo, hi = percentile_range(x[None], 1.0, 99.8, smooth=INPUT_SMOOTHING)
+    lower, upper = (100.0 - 99.8, 100.0 - 1.0) if inverted else (1.0, 99.8)
+    lo, hi = percentile_range(valid[None], lower, upper, smooth=INPUT_SMOOTHING)
     return ((x - np.float32(lo[0])) / np.float32(hi[0] - lo[0])).astype(np.float32, copy=False)
 
 

@@ -170,15 +170,16 @@ def check_scribbles(
     Returns
     -------
     ndarray of an integer dtype, shape ``shape``
-        The input itself when it is of an integer dtype, else as int64.
+        The input itself when it is of an integer dtype, uint8 for bool, else int64.
 
     Raises
     ------
     ValueError
         Another shape than ``shape``; non-integer values (NaN, 0.5); negative values; an
-        intensity image given as scribbles (more than half the pixels painted with more
-        than :data:`MAX_STROKE_IDS` distinct values: strokes leave most pixels 0 and use a
-        few ids); with ``require_both``, no background or no object stroke.
+        intensity image given as scribbles (more than half the pixels painted, under a
+        tenth of them background (1), with more than :data:`MAX_STROKE_IDS` distinct values:
+        strokes leave most pixels 0 and use a few ids, a full annotation paints much of it
+        background); with ``require_both``, no background or no object stroke.
     """
     s = np.asarray(scribbles)
     shape = tuple(int(n) for n in shape)
@@ -199,13 +200,17 @@ def check_scribbles(
             "(0 unlabelled, 1 background, 2.. objects)"
         )
     painted = np.count_nonzero(s)
-    if painted > s.size / 2:  # unique() sorts: only for the rare mostly painted array
-        n_ids = np.unique(s).size
+    # A full annotation (background 1 everywhere, one id per object) is mostly painted
+    # with many ids too, but its background label holds a large share of the painted
+    # pixels; in an intensity image, value 1 is one grey level among many.
+    if painted > s.size / 2 and np.count_nonzero(s == 1) < 0.1 * painted:
+        n_ids = np.unique(s).size  # unique() sorts: only for the rare mostly painted array
         if n_ids > MAX_STROKE_IDS:
             raise ValueError(
                 f"{name} look like an intensity image, not strokes: {painted / s.size:.0%} of the pixels "
                 f"are painted, with {n_ids} distinct values (values {int(s.min())}..{int(s.max())}); "
-                "scribbles are 0 unlabelled, 1 background, 2.. objects"
+                "scribbles are 0 unlabelled, 1 background, 2.. objects (whole objects you corrected go to "
+                "the corrected labels: --labels in finetune)"
             )
     if require_both:
         check_stroke_classes(bool((s == 1).any()), bool((s >= 2).any()), name=name)

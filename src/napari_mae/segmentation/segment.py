@@ -107,7 +107,11 @@ def segment_instances(
         ``(lo, hi)`` in the image's intensity units: a single-channel image is normalised
         by these instead of its own 1st and 99.8th percentiles (non-finite pixels still
         become 0). For the blocks of a volume: each is normalised as the whole volume is,
-        by the volume's range estimated once (:mod:`napari_mae.distributed`).
+        by the volume's range estimated once (:mod:`napari_mae.distributed`). The learned
+        method then takes this range as its decoder's input scaling instead of
+        :func:`~napari_mae.segmentation.learned.decoder_input`'s: give it the smoothed range
+        (``percentile_range(..., smooth=learned.INPUT_SMOOTHING)``), as block-wise
+        segmentation does.
     radius_from_planes : bool
         Learned method, volumes: re-estimate the estimated object radius from a few planes
         with the decoder (:func:`~napari_mae.segmentation.learned.segment_learned`). A
@@ -214,7 +218,11 @@ def segment_instances(
         from napari_mae.segmentation.learned import decoder_input
 
         # a given intensity_range (the blocks of a volume, scaled as the whole) is kept
-        dec = img if intensity_range is not None else decoder_input(img)
+        dec = (
+            img
+            if intensity_range is not None
+            else decoder_input(img, invalid=invalid, inverted=not prep["bright_objects"])
+        )
         labels, extra = _learned_labels(
             dec, net, sp, est["radius"], progress,
             # only an estimated radius is re-estimated from planes: a given or fitted one stays

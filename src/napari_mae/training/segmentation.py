@@ -252,8 +252,9 @@ def _read_pair(
             f"{labels_path}: the labels are {labels.ndim}D and the encoder is {spatial_dims}D; "
             f"{labels.ndim}D labels train a decoder on a {labels.ndim}D encoder (model {hint})"
         )
-    prepared, _ = prepare_image(image, channel_axis=channel_axis)
-    return decoder_input(prepared), labels.astype(np.int32), tuple(spacing)
+    prepared, info = prepare_image(image, channel_axis=channel_axis)
+    scaled = decoder_input(prepared, invalid=info["invalid"], inverted=not info["bright_objects"])
+    return scaled, labels.astype(np.int32), tuple(spacing)
 
 
 def _rescaled_pair(image: np.ndarray, labels: np.ndarray, object_radius: float):
