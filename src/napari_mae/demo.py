@@ -86,10 +86,8 @@ def prepare_output(out_dir: str | Path, *, overwrite: bool = False) -> Path:
 
     Raises
     ------
-    NotADirectoryError
-        If ``out_dir`` is an existing file.
-    FileExistsError
-        If ``out_dir`` is not empty and ``overwrite`` is False.
+    NotADirectoryError, FileExistsError
+        As :func:`check_output`.
     """
     import shutil
 

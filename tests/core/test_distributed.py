@@ -446,11 +446,10 @@ def test_worker_killed_is_reported_and_rerun_resumes(tmp_path):
     assert res["n_objects"] == ref["n_objects"]
 
 
-def test_learned_blocks_see_the_volumes_values_and_scale(tmp_path, monkeypatch):
-    """Each learned block is normalised and resampled as the whole volume is (the volume's
-    range; its radius, not one re-measured on the block's planes); with a decoder that
-    sees only each voxel's neighbourhood, the block-wise labels are then the in-memory
-    ones: what is left between the two is the real decoder's context (its windows)."""
+@pytest.fixture
+def local_decoder(monkeypatch):
+    """A tiny decoder whose plane-stack maps see only each voxel (no context), and the
+    (volume, radius) pairs it was given: what the decoder's input was, block by block."""
     import torch
 
     import napari_mae.segmentation.learned as learned
@@ -459,18 +458,29 @@ def test_learned_blocks_see_the_volumes_values_and_scale(tmp_path, monkeypatch):
 
     seen = []
 
-    def local_maps(net, volume, spacing, radius, r_ref, **kw):  # a decoder without context
+    def local_maps(net, volume, spacing, radius, r_ref, **kw):
         seen.append((volume.copy(), radius))
         v = np.clip(volume, 0.0, 1.0)
         return np.stack([v, 1.0 - v, 1.0 - v]).astype(np.float32), (1.0, 1.0, 1.0)
 
+    monkeypatch.setattr(learned, "predict_volume_maps", local_maps)
+    torch.manual_seed(0)
+    return InstanceDecoder(build_model("tiny-2d"), DecoderConfig(features=4)).eval(), seen
+
+
+def test_learned_blocks_see_the_volumes_values_and_scale(tmp_path, monkeypatch, local_decoder):
+    """Each learned block is normalised and resampled as the whole volume is (the volume's
+    range; its radius, not one re-measured on the block's planes); with a decoder that
+    sees only each voxel's neighbourhood, the block-wise labels are then the in-memory
+    ones: what is left between the two is the real decoder's context (its windows)."""
+    import napari_mae.segmentation.learned as learned
+
+    net, seen = local_decoder
+
     def planes_radius(net, volume, *args, **kwargs):  # the decoder's size estimate: depends on the volume
         return 4.0 + float(volume.mean())
 
-    monkeypatch.setattr(learned, "predict_volume_maps", local_maps)
     monkeypatch.setattr(learned, "_radius_from_planes", planes_radius)
-    torch.manual_seed(0)
-    net = InstanceDecoder(build_model("tiny-2d"), DecoderConfig(features=4)).eval()
     img, gt = _spheres()
     img += np.linspace(0.0, 0.2, img.shape[0], dtype=np.float32)[:, None, None]  # blocks differ in range
     ref, info = segment_instances(img, method="learned", model=net)
@@ -548,27 +558,16 @@ def test_client_gathers_no_volume_sized_array_and_reads_the_labels_once(tmp_path
 
 
 @pytest.mark.parametrize("variant", ["dark", "nan"])
-def test_learned_blocks_scaled_as_in_memory_for_dark_objects_and_nan(tmp_path, monkeypatch, variant):
+def test_learned_blocks_scaled_as_in_memory_for_dark_objects_and_nan(
+    tmp_path, monkeypatch, local_decoder, variant
+):
     """The decoder's input of a block is the in-memory one for dark objects (the range of the
     image before its inversion) and with non-finite voxels (left out of the smoothed range,
     not spread over it); the filled-in invalid voxels themselves are not compared."""
-    import torch
-
     import napari_mae.segmentation.learned as learned
-    from napari_mae.models.decoder import DecoderConfig, InstanceDecoder
-    from napari_mae.models.mae import build_model
 
-    seen = []
-
-    def local_maps(net, volume, spacing, radius, r_ref, **kw):
-        seen.append(volume.copy())
-        v = np.clip(volume, 0.0, 1.0)
-        return np.stack([v, 1.0 - v, 1.0 - v]).astype(np.float32), (1.0, 1.0, 1.0)
-
-    monkeypatch.setattr(learned, "predict_volume_maps", local_maps)
+    net, seen = local_decoder
     monkeypatch.setattr(learned, "_radius_from_planes", lambda *a, **k: 4.0)
-    torch.manual_seed(0)
-    net = InstanceDecoder(build_model("tiny-2d"), DecoderConfig(features=4)).eval()
     img, _ = _spheres()
     invalid = np.zeros(img.shape, bool)
     if variant == "dark":
@@ -577,7 +576,7 @@ def test_learned_blocks_scaled_as_in_memory_for_dark_objects_and_nan(tmp_path, m
         invalid[np.random.default_rng(1).random(img.shape) < 0.03] = True
         img[invalid] = np.nan
     segment_instances(img, method="learned", model=net, bright_objects=variant != "dark")
-    whole = seen.pop()
+    whole, _ = seen.pop()
     res = segment_blockwise(
         img, tmp_path / "o.zarr" / "labels" / "seg", method="learned", model=net,
         block_shape=(16, 48, 48), sample_voxels=img.size, bright_objects=variant != "dark",
@@ -585,6 +584,6 @@ def test_learned_blocks_scaled_as_in_memory_for_dark_objects_and_nan(tmp_path, m
     grid = list(block_grid(img.shape, res["block_shape"], res["overlap"]))
     blocks = seen[1:]
     assert len(blocks) == len(grid) == 8
-    for volume, (_, _, outer, _) in zip(blocks, grid):
+    for (volume, _), (_, _, outer, _) in zip(blocks, grid):
         ok = ~invalid[outer]
         np.testing.assert_allclose(volume[ok], whole[outer][ok], rtol=0, atol=1e-4)
