@@ -145,3 +145,19 @@ def test_load_segmenter_names_a_bundled_mae_without_decoder():
     ):
         load_segmenter("default-3d")
     assert load_segmenter("default-2d").spatial_dims == 2
+
+
+def test_train_into_an_existing_run_is_refused_before_torch(tmp_path, capsys, monkeypatch):
+    """The run folder is checked by the loop's own check before the data is read or torch
+    is imported (it took seconds); the message is the loop's."""
+    import napari_mae.cli.train as cli_train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"x")
+    monkeypatch.setattr(cli_train, "_run_mae", _slow)
+    monkeypatch.setattr(cli_train, "_run_segmentation", _slow)
+    assert main(["train", str(tmp_path), "--out", str(run)]) == 2
+    assert "already holds a training run" in _one_line(capsys)
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "cannot resume" in _one_line(capsys)

@@ -150,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     A run folder that this call created and left empty (the run failed before writing
     anything) is removed again.
     """
+    from napari_mae.training.loop import check_output_dir
+
+    # the loop's own check, before torch is imported (seconds) and the data is read
+    check_output_dir(args.out, resume=args.resume, overwrite=args.overwrite)
     with _remove_if_left_empty(args.out):
         if args.labels is not None:
             return _run_segmentation(args)

@@ -625,6 +625,33 @@ def run(objective: Objective, config: LoopConfig, *, stop: Any = None) -> Iterat
         dist.close()
 
 
+def check_output_dir(output_dir, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a run folder as :func:`run` would, without importing torch (the CLI asks first).
+
+    Parameters
+    ----------
+    output_dir : path
+        The run folder.
+    resume, overwrite : bool
+        As :class:`LoopConfig`'s.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``resume`` but ``output_dir/last.pt`` does not exist.
+    FileExistsError
+        ``output_dir`` already holds a run and neither ``resume`` nor ``overwrite`` is set.
+    """
+    out = Path(output_dir)
+    if resume and not (out / LAST).is_file():
+        raise FileNotFoundError(f"cannot resume: {out / LAST} does not exist")
+    if not resume and not overwrite and (out / LAST).is_file():
+        raise FileExistsError(
+            f"{out} already holds a training run ({LAST}); resume it, choose another output folder, "
+            "or overwrite it explicitly (--overwrite)"
+        )
+
+
 def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, torch) -> Iterator[TrainUpdate]:
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -633,14 +660,8 @@ def _run(objective: Objective, cfg: LoopConfig, out: Path, dist: _Dist, stop, to
 
     t_start = time.perf_counter()
     device = _resolve_device(cfg.device, dist)
+    check_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
     resume_path = out / LAST if cfg.resume else None
-    if resume_path is not None and not resume_path.is_file():
-        raise FileNotFoundError(f"cannot resume: {resume_path} does not exist")
-    if not cfg.resume and not cfg.overwrite and (out / LAST).is_file():
-        raise FileExistsError(
-            f"{out} already holds a training run ({LAST}); resume it, choose another output folder, "
-            "or overwrite it explicitly (--overwrite)"
-        )
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
 
