@@ -161,3 +161,30 @@ def test_train_into_an_existing_run_is_refused_before_torch(tmp_path, capsys, mo
     assert "already holds a training run" in _one_line(capsys)
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "new"), "--resume"]) == 2
     assert "cannot resume" in _one_line(capsys)
+
+
+def test_extreme_anisotropy_is_refused_in_one_line(tmp_path, capsys):
+    """`--spacing 1e-9 1 1` crashed allocating a 972 TiB filter bank; 0.001 ran 74 s."""
+    import numpy as np
+    import tifffile
+
+    vol = tmp_path / "v.tif"
+    tifffile.imwrite(vol, np.zeros((12, 16, 16), np.uint8), imagej=True, metadata={"axes": "ZYX"})
+    for sp in (["1e-9", "1", "1"], ["0.0001", "1", "1"]):
+        assert main(["segment", str(vol), "--spacing", *sp, "--out", str(tmp_path / "l.tif")]) == 2
+        assert "anisotropic" in _one_line(capsys)
+
+
+def test_finetune_refuses_an_image_given_as_corrected_labels():
+    import numpy as np
+    from synthetic import five_nuclei
+
+    from napari_mae.segmentation.finetune import check_finetune_inputs
+
+    img, gt = five_nuclei()
+    s = np.zeros(gt.shape, np.uint8)
+    s[20, 16:25] = 2
+    s[5, 5:40] = 1
+    with pytest.raises(ValueError, match="label every pixel"):
+        check_finetune_inputs([img], [s], [img.astype(np.int32) + 1])
+    check_finetune_inputs([img], [s], [gt])  # instance labels pass

@@ -333,6 +333,12 @@ def check_finetune_inputs(images, scribbles, corrected=None, *, channel_axis=Non
                 raise ValueError(f"corrected objects {i} must be integer instance ids, not {c.dtype}")
             if c.size and c.min() < 0:
                 raise ValueError(f"corrected objects {i} hold negative ids")
+            if c.size and c.min() > 0:
+                # instance labels keep 0 for what is not an object; an intensity image has none
+                raise ValueError(
+                    f"corrected objects {i} label every pixel (values {int(c.min())}..{int(c.max())}, no 0): "
+                    "give instance labels, 0 where there is no corrected object (an image given as labels?)"
+                )
             if c.size and int(c.max()) > MAX_LABEL_ID:
                 raise ValueError(
                     f"corrected objects {i} hold ids above 2**31 (largest {int(c.max())}); relabel them "

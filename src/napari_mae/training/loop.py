@@ -647,8 +647,8 @@ def check_output_dir(output_dir, *, resume: bool, overwrite: bool) -> None:
         raise FileNotFoundError(f"cannot resume: {out / LAST} does not exist")
     if not resume and not overwrite and (out / LAST).is_file():
         raise FileExistsError(
-            f"{out} already holds a training run ({LAST}); resume it, choose another output folder, "
-            "or overwrite it explicitly (--overwrite)"
+            f"{out} already holds a training run ({LAST}); resume it (--resume), choose another output "
+            "folder, or overwrite it explicitly (--overwrite)"
         )
 
 
