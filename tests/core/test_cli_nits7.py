@@ -188,3 +188,31 @@ def test_finetune_refuses_an_image_given_as_corrected_labels():
     with pytest.raises(ValueError, match="label every pixel"):
         check_finetune_inputs([img], [s], [img.astype(np.int32) + 1])
     check_finetune_inputs([img], [s], [gt])  # instance labels pass
+
+
+def test_ctrl_c_in_finetune_stops_and_keeps_the_best_model(tmp_path, capsys, monkeypatch):
+    """Ctrl-C exited 130 and lost the run; now the first one sets fine-tuning's stop (it
+    saves the best model so far), as in train, and a second would interrupt."""
+    import os
+    import signal
+    import types
+
+    import napari_mae.segmentation.finetune as ft
+
+    img, s = _files(tmp_path)
+    seen = {}
+
+    def fake_finetune(images, scribbles, *, out, stop, **kw):
+        yield types.SimpleNamespace(kind="step", step=1, loss=0.5, elapsed_s=0.1, message="", checkpoint=None)
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C during a step
+        seen["stopped"] = stop.is_set()
+        out.write_bytes(b"best")
+        yield types.SimpleNamespace(kind="stopped", step=1, loss=0.5, elapsed_s=0.2,
+                                    message=f"stopped; best model saved to {out}", checkpoint=out)  # fmt: skip
+
+    monkeypatch.setattr(ft, "finetune", fake_finetune)
+    out = tmp_path / "ft.pt"
+    assert main(["finetune", img, "--scribbles", s, "--out", str(out)]) == 0
+    assert seen["stopped"] and out.read_bytes() == b"best"
+    assert "Ctrl-C: stopping after this step and saving the best model so far" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -9,6 +9,7 @@ imports (torch, MONAI) happen inside those functions, so ``--help`` is fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import pkgutil
 import sys
@@ -146,6 +147,30 @@ def check_segmentation_model(spec) -> None:
         from napari_mae.models.decoder import load_segmenter
 
         load_segmenter(spec)
+
+
+@contextlib.contextmanager
+def ctrl_c_stops(stop, what: str):
+    """While a long job runs: the first Ctrl-C sets ``stop`` (a ``threading.Event`` the job
+    checks between steps) and prints ``what`` it does then; a second one interrupts."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"\nCtrl-C: {what} (Ctrl-C again quits at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import threading
 
 from napari_mae._names import PSEUDO_SOURCES
-from napari_mae.cli import CLIError, check_output_path, check_segmentation_model
+from napari_mae.cli import CLIError, check_output_path, check_segmentation_model, ctrl_c_stops
 from napari_mae.io.readers import FORMAT_NAMES
 
 
@@ -190,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
         corrected = [None if p.lower() == "none" else _read_labels(p, "--labels") for p in args.labels]
     interactive = sys.stderr.isatty()
     final = None
-    for update in finetune(
+    stop = threading.Event()
+    updates = finetune(
         images,
         scribbles,
         out=out,
@@ -200,8 +202,24 @@ def run(args: argparse.Namespace) -> int:
         channel_axis=channel_axes.pop(),
         object_radius=args.radius,
         config=config,
+        stop=stop,
         overwrite=args.overwrite,
-    ):
+    )
+    with ctrl_c_stops(stop, f"stopping after this step and saving the best model so far to {out}"):
+        final = _report(updates, interactive)
+    if interactive:
+        print(file=sys.stderr)
+    if final is None or final.checkpoint is None:
+        print(f"napari-mae finetune: error: {final.message if final else 'nothing ran'}", file=sys.stderr)
+        return 1
+    print(final.message)
+    return 0
+
+
+def _report(updates, interactive: bool):
+    """Print the fine-tuning's updates; return the last one."""
+    final = None
+    for update in updates:
         if update.kind in ("prepared", "evaluated") and update.message:
             print(f"napari-mae finetune: {update.elapsed_s:5.1f} s  {update.message}", file=sys.stderr)
         elif update.kind == "step" and interactive:
@@ -211,10 +229,4 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         final = update
-    if interactive:
-        print(file=sys.stderr)
-    if final is None or final.checkpoint is None:
-        print(f"napari-mae finetune: error: {final.message if final else 'nothing ran'}", file=sys.stderr)
-        return 1
-    print(final.message)
-    return 0
+    return final

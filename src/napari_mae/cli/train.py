@@ -283,32 +283,6 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
-@contextlib.contextmanager
-def _ctrl_c_stops(stop: threading.Event):
-    """While training: the first Ctrl-C sets ``stop`` (the loop writes last.pt), a second interrupts."""
-    import signal
-    import sys
-
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set in the main thread
-        return
-
-    def handler(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        print(
-            "\nCtrl-C: stopping after this step and saving last.pt (Ctrl-C again quits at once)",
-            file=sys.stderr,
-        )
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _resume_command(args: argparse.Namespace) -> str:
     """The command that continues this run: the user's own, with ``--resume`` instead of ``--overwrite``."""
     import os
@@ -332,7 +306,10 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 def _report(updates, args, stop: threading.Event | None = None) -> int:
     """Progress bar and messages of a run's updates; the exit code (130 after Ctrl-C)."""
-    with _ctrl_c_stops(stop) if stop is not None else contextlib.nullcontext():
+    from napari_mae.cli import ctrl_c_stops
+
+    saving = "stopping after this step and saving last.pt"
+    with ctrl_c_stops(stop, saving) if stop is not None else contextlib.nullcontext():
         return _report_updates(updates, args, stop)
 
 
