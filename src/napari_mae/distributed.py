@@ -310,12 +310,13 @@ def estimate_global_parameters(
     # volume that fits in memory gets the same range here and there, to the last bit.
     volume = _as_dask(image).astype(np.float32)[None]
     # The learned method scales the decoder's input by the range of the volume smoothed
-    # by learned.INPUT_SMOOTHING px (learned.decoder_input does so in memory): taken too
-    # where the learned method may run, and used where it does.
+    # by learned.INPUT_SMOOTHING px (learned.decoder_input does so in memory): taken where
+    # the learned method may run, and used where it does; the plain range where the
+    # classical one may (each is a pass over the volume).
     maybe_learned = _may_run_learned(method, model)
 
     def ranges():
-        plain = percentile_range(volume, 1.0, 99.8)
+        plain = percentile_range(volume, 1.0, 99.8) if method != "learned" else None
         if not maybe_learned:
             return plain, None
         from napari_mae.segmentation.learned import INPUT_SMOOTHING
@@ -323,21 +324,20 @@ def estimate_global_parameters(
         return plain, percentile_range(volume, 1.0, 99.8, smooth=INPUT_SMOOTHING)
 
     if client is None:
-        (lo, hi), smoothed = ranges()
+        plain, smoothed = ranges()
         samples = [_sample_info(image, crop, *args, model) for crop in crops]
     else:
         src = _shippable(client, image)
         model_f = _shippable_model(client, model)
         futures = [client.submit(_sample_info, src, crop, *args, model_f, pure=False) for crop in crops]
-        (lo, hi), smoothed = ranges()  # meanwhile, on this client
+        plain, smoothed = ranges()  # meanwhile, on this client
         samples = client.gather(futures)
-    lo_g, hi_g = float(lo[0]), float(hi[0])
     found = [s for s in samples if s.get("n_objects", 0) > 0]
     used = found or samples
     methods = {s.get("method", "classical") for s in used}
     run_method = "learned" if "learned" in methods else "classical"
-    if run_method == "learned" and smoothed is not None:
-        lo_g, hi_g = float(smoothed[0][0]), float(smoothed[1][0])
+    lo, hi = smoothed if run_method == "learned" and smoothed is not None else plain
+    lo_g, hi_g = float(lo[0]), float(hi[0])
     if object_radius is not None:
         radius = float(object_radius)
     else:

@@ -132,18 +132,18 @@ def check_not_existing(path: Path | None, option: str, *, overwrite: bool) -> No
 def check_segmentation_model(spec) -> None:
     """Refuse, before any other work, a bundled name that is no segmentation model (``default-3d``).
 
-    The check is :func:`napari_mae.models.decoder.load_segmenter`'s: a bundled name's
-    checkpoint is small and loads in a fraction of a second. Paths and None pass (they are
-    loaded with the images).
+    The check is :func:`napari_mae.models.decoder.load_segmenter`'s: such a name's
+    checkpoint is small and loads in a fraction of a second. Bundled segmentation models,
+    paths and None pass without loading anything (they are loaded with the images).
 
     Raises
     ------
     napari_mae.io.checkpoint.CheckpointError
         ``spec`` names a bundled MAE that is not a segmentation model.
     """
-    from napari_mae._names import BUNDLED_MODELS
+    from napari_mae._names import BUNDLED_MODELS, bundled_segmenter_path
 
-    if isinstance(spec, str) and spec in BUNDLED_MODELS:
+    if isinstance(spec, str) and spec in BUNDLED_MODELS and bundled_segmenter_path(spec) is None:
         from napari_mae.models.decoder import load_segmenter
 
         load_segmenter(spec)
