@@ -179,7 +179,9 @@ def _segment_one(path: Path, *, spacing, object_radius, threshold, bright_object
         image, sp, meta = read_image(path)
     axes = str(meta.get("axes", ""))
     if "T" in axes:
-        raise ValueError(f"has a time axis (axes {axes}, shape {image.shape}); save one time point per file")
+        from napari_mae.io.readers import describe_layout
+
+        raise ValueError(f"has a time axis ({describe_layout(image, meta)}); save one time point per file")
     channel_axis = image.ndim - 1 if axes.endswith("C") else None
     n_spatial = image.ndim - (channel_axis is not None)
     if spacing is not None:

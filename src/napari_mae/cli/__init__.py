@@ -58,8 +58,8 @@ def check_output_path(
 ) -> Path | None:
     """Check an output file option before any work is done; return it as a Path.
 
-    Raises ``CLIError`` when the name does not end in one of ``suffixes``
-    (case-insensitive; ``what`` names the formats in the message), when an existing
+    Raises ``CLIError`` when the path is a folder, when the name does not end in one of
+    ``suffixes`` (case-insensitive; ``what`` names the formats in the message), when an existing
     parent of it is a file, or, with ``overwrite=False``, when it exists already: every
     command that writes a result file refuses to replace one unless ``--overwrite`` is
     given (``None``: the caller checks that itself, e.g. an atomic core writer). ``None``
@@ -68,6 +68,8 @@ def check_output_path(
     if path is None:
         return None
     out = Path(path)
+    if out.is_dir():
+        raise CLIError(f"{option} {path} is a folder; give a file name ending in {', '.join(suffixes)}")
     if not str(out).lower().endswith(suffixes):
         raise CLIError(
             f"{option} {path}: only {what} output is written; use a name ending in {', '.join(suffixes)}"

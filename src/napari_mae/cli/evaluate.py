@@ -62,10 +62,16 @@ def _prediction_for(name: str, pred: dict[str, Path]) -> Path | None:
 
 
 def _load(path: Path):
-    """Read a label image; refuse anything that is not integer ids (e.g. probabilities)."""
+    """Read a label image; refuse anything that is not integer ids (probabilities, an intensity image).
+
+    The intensity-image rule is the scribbles' and corrected objects'
+    (:func:`napari_mae.segmentation.scribbles.intensity_like`): each id one region, where an
+    image repeats each grey level in many places.
+    """
     import numpy as np
 
     from napari_mae.cli import CLIError
+    from napari_mae.segmentation.scribbles import intensity_like
 
     if path.suffix == ".npy":
         labels = np.load(path, allow_pickle=False)
@@ -73,18 +79,21 @@ def _load(path: Path):
         from napari_mae.io.readers import read_image
 
         labels = read_image(path)[0]
-    if labels.dtype == bool or np.issubdtype(labels.dtype, np.integer):
-        return labels
-    finite = labels[np.isfinite(labels)] if np.issubdtype(labels.dtype, np.floating) else labels
-    if (
-        not np.issubdtype(labels.dtype, np.floating)
-        or np.any(finite != np.round(finite))
-        or finite.size != labels.size
-    ):
-        raise CLIError(
-            f"{path}: expected integer instance labels, got {labels.dtype} values that are not ids"
-        )
-    return labels.astype(np.int64)
+    if not (labels.dtype == bool or np.issubdtype(labels.dtype, np.integer)):
+        finite = labels[np.isfinite(labels)] if np.issubdtype(labels.dtype, np.floating) else labels
+        if (
+            not np.issubdtype(labels.dtype, np.floating)
+            or np.any(finite != np.round(finite))
+            or finite.size != labels.size
+        ):
+            raise CLIError(
+                f"{path}: expected integer instance labels, got {labels.dtype} values that are not ids"
+            )
+        labels = labels.astype(np.int64)
+    why = intensity_like(labels)
+    if why is not None:
+        raise CLIError(f"{path}: looks like an intensity image, not instance labels: {why}")
+    return labels
 
 
 def run(args: argparse.Namespace) -> int:

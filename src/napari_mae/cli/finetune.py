@@ -113,38 +113,46 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _read_labels(path: str, what: str):
+def _read_labels(path: str, what: str, shape: tuple[int, ...]):
     """The labels image at ``path`` (``what``: the option, named in the messages).
 
     Scribbles get the check of segmentation and fine-tuning
     (:func:`napari_mae.segmentation.scribbles.check_scribbles`, both classes over all
-    images are the core's), corrected objects an integer dtype.
+    images are the core's), corrected objects the core's
+    (:func:`napari_mae.segmentation.finetune.check_corrected_labels`), against the spatial
+    ``shape`` of their image; here, before the model loads.
     """
     from pathlib import Path
 
     import numpy as np
 
     from napari_mae.io.readers import read_image
+    from napari_mae.segmentation.finetune import check_corrected_labels
     from napari_mae.segmentation.scribbles import check_scribbles
 
     if not Path(path).exists():
         raise CLIError(f"{what} {path}: no such file")
     data, _, _ = read_image(path)
     data = np.asarray(data)
-    if what == "--scribbles":
-        try:
-            return check_scribbles(data, data.shape, name=f"{what} {path}", require_both=False)
-        except ValueError as exc:
-            raise CLIError(str(exc)) from None
-    if not (np.issubdtype(data.dtype, np.integer) or data.dtype == bool):
-        raise CLIError(f"{what} {path}: must hold integer labels, not {data.dtype}")
-    return data
+    try:
+        if what == "--scribbles":
+            return check_scribbles(data, shape, name=f"{what} {path}", require_both=False)
+        return check_corrected_labels(data, shape, name=f"{what} {path}", image="its image")
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     from napari_mae.io.readers import read_image
     from napari_mae.segmentation.finetune import FinetuneConfig, finetune
 
+    # the options first (FinetuneConfig checks them again, naming its fields)
+    if not (math.isfinite(args.seconds) and args.seconds > 0):
+        raise CLIError(f"--seconds must be a positive time budget in seconds, got {args.seconds:g}")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    if args.encoder_blocks < 0:
+        raise CLIError(f"--encoder-blocks must be 0 or more, got {args.encoder_blocks}")
     out = check_output_path(args.out, "--out", (".pt", ".pth"), what="checkpoint", overwrite=args.overwrite)
     if args.no_pseudo_labels and args.pseudo_source is not None:
         raise CLIError("--no-pseudo-labels trains on your labels only; leave out --pseudo-source with it")
@@ -169,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     if args.radius is not None and not (math.isfinite(args.radius) and args.radius > 0):
         raise CLIError(f"--radius must be positive (physical units), got {args.radius}")
-    images, spacings, channel_axes = [], [], set()
+    images, spacings, channel_axes, shapes = [], [], set(), []
     for path in args.images:
         image, spacing, meta = read_image(path)
         channel_axis = image.ndim - 1 if str(meta.get("axes", "")).endswith("C") else None
@@ -183,12 +191,16 @@ def run(args: argparse.Namespace) -> int:
             spacing = None
         images.append(image)
         spacings.append(spacing)
+        shapes.append(image.shape[:-1] if channel_axis is not None else image.shape)
     if len(channel_axes) > 1:
         raise CLIError("the images mix single-channel and multi-channel files; fine-tune on one kind")
-    scribbles = [_read_labels(p, "--scribbles") for p in args.scribbles]
+    scribbles = [_read_labels(p, "--scribbles", n) for p, n in zip(args.scribbles, shapes, strict=True)]
     corrected = None
     if args.labels is not None:
-        corrected = [None if p.lower() == "none" else _read_labels(p, "--labels") for p in args.labels]
+        corrected = [
+            None if p.lower() == "none" else _read_labels(p, "--labels", n)
+            for p, n in zip(args.labels, shapes, strict=True)
+        ]
     interactive = sys.stderr.isatty()
     final = None
     stop = threading.Event()

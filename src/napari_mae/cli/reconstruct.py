@@ -87,8 +87,11 @@ def _spatial_layout(image, metadata: dict) -> tuple[int, int | None, str]:
     if len(axes) != image.ndim:
         axes = {2: "YX", 3: "ZYX", 4: "ZYXC"}.get(image.ndim, "")
     if "T" in axes:
+        from napari_mae.io.readers import describe_layout
+
         raise CLIError(
-            f"image has a time axis (axes {axes}, shape {image.shape}); save one time point as its own file"
+            f"{metadata.get('path', 'the image')} has a time axis ({describe_layout(image, metadata)}); "
+            "save one time point as its own file"
         )
     spatial_dims = sum(a in "ZYX" for a in axes)
     if spatial_dims not in (2, 3):
@@ -131,9 +134,12 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)  # an untrained preset is then reproducible too
     model = load_model(spec, device=args.device)
 
-    bar = tqdm(total=1, unit="window", disable=args.quiet, dynamic_ncols=True, file=sys.stderr)
+    bar = None  # made at reconstruct's first report, after its checks: an error prints no empty bar
 
     def progress(done: int, total: int, message: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="window", disable=args.quiet, dynamic_ncols=True, file=sys.stderr)
         bar.total = total
         bar.update(done - bar.n)
 
@@ -151,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
         )
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     unit = str(metadata.get("unit", "pixel"))
     rgb = bool(metadata.get("rgb"))  # written in the input's axis order (Y, X, S), as the mask is
     _write_tiff(out, result.reconstruction, axes, spacing, unit, rgb)

@@ -163,14 +163,21 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--workers, --scheduler and --block-size are for OME-Zarr input")
     # first: --overwrite never replaces the input image or the scribbles
     check_distinct_paths({"IMAGE": args.image, "--scribbles": args.scribbles}, {"--out": args.out})
+    if Path(args.out).is_dir():
+        raise CLIError(
+            f"--out {args.out} is a folder: one IMAGE is written to one labels file (a name ending in "
+            f"{', '.join(OUT_SUFFIXES)}); to write a folder of labels, give a folder or a glob as IMAGE"
+        )
     out = check_output_path(args.out, "--out", OUT_SUFFIXES, what="TIFF or NIfTI", overwrite=args.overwrite)
     if args.scribbles and not Path(args.scribbles).exists():  # before the image is read
         raise CLIError(f"--scribbles {args.scribbles}: no such file")
     image, spacing, meta = _read(args.image)
     axes = str(meta.get("axes", ""))
     if "T" in axes:
+        from napari_mae.io.readers import describe_layout
+
         raise CLIError(
-            f"{args.image} has a time axis (axes {axes}, shape {image.shape}); save one time point as its own file"
+            f"{args.image} has a time axis ({describe_layout(image, meta)}); save one time point as its own file"
         )
     try:
         channel_axis = check_channel_axis(args.channel_axis, image.ndim)

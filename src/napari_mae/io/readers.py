@@ -243,6 +243,7 @@ def read_tiff(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], d
         series = tif.series[0]
         image = series.asarray()
         axes = series.axes
+        file_shape, file_axes = tuple(int(n) for n in image.shape), str(axes)
         page = tif.pages[0]
         ij = tif.imagej_metadata or {}
         ome_spacing, unit = (
@@ -290,7 +291,25 @@ def read_tiff(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], d
     spatial = [a for a in out_axes if a in "ZYX"]
     spacing = tuple(float(spacing_map.get(a, 1.0)) for a in spatial)
     metadata = {"axes": out_axes, "unit": unit, "rgb": bool(rgb), "path": str(path)}
+    if file_shape != image.shape:  # reordered or squeezed: messages give the file's own shape too
+        metadata["file_shape"], metadata["file_axes"] = file_shape, file_axes
     return image, spacing, metadata
+
+
+def describe_layout(image, metadata: dict[str, Any]) -> str:
+    """``axes ..., shape ...`` of an image from :func:`read_image`, for messages.
+
+    Where the reader reordered or dropped axes (a TIFF), the file's own shape and
+    tifffile's axis letters follow, so a user finds the array they wrote:
+    ``axes TZYXC, shape (2, 3, 32, 32, 4), read from the file's shape (2, 3, 4, 32, 32)
+    (tifffile's axes 'QQSYX')``.
+    """
+    text = f"axes {metadata.get('axes', '?')}, shape {tuple(image.shape)}"
+    if "file_shape" in metadata:
+        text += f", read from the file's shape {tuple(metadata['file_shape'])}"
+        if metadata.get("file_axes"):
+            text += f" (tifffile's axes {metadata['file_axes']!r})"
+    return text
 
 
 # ------------------------------------------------------------------ PNG / JPEG

@@ -75,7 +75,7 @@ from scipy import ndimage as ndi
 
 from napari_mae._names import PSEUDO_SOURCES
 from napari_mae.preprocess import check_object_radius
-from napari_mae.segmentation.scribbles import check_scribbles, check_stroke_classes
+from napari_mae.segmentation.scribbles import check_scribbles, check_stroke_classes, intensity_like
 from napari_mae.training.loop import Objective, decay_groups
 
 __all__ = [
@@ -84,6 +84,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneObjective",
     "FinetuneUpdate",
+    "check_corrected_labels",
     "check_finetune_inputs",
     "finetune",
     "partial_segmentation_loss",
@@ -283,6 +284,58 @@ def _spatial_shape(image: np.ndarray, channel_axis: int | None) -> tuple[int, ..
     return tuple(shape)
 
 
+def check_corrected_labels(corrected, shape, *, name: str = "corrected objects", image: str = "the image"):
+    """The one check of a corrected-objects array (``finetune --labels``, the widget's layer).
+
+    Parameters
+    ----------
+    corrected : array-like of int, shape ``shape``
+        Instance ids of objects corrected or painted whole, 0 = no statement.
+    shape : tuple of int
+        The image's spatial shape, ``([Z,] Y, X)``.
+    name, image : str
+        How the messages name the array and its image.
+
+    Returns
+    -------
+    ndarray of the input's integer dtype, shape ``shape``
+
+    Raises
+    ------
+    ValueError
+        Another shape than ``shape``; a dtype that is not integer; negative ids; no 0
+        pixel (every pixel labelled: instance labels keep 0 where there is no corrected
+        object); ids of 2**31 and above; an intensity image
+        (:func:`~napari_mae.segmentation.scribbles.intensity_like`).
+    """
+    c = np.asarray(corrected)
+    shape = tuple(int(n) for n in shape)
+    if c.shape != shape:
+        raise ValueError(f"{name} have shape {c.shape}, but {image} has {shape}")
+    if not np.issubdtype(c.dtype, np.integer):
+        raise ValueError(f"{name} must be integer instance ids, not {c.dtype}")
+    if c.size and c.min() < 0:
+        raise ValueError(f"{name} hold negative ids")
+    if c.size and c.min() > 0:
+        # instance labels keep 0 for what is not an object; an intensity image has none
+        raise ValueError(
+            f"{name} label every pixel (values {int(c.min())}..{int(c.max())}, no 0): "
+            "give instance labels, 0 where there is no corrected object (an image given as labels?)"
+        )
+    if c.size and int(c.max()) > MAX_LABEL_ID:
+        raise ValueError(
+            f"{name} hold ids above 2**31 (largest {int(c.max())}); relabel them "
+            "(e.g. skimage.segmentation.relabel_sequential)"
+        )
+    why = intensity_like(c)
+    if why is not None:
+        raise ValueError(
+            f"{name} look like an intensity image, not instance labels: {why}; give instance labels, "
+            "0 where there is no corrected object"
+        )
+    return c
+
+
 def check_finetune_inputs(images, scribbles, corrected=None, *, channel_axis=None):
     """Check the arrays of a fine-tuning run; return them as lists of arrays.
 
@@ -305,7 +358,8 @@ def check_finetune_inputs(images, scribbles, corrected=None, *, channel_axis=Non
         Another count of scribbles or corrected arrays than images; scribbles or
         corrected objects of another shape than their image; non-integer or negative
         values; an intensity image given as scribbles
-        (:func:`~napari_mae.segmentation.scribbles.check_scribbles`); ids of 2**31 and above in the corrected objects; no object label
+        (:func:`~napari_mae.segmentation.scribbles.check_scribbles`) or as corrected objects
+        (:func:`check_corrected_labels`); ids of 2**31 and above in the corrected objects; no object label
         (stroke 2 or corrected object) or no background label (stroke 1 or the ring of a
         corrected object) in all the images together (the message says which is missing).
     """
@@ -326,24 +380,7 @@ def check_finetune_inputs(images, scribbles, corrected=None, *, channel_axis=Non
         has_object |= bool((s >= 2).any())
         has_background |= bool((s == 1).any())
         if c is not None:
-            c = np.asarray(c)
-            if c.shape != shape:
-                raise ValueError(f"corrected objects {i} have shape {c.shape}, but image {i} has {shape}")
-            if not np.issubdtype(c.dtype, np.integer):
-                raise ValueError(f"corrected objects {i} must be integer instance ids, not {c.dtype}")
-            if c.size and c.min() < 0:
-                raise ValueError(f"corrected objects {i} hold negative ids")
-            if c.size and c.min() > 0:
-                # instance labels keep 0 for what is not an object; an intensity image has none
-                raise ValueError(
-                    f"corrected objects {i} label every pixel (values {int(c.min())}..{int(c.max())}, no 0): "
-                    "give instance labels, 0 where there is no corrected object (an image given as labels?)"
-                )
-            if c.size and int(c.max()) > MAX_LABEL_ID:
-                raise ValueError(
-                    f"corrected objects {i} hold ids above 2**31 (largest {int(c.max())}); relabel them "
-                    "(e.g. skimage.segmentation.relabel_sequential)"
-                )
+            c = check_corrected_labels(c, shape, name=f"corrected objects {i}", image=f"image {i}")
             if c.any():
                 has_object = has_background = True  # its inside and its ring
             else:

@@ -5,7 +5,9 @@ Used by the segmentation benchmark (``benchmarks/bench_segmentation.py``) and th
 Also :func:`ct_bone_labels`, the vertebra and rib instances of a TotalSegmentator class map,
 and :func:`check_scribbles`, the one check of a user's scribbles for segmentation
 (:func:`~napari_mae.segmentation.segment.segment_instances`) and fine-tuning
-(:func:`~napari_mae.segmentation.finetune.check_finetune_inputs`).
+(:func:`~napari_mae.segmentation.finetune.check_finetune_inputs`), with
+:func:`intensity_like`, the one rule that tells an intensity image from labels (scribbles,
+corrected objects, the label images ``napari-mae evaluate`` scores).
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import numpy as np
 from scipy import ndimage as ndi
 
 __all__ = [
+    "INTENSITY_MIN_VALUES",
+    "INTENSITY_REGIONS_PER_VALUE",
     "MAX_STROKE_IDS",
     "check_scribbles",
     "check_stroke_classes",
     "ct_bone_labels",
+    "intensity_like",
     "simulate_scribbles",
 ]
 
@@ -142,8 +147,59 @@ def ct_bone_labels(class_labels: np.ndarray, class_map: dict[str, str] | str | P
     return np.where(np.isin(class_labels, bone_ids), class_labels, 0).astype(np.int32)
 
 
-#: More distinct values than this, on a mostly painted array, is an intensity image, not strokes.
+#: More distinct values than this, on a mostly painted array, may be an intensity image, not strokes.
 MAX_STROKE_IDS = 32
+
+#: Labels with at most this many distinct non-zero values are never taken for an intensity image
+#: (a binary or few-class mask may be in many pieces).
+INTENSITY_MIN_VALUES = 8
+
+#: More separate regions per distinct value than this, on average, is an intensity image.
+#: Measured on ../shared/data: every label image there has at most 1.4 regions per id (a
+#: TotalSegmentator class map; DSB 2018 instance labels 1.0-1.01), every intensity image there
+#: at least 44 (DSB 2018 dev), 45 (DSB 2018 train), 168 (3D microscopy, CT, MR).
+INTENSITY_REGIONS_PER_VALUE = 10
+
+
+def intensity_like(labels) -> str | None:
+    """Whether an integer array looks like an intensity image rather than labels; why if so.
+
+    Labels paint each id as one region (an object, a class's few pieces); an intensity image
+    repeats each grey level in many separate places (noise, every object's rim). The rule:
+    more than :data:`INTENSITY_MIN_VALUES` distinct non-zero values, each in more than
+    :data:`INTENSITY_REGIONS_PER_VALUE` separate regions on average (regions of equal value
+    connected through faces, edges or corners: ``skimage.measure.label`` with full
+    connectivity). It does not look at 0 or at how many ids there are: instance labels may
+    hold thousands of ids, cover every pixel (dense cells) or none of the background.
+
+    Parameters
+    ----------
+    labels : ndarray of int or bool, shape ``([Z,] Y, X)``
+        Integer ids (0: background, not counted as a value).
+
+    Returns
+    -------
+    str or None
+        None for labels; for an intensity image, a phrase for a message (the numbers of
+        values and regions).
+    """
+    from skimage.measure import label as connected_regions
+
+    a = np.asarray(labels)
+    if a.dtype == bool or a.size == 0:
+        return None
+    values = np.unique(a)
+    n_values = int(np.count_nonzero(values))
+    if n_values <= INTENSITY_MIN_VALUES:
+        return None
+    # np.unique above, skimage's connected regions here: one sort and one pass each
+    n_regions = int(connected_regions(a, background=0, connectivity=a.ndim).max())
+    if n_regions <= INTENSITY_REGIONS_PER_VALUE * n_values:
+        return None
+    return (
+        f"{n_values} distinct values (values {int(values[0])}..{int(values[-1])}) scattered over "
+        f"{n_regions} separate regions, {n_regions / n_values:.0f} per value (labels have about one per id)"
+    )
 
 
 def check_scribbles(
@@ -177,9 +233,10 @@ def check_scribbles(
     ValueError
         Another shape than ``shape``; non-integer values (NaN, 0.5); negative values; an
         intensity image given as scribbles (more than half the pixels painted, under a
-        tenth of them background (1), with more than :data:`MAX_STROKE_IDS` distinct values:
-        strokes leave most pixels 0 and use a few ids, a full annotation paints much of it
-        background); with ``require_both``, no background or no object stroke.
+        tenth of them background (1), with more than :data:`MAX_STROKE_IDS` distinct values
+        that :func:`intensity_like` finds scattered: strokes leave most pixels 0 and use a
+        few ids, a full annotation paints much of it background and each of its ids is one
+        region); with ``require_both``, no background or no object stroke.
     """
     s = np.asarray(scribbles)
     shape = tuple(int(n) for n in shape)
@@ -202,13 +259,16 @@ def check_scribbles(
     painted = np.count_nonzero(s)
     # A full annotation (background 1 everywhere, one id per object) is mostly painted
     # with many ids too, but its background label holds a large share of the painted
-    # pixels; in an intensity image, value 1 is one grey level among many.
+    # pixels; in an intensity image, value 1 is one grey level among many. The gate keeps
+    # np.unique and the region count of intensity_like (both a pass over the array) off
+    # the usual few-stroke arrays, which are checked on every run.
     if painted > s.size / 2 and np.count_nonzero(s == 1) < 0.1 * painted:
-        n_ids = np.unique(s).size  # unique() sorts: only for the rare mostly painted array
-        if n_ids > MAX_STROKE_IDS:
+        n_ids = np.unique(s).size
+        why = intensity_like(s) if n_ids > MAX_STROKE_IDS else None
+        if why is not None:
             raise ValueError(
                 f"{name} look like an intensity image, not strokes: {painted / s.size:.0%} of the pixels "
-                f"are painted, with {n_ids} distinct values (values {int(s.min())}..{int(s.max())}); "
+                f"are painted, with {why}; "
                 "scribbles are 0 unlabelled, 1 background, 2.. objects (whole objects you corrected go to "
                 "the corrected labels: --labels in finetune)"
             )
