@@ -165,7 +165,7 @@ def test_task_switch_shows_its_fields_and_choices(viewer, add_widget, tmp_path):
     assert all(w.isVisibleTo(widget) for w in mae_only) and not any(w.isVisibleTo(widget) for w in seg_only)
     assert widget.epochs.value == 10 and widget.lr.value == pytest.approx(1e-3)
     widget.dims.setCurrentText("3D")
-    # A 2D MAE the user pretrained is offered as the encoder of a segmentation run; a 3D one is not.
+    # MAEs the user pretrained, 2D and 3D, are offered as the encoder of a segmentation run.
     mae2d, mae3d = tmp_path / "mae2d.pt", tmp_path / "mae3d.pt"
     mae2d.write_bytes(b"x")
     mae3d.write_bytes(b"x")
@@ -178,7 +178,7 @@ def test_task_switch_shows_its_fields_and_choices(viewer, add_widget, tmp_path):
     assert widget.crops_per_image.value == 4 and widget.lr.value == pytest.approx(5e-4)
     items = [widget.start_from.itemText(i) for i in range(widget.start_from.count())]
     assert items[0] == widget.start_from.currentText() == "default-2d (MAE encoder)"
-    assert f"{name2d} (MAE encoder)" in items and "trained: vol (MAE encoder)" not in items
+    assert f"{name2d} (MAE encoder)" in items and "trained: vol (MAE encoder)" in items
     assert "default-2d (continue training)" in items and "tiny-2d (random encoder)" in items
     widget.start_from.setCurrentText(f"{name2d} (MAE encoder)")
     widget.folder.setText(str(tmp_path))
@@ -206,6 +206,46 @@ def test_3d_crop_size_reaches_the_config(viewer, add_widget, tmp_path):
     widget.crop_size_3d.value = 48
     config = widget.build_config()
     assert (config.crop_size_3d, config.crop_size) == (48, 112)
+
+
+def test_3d_encoders_are_offered_and_only_their_crop_size_applies(viewer, add_widget, tmp_path):
+    """The segmentation task listed 2D encoders only (3D ones through "checkpoint file..."), and the
+    3D crop size stayed open for a 2D encoder: each encoder now greys out the other's crop size."""
+    widget = add_widget("Training")
+    widget.task.setCurrentText(TASK_SEGMENTATION)
+    widget.folder.setText(str(tmp_path))
+    (tmp_path / "labels").mkdir()
+    widget.labels.setText(str(tmp_path / "labels"))
+    items = [widget.start_from.itemText(i) for i in range(widget.start_from.count())]
+    assert "default-3d (MAE encoder)" in items and "tiny-3d (random encoder)" in items
+    crop2d, crop3d = widget.crop_size.native, widget.crop_size_3d.native
+    assert widget.start_from.currentText() == "default-2d (MAE encoder)"
+    assert crop2d.isEnabled() and not crop3d.isEnabled() and widget.dims.currentText() == "2D"
+    for start, model in (("default-3d (MAE encoder)", "default-3d"), ("tiny-3d (random encoder)", "tiny-3d")):
+        widget.start_from.setCurrentText(start)
+        assert crop3d.isEnabled() and not crop2d.isEnabled() and widget.dims.currentText() == "3D"
+        widget.crop_size_3d.value = 32
+        config = widget.build_config()
+        assert (config.model, config.crop_size_3d) == (model, 32)
+    widget.start_from.setCurrentText("tiny-2d (random encoder)")
+    assert crop2d.isEnabled() and not crop3d.isEnabled() and widget.dims.currentText() == "2D"
+    widget.start_from.setCurrentText("default-2d (continue training)")  # the bundled 2D nuclei model
+    assert crop2d.isEnabled() and not crop3d.isEnabled()
+    widget.start_from.setCurrentText("checkpoint file...")  # 2D or 3D: the widget cannot tell
+    assert crop2d.isEnabled() and crop3d.isEnabled()
+    assert not widget.dims.isEnabled()
+
+
+def test_a_folder_of_volumes_starts_segmentation_from_the_3d_encoder(viewer, add_widget, qtbot, tmp_path):
+    widget = add_widget("Training")
+    widget.task.setCurrentText(TASK_SEGMENTATION)
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    tifffile.imwrite(folder / "v0.tif", np.zeros((8, 32, 32), np.uint8))
+    widget.folder.setText(str(folder))
+    widget.guess_dims()  # what choosing the folder (editingFinished, the browse button) does
+    qtbot.waitUntil(lambda: widget.start_from.currentText() == "default-3d (MAE encoder)", timeout=10000)
+    assert widget.dims.currentText() == "3D" and not widget.crop_size.native.isEnabled()
 
 
 def _rows_without_gaps(widget) -> bool:

@@ -9,7 +9,8 @@ Two tasks share one form and one worker pattern:
   :data:`~._registry.registry`.
 * **Segmentation** (images + a folder of instance labels with the same file
   names): builds a :class:`napari_mae.training.segmentation.SegmentationConfig`
-  (encoder to start from, frozen epochs, crop sizes 2D and 3D) and iterates
+  (encoder to start from: 2D or 3D, bundled, pretrained, random or a checkpoint;
+  frozen epochs; the crop size of the encoder's dimensionality, the other greyed out) and iterates
   :func:`~napari_mae.training.segmentation.train_segmentation`; the plot adds
   the validation acc@0.5 per epoch on a second axis, and the model joins the
   segmentation-model list (:data:`~._registry.segmenters`). Bad labels (missing
@@ -211,16 +212,17 @@ class TrainingWidget(JobWidget):
             int(seg_defaults["crop_size"]),
             min=16,
             max=4096,
-            tooltip="Side in pixels of the random pieces cut from each image for training, after the "
-            "images are rescaled to the model's object size (larger: more context, slower)",
+            tooltip="For a 2D encoder: side in pixels of the random pieces cut from each image for "
+            "training, after the images are rescaled to the model's object size (larger: more context, "
+            "slower)",
         )
         self.crop_size_3d = magic_field(
             int(seg_defaults["crop_size_3d"]),
             min=16,
             max=1024,
-            tooltip="Only for a 3D model (a 3D checkpoint file): side in voxels of the cubic pieces cut "
-            "from each volume for training (a multiple of the patch size; validation pieces are twice as "
-            "large). 2D models use the crop size above",
+            tooltip="For a 3D encoder (default-3d, tiny-3d, a 3D MAE or checkpoint): side in voxels of "
+            "the cubic pieces cut from each volume for training (a multiple of the patch size; validation "
+            "pieces are twice as large). 2D models use the crop size above",
         )
         self.epochs = magic_field(
             int(defaults["epochs"]),
@@ -382,7 +384,8 @@ class TrainingWidget(JobWidget):
             self.dims.setCurrentText("2D")  # the decoder trains on 2D images (volumes: their planes)
         self.dims.setEnabled(not seg)
         self.dims.setToolTip(
-            "The segmentation model trains on 2D images (it segments volumes plane by plane)"
+            "Set by the encoder to start from: a 2D encoder trains on 2D images (and segments volumes "
+            "plane by plane), a 3D one (default-3d, tiny-3d) on volumes"
             if seg
             else "Set from the first image of the folder until you choose"
         )
@@ -392,8 +395,7 @@ class TrainingWidget(JobWidget):
             else "Start training a new model on the folder's images"
         )
         self._fill_start_from()
-        if not seg:
-            self.guess_dims()  # the folder may have been chosen for the other task
+        self.guess_dims()  # the folder may have been chosen for the other task
 
     def _segmenters_changed(self) -> None:
         with contextlib.suppress(RuntimeError):  # the widget was closed meanwhile
@@ -408,23 +410,23 @@ class TrainingWidget(JobWidget):
         self.start_from.blockSignals(True)
         self.start_from.clear()
         if self.segmentation:
+            # training.segmentation trains 2D encoders on 2D labels and 3D ones on volumes
             items = [default_model(2) + ENCODER_SUFFIX]
-            items += [
-                name + ENCODER_SUFFIX
-                for name in registry.model_names()
-                if name in registry.models and len(registry.patch_sizes.get(name, (0, 0))) == 2
-            ]
+            if bundled_model_available(default_model(3)):
+                items.append(default_model(3) + ENCODER_SUFFIX)
+            items += [name + ENCODER_SUFFIX for name in registry.model_names() if name in registry.models]
             items += [
                 name + CONTINUE_SUFFIX
                 for name in segmenters.model_names()
                 if name in segmenters.models or bundled_segmenter_path(name).is_file()
             ]
-            items += [p + RANDOM_SUFFIX for p in PRESET_NAMES[2]] + [CHECKPOINT_TEXT]
+            items += [p + RANDOM_SUFFIX for p in PRESET_NAMES[2] + PRESET_NAMES[3]] + [CHECKPOINT_TEXT]
             self.start_from.addItems(items)
             self.start_from.setToolTip(
-                "Where the segmentation model starts: the encoder of an MAE (bundled default-2d or one "
-                "you pretrained on your images) with a new decoder, a segmentation model to train further "
-                "(the bundled nuclei model or yours), a random encoder, or a checkpoint file"
+                "Where the segmentation model starts: the encoder of an MAE (bundled default-2d, "
+                "default-3d for volumes, or one you pretrained on your images) with a new decoder, a "
+                "segmentation model to train further (the bundled nuclei model or yours), a random "
+                "encoder (2D or 3D), or a checkpoint file"
             )
             default = default_model(2) + ENCODER_SUFFIX
         else:
@@ -461,7 +463,7 @@ class TrainingWidget(JobWidget):
         from napari_mae.training import guess_spatial_dims
 
         folder = self.folder.text().strip()
-        if self.user_chose_start or self.segmentation or not folder or not Path(folder).is_dir():
+        if self.user_chose_start or not folder or not Path(folder).is_dir():
             return
         patterns = self._patterns()
         worker = create_worker(guess_spatial_dims, folder, patterns, _start_thread=False)
@@ -470,11 +472,17 @@ class TrainingWidget(JobWidget):
         worker.start()
 
     def _dims_guessed(self, guess, folder: str, patterns) -> None:
+        from napari_mae.training import default_model
+
         with contextlib.suppress(RuntimeError):  # the widget was closed meanwhile
             if self.user_chose_start or (folder, patterns) != (self.folder.text().strip(), self._patterns()):
                 return  # the user chose meanwhile, or the folder changed (its own guess follows)
-            if guess is not None and not self.segmentation:
+            if guess is None:
+                return
+            if not self.segmentation:
                 self.dims.setCurrentText(f"{guess[0]}D")
+            elif self.start_from.findText(default := default_model(guess[0]) + ENCODER_SUFFIX) >= 0:
+                self.start_from.setCurrentText(default)  # volumes: the bundled 3D encoder
 
     def _patterns(self) -> tuple[str, ...] | None:
         return tuple(p.strip() for p in self.pattern.text().split(",") if p.strip()) or None
@@ -483,6 +491,24 @@ class TrainingWidget(JobWidget):
         self._ckpt_row.setVisible(text == CHECKPOINT_TEXT)
         self._ckpt_label.setVisible(text == CHECKPOINT_TEXT)
         self.patch_size.setEnabled(text.endswith(SCRATCH_SUFFIX))
+        # Segmentation: the encoder decides 2D or 3D, so only its crop size applies
+        # (both stay open where the widget cannot tell: a checkpoint file, a model of unknown patch).
+        dims = self._start_dims() if self.segmentation else None
+        if dims is not None:
+            self.dims.setCurrentText(f"{dims}D")
+        self.crop_size.enabled = dims != 3
+        self.crop_size_3d.enabled = dims != 2
+
+    def _start_dims(self) -> int | None:
+        """Spatial dimensions of the segmentation run's start model, None where not known."""
+        text = self.start_from.currentText()
+        if text.endswith(RANDOM_SUFFIX):
+            return 3 if text.removesuffix(RANDOM_SUFFIX) in PRESET_NAMES[3] else 2
+        for suffix, models in ((ENCODER_SUFFIX, registry), (CONTINUE_SUFFIX, segmenters)):
+            if text.endswith(suffix):
+                patch = models.patch_sizes.get(text.removesuffix(suffix))
+                return len(patch) if patch else None
+        return None
 
     # ----------------------------------------------------------------- config
     def build_config(self, resume: bool = False, overwrite: bool = False):
