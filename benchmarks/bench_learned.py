@@ -10,7 +10,9 @@ Usage (from the repository root; the dev sets in ``../shared/data``)::
     python benchmarks/bench_learned.py --model CHECKPOINT # another segmentation model
 
 All rows in one process, through :func:`napari_mae.segmentation.segment_instances` with
-``method="learned"`` / ``"classical"`` and no per-image setting. Scores are dataset-level:
+``method="learned"`` / ``"classical"`` (and ``"auto"`` on the DSB dev set: the bundled
+decoder, the classical pipeline where the decoder is unsure; ``fallbacks`` counts those
+images) and no per-image setting. Scores are dataset-level:
 acc@t = TP / (TP + FP + FN) at IoU t (the DSB / StarDist definition), F1, precision and
 recall at IoU 0.5, and mAP = the mean of acc@t over t = 0.50, 0.55, ..., 0.95. Time per
 megapixel (megavoxel) is wall clock, including reading nothing but the whole pipeline:
@@ -84,7 +86,7 @@ def run_dsb(method: str, model, zoom: float = 1.0, limit: int | None = None) -> 
     from napari_mae.segmentation import segment_instances
 
     files = sorted((DSB / "images").glob("*.tif"))[:limit]
-    pairs, sizes, pixels, seconds = [], [], 0, 0.0
+    pairs, sizes, pixels, seconds, fallbacks = [], [], 0, 0.0, 0
     for f in files:
         with tifffile.TiffFile(f) as tif:
             sizes.append(tuple(tif.pages[0].shape[:2]))
@@ -92,14 +94,15 @@ def run_dsb(method: str, model, zoom: float = 1.0, limit: int | None = None) -> 
         t0 = time.perf_counter()
         labels, info = segment_instances(img, method=method, model=model if method == "learned" else None)
         seconds += time.perf_counter() - t0
-        assert info["method"] == method, info
+        assert method == "auto" or info["method"] == method, info
+        fallbacks += "fallback" in info
         pairs.append((gt, labels))
         pixels += gt.size
     seen = [size in training_sizes() for size in sizes]
     groups = {"sizes in the training split": [p for p, k in zip(pairs, seen, strict=True) if k],
               "sizes not in the training split": [p for p, k in zip(pairs, seen, strict=True) if not k]}  # fmt: skip
     return {"set": f"DSB dev ({len(files)} images)", "zoom": zoom, "method": method, **score(pairs),
-            "s_per_MPix": round(seconds / (pixels / 1e6), 2),
+            "s_per_MPix": round(seconds / (pixels / 1e6), 2), "fallbacks": fallbacks,
             "by_size": {k: {"images": len(v), **score(v)} for k, v in groups.items() if v}}  # fmt: skip
 
 
@@ -191,7 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N DSB images only")
     args = ap.parse_args(argv)
     if args.part in ("all", "dsb"):
-        for method in ("learned", "classical"):
+        # auto: the bundled decoder, and the classical pipeline where it is unsure (info["fallback"])
+        for method in ("learned", "classical", "auto"):
             print(json.dumps(run_dsb(method, args.model, 1.0, args.limit)), flush=True)
     if args.part in ("all", "scale"):
         for zoom in (0.5, 2.0):

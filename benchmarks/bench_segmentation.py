@@ -17,7 +17,9 @@ Rows, all in this process on the same images:
 * ``trainable segmenter`` (baseline): :func:`skimage.feature.multiscale_basic_features`
   + :func:`skimage.future.fit_segmenter` (random forest) on the simulated scribbles,
   then the same watershed.
-* ``auto``: ``segment_instances(image, spacing=...)``.
+* ``auto``: ``segment_instances(image, spacing=..., method="classical")``, the classical
+  pipeline's automatic mode (``method="auto"``, the default, runs the bundled decoder on 2D
+  images: ``benchmarks/bench_learned.py --part dsb`` measures it).
 * ``scribbles``: the same with the simulated scribbles.
 * ``scribbles+model``: the same with MAE encoder features (``default-2d``/``default-3d``
   if bundled, else an untrained ``tiny-2d``/``tiny-3d`` preset; the row says which).
@@ -125,7 +127,7 @@ def run_set(items, modes, spacing=None, ndim=2, log=print):
             elif mode == "trainable segmenter":
                 pred = baseline_trainable(image, scrib, spacing)
             elif mode == "auto":
-                pred, _ = segment_instances(image, spacing=spacing)
+                pred, _ = segment_instances(image, spacing=spacing, method="classical")
             elif mode == "scribbles":
                 pred, _ = segment_instances(image, scribbles=scrib, spacing=spacing)
             elif mode == "scribbles+model":

@@ -38,7 +38,7 @@ SAMPLES = {
 }
 
 
-MODES = ("auto", "learned", "scribbles")
+MODES = ("auto", "classical", "learned", "scribbles")
 FINETUNE_DIR = "finetune"
 
 
@@ -193,7 +193,7 @@ def run_demo(
     ----------
     out_dir : path
         Created if needed; must be empty unless ``overwrite``. Receives
-        ``<sample>_labels_<auto|learned|scribbles>.tif``, ``<sample>_reconstruction.tif``,
+        ``<sample>_labels_<auto|classical|learned|scribbles>.tif``, ``<sample>_reconstruction.tif``,
         ``<sample>.png``, ``finetune/`` (the fine-tuning run), ``finetune_loss.png``,
         ``metrics.json``.
     mask_ratio : float
@@ -292,12 +292,14 @@ def run_demo(
             scribble_kw = {"n_objects": 8, "n_background": 8, "background_where": image > -500}
             modes = ["scribbles"]
         else:
-            # "auto" is the classical pipeline; "learned" the bundled decoder on the MAE encoder
+            # "auto" is what segment_instances does by default (the bundled decoder on a 2D image,
+            # falling back to classical where it is unsure; classical on a volume), beside the
+            # classical pipeline and the bundled decoder on the MAE encoder
             gt_eval, scribble_kw, modes = gt, {}, list(MODES)
         shown = None
         for mode in modes:
             scribbles = simulate_scribbles(gt_eval, seed=seed, **scribble_kw) if mode == "scribbles" else None
-            method = "learned" if mode == "learned" else "auto"
+            method = mode if mode in ("classical", "learned") else "auto"
             labels, info, scores = _segment_and_score(image, gt_eval, spacing, scribbles, method)
             write_tiff(out / f"{name}_labels_{mode}.tif", labels, spacing=spacing, unit=meta["unit"])
             entry["segmentation"][mode] = {"scores": scores, "info": info}

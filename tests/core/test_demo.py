@@ -21,8 +21,10 @@ def test_demo_2d_sample(tmp_path):
     # The MAE must beat filling removed patches with the visible mean.
     assert rec["nrmse_masked"] < rec["nrmse_masked_mean_fill"]
     assert entry["segmentation"]["learned"]["info"]["method"] == "learned"
-    assert entry["segmentation"]["auto"]["info"]["method"] == "classical"
-    for mode in ("auto", "learned", "scribbles"):
+    assert entry["segmentation"]["classical"]["info"]["method"] == "classical"
+    # auto: the bundled decoder on a 2D image (the sample is of the kind it was trained on)
+    assert entry["segmentation"]["auto"]["info"]["method"] == "learned"
+    for mode in ("auto", "classical", "learned", "scribbles"):
         scores = entry["segmentation"][mode]["scores"]
         assert 0.0 <= scores["accuracy"] <= 1.0
         assert scores["n_pred"] > 0

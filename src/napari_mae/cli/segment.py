@@ -70,7 +70,9 @@ def register(subparsers) -> None:
         default="auto",
         help="learned: the MAE encoder's instance decoder (--model, default the bundled default-2d); "
         "classical: the filter-bank pipeline; auto (default): learned when --model names a segmentation "
-        "model and there are no --scribbles, else classical",
+        "model, or with the bundled nuclei model on a single-channel 2D image, which falls back to classical "
+        "where that model is unsure of the image ('fallback' in the output says why); classical with "
+        "--scribbles or --threshold and otherwise",
     )
     p.add_argument(
         "--model",
@@ -258,7 +260,13 @@ def run(args: argparse.Namespace) -> int:
     unit = meta.get("unit", "pixel")
     if args.spacing is not None and unit == "pixel":
         unit = "um"  # --spacing on an uncalibrated file: microscopy's usual unit
-    if scribbles is None and model is not None and method == "auto" and info["method"] == "classical":
+    if (
+        scribbles is None
+        and model is not None
+        and method == "auto"
+        and info["method"] == "classical"
+        and "fallback" not in info
+    ):
         # Documented: auto runs the classical method when --model is no segmentation model
         # (e.g. an MAE checkpoint); say so, as the help's "the segmentation model" suggests otherwise.
         print(

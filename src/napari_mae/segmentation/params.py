@@ -111,7 +111,7 @@ _OPTIONAL = frozenset(
     {
         "radius_log", "radius_foreground", "radius_strokes", "radius_image", "radius_auto",
         "outlier_pixels", "working_shape", "tile_thresholds", "model", "scale", "passes",
-        "radius_found", "radius_planes", "decoder",
+        "radius_found", "radius_planes", "decoder", "ambiguity", "fallback",
     }
 )  # fmt: skip
 #: Entries of the learned method that are present even when None (nothing found).
@@ -180,6 +180,12 @@ class SegmentationInfo(Mapping):
     decoder : {"2d", "planes", "3d"}, optional
         Learned method: a 2D decoder on an image, a 2D decoder on a volume's orthogonal
         planes, or a 3D decoder on the volume.
+    ambiguity : float, optional
+        The learned method on a 2D image, or ``method="auto"`` that fell back from it: the
+        decoder's :func:`~napari_mae.segmentation.learned.foreground_ambiguity`.
+    fallback : str, optional
+        ``method="auto"``: why the classical pipeline ran instead of the decoder that
+        was tried (its foreground was too ambiguous for an image of its kind).
     """
 
     mode: str
@@ -207,6 +213,8 @@ class SegmentationInfo(Mapping):
     radius_found: float | None = None
     radius_planes: float | None = None
     decoder: str | None = None
+    ambiguity: float | None = None
+    fallback: str | None = None
 
     def _present(self, name: str) -> bool:
         if name not in _OPTIONAL:

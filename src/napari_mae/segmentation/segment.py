@@ -69,8 +69,15 @@ def segment_instances(
         orthogonal planes with a 2D model, directly with a 3D one; ``info["decoder"]``);
         ``"classical"``: the filter-bank pipeline (with scribbles, the scribble classifier);
         ``"auto"``: learned when ``model`` is a segmentation model that fits the image (a 3D
-        model only volumes) and there are no scribbles, classical otherwise (the bundled decoder is not the default:
-        on the dev sets it scores below the classical pipeline, see the README).
+        model only volumes) and there are no scribbles, or, without ``model``, with the
+        bundled 2D nuclei decoder on a single-channel 2D image (or a grey one saved as RGB;
+        at most :data:`AUTO_LEARNED_MAX_PIXELS`; no ``threshold`` given, which is the
+        classical pipeline's); classical otherwise. On a 2D image whose decoder
+        foreground is too ambiguous
+        (:func:`~napari_mae.segmentation.learned.foreground_ambiguity` above
+        :data:`~napari_mae.segmentation.learned.MAX_AMBIGUITY`: an image unlike those the
+        bundled decoder was trained on; a model you name is not second-guessed) the
+        classical pipeline runs instead and ``info["fallback"]`` says why.
         ``info["method"]`` says which ran.
     model : str, path, model or None
         With the learned method, the segmentation model: a segmentation checkpoint or
@@ -175,7 +182,10 @@ def segment_instances(
     if scrib is not None and model is not None:
         model = _feature_model(model, ndim)  # before any work: a 3D MAE on a 2D image failed after it
     net = None
-    if scrib is None and (method == "learned" or (method == "auto" and model is not None)):
+    if scrib is None and (
+        method == "learned"
+        or (method == "auto" and (model is not None or _bundled_fits(x, rgb, intensity_range, threshold)))
+    ):
         net = _learned_model(model, method == "learned")
         net = _fits_dimensions(net, ndim, method == "learned")
     info: dict = {
@@ -228,6 +238,12 @@ def segment_instances(
             # only an estimated radius is re-estimated from planes: a given or fitted one stays
             planes=fixed is None and radius_from_planes,
         )  # fmt: skip
+        # MAX_AMBIGUITY is the bundled decoder's calibration: a model the caller names runs as named
+        why = _fallback_reason(extra) if method == "auto" and _is_bundled(model) else None
+        if why is not None:
+            net = None
+            info.update(method="classical", fallback=why, ambiguity=extra["ambiguity"])
+    if net is not None:
         info.update(extra)
         if invalid.any():
             labels[invalid] = 0
@@ -250,6 +266,58 @@ def segment_instances(
         )
     report(progress, 100, 100, "done")
     return labels, SegmentationInfo(**info)
+
+
+#: Largest image, in pixels, that ``method="auto"`` gives the bundled decoder unasked; larger
+#: ones take the classical pipeline, which tiles them (``tile_shape``).
+AUTO_LEARNED_MAX_PIXELS = 16 * 2**20
+
+
+def _bundled_fits(x: np.ndarray, rgb: bool, intensity_range, threshold) -> bool:
+    """Whether ``method="auto"`` without a model tries the bundled 2D nuclei decoder.
+
+    It was trained on single-channel 2D fluorescence images, so: a 2D image ``x`` (the
+    normalised ``(C, Y, X)``) of one channel, or RGB(A) whose colour channels are equal (a
+    grey image saved in colour, as the DSB 2018 PNGs are), at most
+    :data:`AUTO_LEARNED_MAX_PIXELS`, not a block of a larger image (``intensity_range``
+    given: blocks run as the caller chose), and no ``threshold`` given (the classical
+    pipeline's: the decoder has none, and a value the caller set must not be ignored).
+    """
+    if x.ndim != 3 or intensity_range is not None or threshold is not None:
+        return False
+    if x[0].size > AUTO_LEARNED_MAX_PIXELS:
+        return False
+    if x.shape[0] == 1:
+        return True
+    grey = np.array_equal(x[0], x[1], equal_nan=True) and np.array_equal(x[0], x[2], equal_nan=True)
+    return rgb and bool(grey)
+
+
+def _is_bundled(model) -> bool:
+    """``model`` is None (the bundled default) or the name of a bundled segmentation model."""
+    from napari_mae._names import bundled_segmenter_path
+
+    return model is None or (isinstance(model, str) and bundled_segmenter_path(model) is not None)
+
+
+def _fallback_reason(extra: dict) -> str | None:
+    """Why ``method="auto"`` drops the decoder's result for the classical one, or None to keep it.
+
+    A 2D image whose decoder foreground is more ambiguous than
+    :data:`~napari_mae.segmentation.learned.MAX_AMBIGUITY` is unlike the images the decoder
+    was trained on.
+    """
+    from napari_mae.segmentation.learned import AMBIGUOUS_RANGE, MAX_AMBIGUITY
+
+    a = extra.get("ambiguity")
+    if a is None or not a > MAX_AMBIGUITY:
+        return None
+    lo, hi = AMBIGUOUS_RANGE
+    return (
+        f"the decoder was unsure: {a:.0%} of its foreground has a probability between {lo} and {hi} "
+        f"(trusted up to {MAX_AMBIGUITY:.0%}), so the image is unlike those it was trained on; "
+        "the classical pipeline ran instead"
+    )
 
 
 def _learned_model(model, required: bool):

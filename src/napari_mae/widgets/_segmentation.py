@@ -124,8 +124,9 @@ class SegmentationWidget(ImageJobWidget):
             choices=("auto", "learned", "classical"),
             tooltip="learned: a trained network finds the objects (MAE encoder + decoder; the bundled "
             "default-2d knows fluorescent nuclei); classical: size and brightness rules estimated per "
-            "image; auto: learned when a segmentation model is named below and no scribbles are "
-            "painted, classical otherwise",
+            "image; auto: learned with the model named below, or with the bundled nuclei model on a "
+            "single-channel 2D image, falling back to classical where that model is unsure of the image "
+            "(the status says so); classical with scribbles or a threshold set, and otherwise",
         )
         self.segmenter = SegmenterField(
             "Segmentation model of the learned method: default-2d (bundled, fluorescent nuclei), the "
@@ -454,6 +455,8 @@ class SegmentationWidget(ImageJobWidget):
                 f"{n_objects} objects ({info.get('mode', '')}, classical); radius "
                 f"{_fmt(info.get('radius'))} {unit}, threshold {_fmt(info.get('threshold'))}"
             )
+        if info.get("fallback"):
+            text += f" (the bundled model was unsure here: {info.get('ambiguity', 0):.0%} of its foreground ambiguous)"
         if len(sizes):
             text += f"; median {size_key} {np.median(sizes):.4g} {unit}{power}"
         work = info.get("working_shape")
