@@ -9,7 +9,9 @@ Per image, the bundled nuclei decoder predicts its maps at 0.71x, 1x and 1.41x t
 radius estimate gives (:func:`napari_mae.segmentation.learned.segment_plane`'s resampling).
 Printed, as dataset-level acc@0.5: each fixed scale; the scale whose centre-distance map best
 matches the distance targets of its own instances (mean absolute difference over the
-foreground: a self-consistency criterion, no labels); the three scales' maps averaged on the 1x
+foreground: a self-consistency criterion, no labels); the scale whose foreground is the least
+ambiguous (:func:`napari_mae.segmentation.learned.foreground_ambiguity`, the confidence
+check behind ``method="auto"``'s fall-back); the three scales' maps averaged on the 1x
 grid before the watershed (test-time multi-scale averaging); and the best scale per image chosen
 with the labels (an oracle, an upper bound, not a method).
 """
@@ -48,6 +50,7 @@ def main(argv=None) -> int:
         cached_segmenter,
         decoder_input,
         default_bf16,
+        foreground_ambiguity,
         instances_from_maps,
         predict_maps,
         rescaled,
@@ -63,7 +66,12 @@ def main(argv=None) -> int:
     net = cached_segmenter("default-2d-nuclei")
     r_ref = float(net.decoder_config.object_radius)
     bf16 = default_bf16(torch.device("cpu"))
-    ways = [f"fixed {f}x" for f in FACTORS] + ["self-consistency", "average of 3", "oracle"]
+    ways = [f"fixed {f}x" for f in FACTORS] + [
+        "self-consistency",
+        "least ambiguous",
+        "average of 3",
+        "oracle",
+    ]
     counts = {w: np.zeros(3, int) for w in ways}  # tp, fp, fn
 
     def score(gt, lab, shape):
@@ -80,12 +88,13 @@ def main(argv=None) -> int:
             x, invalid=info["invalid"], inverted=not info["bright_objects"]
         )  # as segment_instances scales the decoder's input, after the estimate
         base = rescaled(x, (_clip_scale(r_ref / r),) * 2).shape
-        maps, per, cons = [], [], []
+        maps, per, cons, amb = [], [], [], []
         for fac in FACTORS:
             s = _clip_scale(r_ref / r * fac)
             m = predict_maps(net, rescaled(x, (s, s)), bf16=bf16)
             lab = instances_from_maps(m)
             fg = m[0] > 0.5
+            amb.append(foreground_ambiguity(m[0]))
             cons.append(float(np.abs(m[1] - distance_targets(lab)[1])[fg].mean()) if lab.max() else 1.0)
             per.append(score(gt, lab, x.shape))
             if m.shape[1:] != base:
@@ -94,6 +103,7 @@ def main(argv=None) -> int:
         for w, c in zip(ways[:3], per, strict=True):
             counts[w] += c
         counts["self-consistency"] += per[int(np.argmin(cons))]
+        counts["least ambiguous"] += per[int(np.argmin(amb))]
         counts["average of 3"] += score(gt, instances_from_maps(np.mean(maps, axis=0)), x.shape)
         counts["oracle"] += max(per, key=lambda c: c[0] / max(c.sum(), 1))
     for w, (tp, fp, fn) in counts.items():
