@@ -230,7 +230,7 @@ def _process_file(
     spacing = settings.get("spacing")
     t0 = time.perf_counter()
     try:
-        if settings.get("method") == "learned" or settings.get("model") is not None:
+        if settings.get("method") != "classical":  # auto may run the bundled decoder too
             _one_torch_thread_per_worker()
         labels, image, sp, meta, channel_axis, info = _segment_one(path, progress=progress, **settings)
         medical = str(meta.get("format", "")) != "ome-zarr" and "voxel_affine" in meta

@@ -297,10 +297,16 @@ def run_demo(
             # classical pipeline and the bundled decoder on the MAE encoder
             gt_eval, scribble_kw, modes = gt, {}, list(MODES)
         shown = None
+        ran: dict[str, tuple] = {}  # method -> (labels, info, scores) of the auto mode
         for mode in modes:
             scribbles = simulate_scribbles(gt_eval, seed=seed, **scribble_kw) if mode == "scribbles" else None
             method = mode if mode in ("classical", "learned") else "auto"
-            labels, info, scores = _segment_and_score(image, gt_eval, spacing, scribbles, method)
+            if mode in ran:  # auto ran this method already
+                labels, info, scores = ran[mode]
+            else:
+                labels, info, scores = _segment_and_score(image, gt_eval, spacing, scribbles, method)
+            if mode == "auto":
+                ran[info["method"]] = (labels, info, scores)
             write_tiff(out / f"{name}_labels_{mode}.tif", labels, spacing=spacing, unit=meta["unit"])
             entry["segmentation"][mode] = {"scores": scores, "info": info}
             if scribbles is not None:

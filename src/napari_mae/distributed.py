@@ -383,7 +383,12 @@ def estimate_global_parameters(
 
 
 def _method_kwargs(method: str | None, model=None) -> dict:
-    # method= and model= are passed only when given (segment_instances' own defaults).
+    # method= and model= are passed only when given (segment_instances' own defaults), except
+    # that "auto" without a model is the classical pipeline here: auto's bundled decoder is for
+    # images that fit in memory (segment.AUTO_LEARNED_MAX_PIXELS), and block-wise runs are for
+    # those that do not; a sample crop of one must not switch the whole run to the decoder.
+    if method in (None, "auto") and model is None:
+        return {"method": "classical"}
     kw: dict[str, Any] = {} if method is None else {"method": method}
     if model is not None:
         kw["model"] = model

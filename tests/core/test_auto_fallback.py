@@ -117,3 +117,54 @@ def test_cli_fallback_does_not_say_the_model_is_no_segmentation_model(nuclei, tm
     out = json.loads(captured.out.strip().splitlines()[-1])
     assert out["method"] == "classical" and "unsure" in out["fallback"]
     assert "not a segmentation model" not in captured.err
+
+
+def test_auto_stays_classical_where_the_decoder_cannot_apply(nuclei, monkeypatch):
+    import napari_mae.segmentation.segment as segment
+    from napari_mae.segmentation.params import SegmentationParams
+
+    img, _ = nuclei
+    # two equal channels (not RGB): no crash reading a third one
+    _, info = segment_instances(np.stack([img, img]), channel_axis=0)
+    assert info["method"] == "classical"
+    # the classical pipeline's own options are not ignored
+    for kw in ({"tile_shape": (64, 64)}, {"params": SegmentationParams()}):
+        _, info = segment_instances(img, **kw)
+        assert info["method"] == "classical", kw
+    # a constant image: no decoder ran, none is reported
+    _, info = segment_instances(np.zeros((64, 64), np.float32))
+    assert info["method"] == "classical" and info["n_objects"] == 0
+    # the decoder's grid counts: small objects are upsampled to its radius
+    monkeypatch.setattr(segment, "AUTO_LEARNED_MAX_PIXELS", img.size * 4)
+    _, info = segment_instances(img, object_radius=2.0)  # 2 px nuclei: 4x per axis, 16x the pixels
+    assert info["method"] == "classical"
+    _, info = segment_instances(img)
+    assert info["method"] == "learned"
+
+
+def test_the_2d_decoder_reports_progress_and_stops(nuclei):
+    from napari_mae._progress import Cancelled
+
+    img, _ = nuclei
+    seen = []
+    segment_instances(img, progress=lambda d, t, m: seen.append(m))
+    assert any(m.startswith("window") for m in seen), seen
+
+    def stop(done, total, message):
+        if message.startswith("window"):
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        segment_instances(img, progress=stop)
+
+
+def test_blockwise_auto_without_a_model_is_classical(nuclei):
+    import dask.array as da
+
+    from napari_mae.distributed import estimate_global_parameters
+
+    img, _ = nuclei
+    big = da.from_array(np.tile(img, (2, 2)), chunks=(128, 128))
+    params, info = estimate_global_parameters(big, method="auto")
+    assert params.method == "classical"
+    assert all(sample["method"] == "classical" for sample in info["samples"])

@@ -132,6 +132,15 @@ def test_batch_widget_learned_method_and_model(viewer, add_widget, qtbot, folder
     widget.run()
     _wait(qtbot, widget)
     assert seen == [("classical", None)] * 3
+    seen.clear()
+    widget.method.setCurrentText("auto")  # as napari-mae segment: the named model goes with it
+    widget.run()
+    _wait(qtbot, widget)
+    assert seen == [("auto", str(model))] * 3
+
+
+def test_batch_widget_defaults_to_auto(viewer, add_widget):
+    assert add_widget("Batch").method.currentText() == "auto"  # the CLI's default for folders too
 
 
 def test_ome_zarr_opens_lazily_with_scale_and_units(viewer, tmp_path):

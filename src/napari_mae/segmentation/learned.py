@@ -253,7 +253,9 @@ def predict_maps(
             padding_mode="reflect",
         )  # (1, 3, *padded)
     y = y[0].float().cpu().numpy()[(slice(None),) + tuple(slice(0, s) for s in shape)]
-    y[0] = 1.0 / (1.0 + np.exp(-y[0]))
+    from scipy.special import expit  # the logistic without overflow warnings
+
+    y[0] = expit(y[0])
     return y
 
 
@@ -353,8 +355,12 @@ def segment_plane(
     params: LearnedParams | None = None,
     *,
     bf16: bool = False,
+    progress=None,
 ) -> tuple[np.ndarray, dict]:
     """Segment one normalised 2D image whose objects have about ``radius_px`` pixels radius.
+
+    ``progress(done, total, message)`` is called after each batch of decoder windows (raise
+    :class:`napari_mae._progress.Cancelled` from it to stop).
 
     Returns
     -------
@@ -370,7 +376,7 @@ def segment_plane(
     while True:
         passes += 1
         work = rescaled(image, (scale, scale))
-        maps = predict_maps(net, work, bf16=bf16)
+        maps = predict_maps(net, work, bf16=bf16, progress=progress)
         labels = instances_from_maps(maps, prm)
         found = median_radius(labels)
         ratio = (found / r_ref) if found else 1.0
@@ -540,7 +546,7 @@ def segment_learned(
                               progress=progress)  # fmt: skip
     if image.ndim == 2:
         r_px = radius / float(np.sqrt(sp[0] * sp[1]))
-        labels, info = segment_plane(net, image, r_px, r_ref, prm, bf16=bf16)
+        labels, info = segment_plane(net, image, r_px, r_ref, prm, bf16=bf16, progress=progress)
         found = info.pop("radius_found_px")
         info["radius_found"] = None if found is None else float(found * np.sqrt(sp[0] * sp[1]))
         info["scale"] = (info["scale"],) * 2

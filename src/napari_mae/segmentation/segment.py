@@ -71,13 +71,15 @@ def segment_instances(
         ``"auto"``: learned when ``model`` is a segmentation model that fits the image (a 3D
         model only volumes) and there are no scribbles, or, without ``model``, with the
         bundled 2D nuclei decoder on a single-channel 2D image (or a grey one saved as RGB;
-        at most :data:`AUTO_LEARNED_MAX_PIXELS`; no ``threshold`` given, which is the
-        classical pipeline's); classical otherwise. On a 2D image whose decoder
+        at most :data:`AUTO_LEARNED_MAX_PIXELS` on its grid and on the decoder's; none of
+        the classical pipeline's ``threshold``, ``tile_shape``, ``params`` given); classical
+        otherwise. On a 2D image whose decoder
         foreground is too ambiguous
         (:func:`~napari_mae.segmentation.learned.foreground_ambiguity` above
         :data:`~napari_mae.segmentation.learned.MAX_AMBIGUITY`: an image unlike those the
-        bundled decoder was trained on; a model you name is not second-guessed) the
-        classical pipeline runs instead and ``info["fallback"]`` says why.
+        bundled decoder was trained on; the bundled decoder only, by default or by name: a
+        checkpoint you name is not second-guessed) the classical pipeline runs instead and
+        ``info["fallback"]`` says why.
         ``info["method"]`` says which ran.
     model : str, path, model or None
         With the learned method, the segmentation model: a segmentation checkpoint or
@@ -137,7 +139,9 @@ def segment_instances(
         result is empty for a reason, e.g. a constant image); ``method`` ("learned" /
         "classical"), and for the learned method ``model``, ``scale`` (resampling factor
         per axis), ``passes`` and ``radius_found`` (the median radius of the objects the
-        decoder found, physical units).
+        decoder found, physical units); on 2D images the decoder ran on, ``ambiguity``
+        (:func:`~napari_mae.segmentation.learned.foreground_ambiguity`), and ``fallback``
+        where ``method="auto"`` dropped its result for the classical one.
 
     Raises
     ------
@@ -182,12 +186,16 @@ def segment_instances(
     if scrib is not None and model is not None:
         model = _feature_model(model, ndim)  # before any work: a 3D MAE on a 2D image failed after it
     net = None
-    if scrib is None and (
-        method == "learned"
-        or (method == "auto" and (model is not None or _bundled_fits(x, rgb, intensity_range, threshold)))
-    ):
+    if scrib is None and (method == "learned" or (method == "auto" and model is not None)):
         net = _learned_model(model, method == "learned")
         net = _fits_dimensions(net, ndim, method == "learned")
+    # auto without a model: the bundled decoder where it fits (loaded after the empty check)
+    bundled = (
+        scrib is None
+        and method == "auto"
+        and model is None
+        and _bundled_fits(x, rgb, intensity_range, given=(threshold, tile_shape, params))
+    )
     info: dict = {
         "mode": "scribbles" if scrib is not None else "automatic",
         "method": "learned" if net is not None else "classical",
@@ -206,6 +214,9 @@ def segment_instances(
             message="image is constant or empty: no objects",
         )
         return np.zeros(shape, np.uint32), SegmentationInfo(**info)
+    if bundled:
+        net = _learned_model(None, False)  # None where the weights are missing: classical
+    info["method"] = "learned" if net is not None else "classical"
     report(progress, 0, 100, "preparing")
     img, prep = bright_single_channel(x, invalid, rgb=rgb, bright_objects=bright_objects, scribbles=scrib)
     del x
@@ -224,6 +235,13 @@ def segment_instances(
                "radius_foreground": None}  # fmt: skip
     info.update(est)
     info["radius_source"] = "estimate" if fixed is None else fixed[1]
+    if (
+        bundled
+        and net is not None
+        and _decoder_pixels(shape, est["radius_px"], net) > AUTO_LEARNED_MAX_PIXELS
+    ):
+        net = None  # the decoder's grid would be too large (small objects are upsampled): classical
+        info["method"] = "classical"
     if net is not None:
         from napari_mae.segmentation.learned import decoder_input
 
@@ -268,29 +286,42 @@ def segment_instances(
     return labels, SegmentationInfo(**info)
 
 
-#: Largest image, in pixels, that ``method="auto"`` gives the bundled decoder unasked; larger
-#: ones take the classical pipeline, which tiles them (``tile_shape``).
-AUTO_LEARNED_MAX_PIXELS = 16 * 2**20
+#: Largest image, in pixels, that ``method="auto"`` gives the bundled decoder unasked, on
+#: the input grid and on the decoder's (objects under the decoder's radius are upsampled);
+#: larger ones take the classical pipeline, which tiles them (``tile_shape``).
+AUTO_LEARNED_MAX_PIXELS = 8 * 2**20
 
 
-def _bundled_fits(x: np.ndarray, rgb: bool, intensity_range, threshold) -> bool:
+def _bundled_fits(x: np.ndarray, rgb: bool, intensity_range, *, given: Sequence) -> bool:
     """Whether ``method="auto"`` without a model tries the bundled 2D nuclei decoder.
 
     It was trained on single-channel 2D fluorescence images, so: a 2D image ``x`` (the
     normalised ``(C, Y, X)``) of one channel, or RGB(A) whose colour channels are equal (a
     grey image saved in colour, as the DSB 2018 PNGs are), at most
     :data:`AUTO_LEARNED_MAX_PIXELS`, not a block of a larger image (``intensity_range``
-    given: blocks run as the caller chose), and no ``threshold`` given (the classical
-    pipeline's: the decoder has none, and a value the caller set must not be ignored).
+    given: blocks run as the caller chose), and none of the classical pipeline's own
+    options ``given`` (``threshold``, ``tile_shape``, ``params``: the decoder has none of
+    them, and a value the caller set must not be ignored).
     """
-    if x.ndim != 3 or intensity_range is not None or threshold is not None:
+    if x.ndim != 3 or intensity_range is not None or any(g is not None for g in given):
         return False
     if x[0].size > AUTO_LEARNED_MAX_PIXELS:
         return False
     if x.shape[0] == 1:
         return True
-    grey = np.array_equal(x[0], x[1], equal_nan=True) and np.array_equal(x[0], x[2], equal_nan=True)
-    return rgb and bool(grey)
+    if not rgb:
+        return False
+    return bool(np.array_equal(x[0], x[1], equal_nan=True) and np.array_equal(x[0], x[2], equal_nan=True))
+
+
+def _decoder_pixels(shape, radius_px, net) -> float:
+    """Pixels of the grid the 2D decoder works on: ``shape`` resampled so that objects of
+    ``radius_px`` get the decoder's radius (upsampled at most ``MAX_UPSCALE`` per axis)."""
+    from napari_mae.segmentation.learned import _clip_scale
+
+    r_ref = float(net.decoder_config.object_radius)
+    scale = _clip_scale(r_ref / max(float(np.sqrt(np.prod(radius_px))), 1e-3))
+    return float(np.prod(shape)) * scale**2
 
 
 def _is_bundled(model) -> bool:

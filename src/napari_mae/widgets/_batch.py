@@ -80,9 +80,12 @@ class BatchWidget(QWidget):
         self.radius.setToolTip("object radius in the images' physical units; auto: estimated per image")
         form.addRow("Radius", self.radius)
         self.method = QComboBox()
-        self.method.addItems(["classical", "learned"])
+        self.method.addItems(["auto", "classical", "learned"])
         self.method.setToolTip(
-            "classical: the filter-bank pipeline; learned: the MAE encoder's instance decoder (the model below)"
+            "auto (as napari-mae segment): the model below if named, else the bundled nuclei decoder on "
+            "single-channel 2D images, falling back to classical where it is unsure of an image, and classical "
+            "on volumes; classical: the filter-bank pipeline; learned: the MAE encoder's instance decoder "
+            "(the model below)"
         )
         form.addRow("Method", self.method)
         self.model = QLineEdit()
@@ -148,7 +151,7 @@ class BatchWidget(QWidget):
             method = self.method.currentText()
             model = self.model.text().strip() or None
             if (
-                method == "learned"
+                method != "classical"
                 and model is not None
                 and model != "default-2d"
                 and not Path(model).is_file()
@@ -170,7 +173,7 @@ class BatchWidget(QWidget):
             "resume": resume,
             "overwrite": self.overwrite.isChecked(),
             "method": method,
-            "model": model if method == "learned" else None,
+            "model": model if method != "classical" else None,
         }
         self._stop = threading.Event()
         worker = _batch_worker(source, out, kwargs, self._stop)

@@ -63,6 +63,7 @@ from ._common import (
     channel_axis_combo,
     magic_field,
     time_mode_combo,
+    torch_threads_leaving_a_core,
 )
 from ._layers import UserInputError, add_or_update
 from ._model_picker import ModelPicker
@@ -375,27 +376,29 @@ class SegmentationWidget(ImageJobWidget):
             from napari_mae.segmentation import segment_instances
 
             labels, infos = [], []
-            # The only torch work, MAE features, runs single-threaded on CPU already
-            # (features._one_torch_thread_on_cpu), which leaves the GUI thread a core.
-            for i in range(n):
+            # MAE features run single-threaded on CPU already (features._one_torch_thread_on_cpu);
+            # the decoder (learned, or auto without scribbles) gets all cores but the GUI thread's.
+            decoder = scribbles is None and method != "classical"
+            with torch_threads_leaving_a_core() if decoder else contextlib.nullcontext():
+                for i in range(n):
 
-                def frame_progress(done, total, message, i=i):
-                    progress(i * total + done, n * total, message)
+                    def frame_progress(done, total, message, i=i):
+                        progress(i * total + done, n * total, message)
 
-                lab, info = segment_instances(
-                    prep.frame(i, fill_nan=False),
-                    scribbles=scribbles,
-                    method=method,
-                    model=model,
-                    spacing=prep.spacing,
-                    channel_axis=prep.channel_axis,
-                    object_radius=radius,
-                    threshold=threshold,
-                    bright_objects=bright_objects,
-                    progress=frame_progress,
-                )
-                labels.append(lab)
-                infos.append(info)
+                    lab, info = segment_instances(
+                        prep.frame(i, fill_nan=False),
+                        scribbles=scribbles,
+                        method=method,
+                        model=model,
+                        spacing=prep.spacing,
+                        channel_axis=prep.channel_axis,
+                        object_radius=radius,
+                        threshold=threshold,
+                        bright_objects=bright_objects,
+                        progress=frame_progress,
+                    )
+                    labels.append(lab)
+                    infos.append(info)
             tables = [
                 object_table(
                     lab,
@@ -555,8 +558,6 @@ class SegmentationWidget(ImageJobWidget):
         def work(progress):
             from napari_mae.segmentation import segment_instances
             from napari_mae.segmentation.finetune import FinetuneConfig, finetune
-
-            from ._common import torch_threads_leaving_a_core
 
             frame = prep.frame(0, fill_nan=False)
             final = None
