@@ -130,15 +130,23 @@ def variants(img):
     yield "bright streak", streak
 
 
+def volumes():
+    """(name, spacing, volume, labels) of each 3D dev set."""
+    for name, spacing in SETS_3D.items():
+        f = sorted((SHARED / name / "images").glob("*.tif"))[0]
+        yield (
+            name,
+            spacing,
+            tifffile.imread(f),
+            tifffile.imread(SHARED / name / "labels" / f.name).astype(np.int32),
+        )
+
+
 def run_3d(model) -> list[dict]:
     from napari_mae.segmentation import segment_instances
 
     rows = []
-    for name, spacing in SETS_3D.items():
-        folder = SHARED / name
-        f = sorted((folder / "images").glob("*.tif"))[0]
-        img = tifffile.imread(f)
-        gt = tifffile.imread(folder / "labels" / f.name).astype(np.int32)
+    for name, spacing, img, gt in volumes():
         for variant, vol in variants(img):
             for method in ("learned", "classical"):
                 t0 = time.perf_counter()
@@ -162,11 +170,7 @@ def run_radius(model) -> list[dict]:
     from napari_mae.segmentation.scale import estimate_object_radius
 
     rows = []
-    for name, spacing in SETS_3D.items():
-        folder = SHARED / name
-        f = sorted((folder / "images").glob("*.tif"))[0]
-        img = tifffile.imread(f)
-        gt = tifffile.imread(folder / "labels" / f.name).astype(np.int32)
+    for name, spacing, img, gt in volumes():
         for variant, vol in list(variants(img))[:2]:
             prepared, _ = prepare_image(vol)
             radius = float(estimate_object_radius(prepared, spacing)["radius"])
