@@ -128,7 +128,9 @@ def output_name(path: Path) -> str:
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:
-    """Output stems, made unique for equal names in different folders (``a__b_labels``)."""
+    """Output stems, made unique for equal names in different folders (``a__b_labels``) and
+    for equal stems of different formats in one folder (``a.tif``, ``a.png``: ``a_tif_labels``,
+    ``a_png_labels``; the second overwrote the first)."""
     names = [output_name(p) for p in paths]
     if len(set(names)) == len(names):
         return names
@@ -137,6 +139,14 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
     for p in paths:
         rel = p.resolve().relative_to(common)
         out.append(output_name(Path("__".join(rel.parts))))
+    clash = {n for n in out if out.count(n) > 1}
+    if clash:
+        from napari_mae.io.readers import image_stem
+
+        for i, p in enumerate(paths):
+            if out[i] in clash:
+                suffix = p.name[len(image_stem(p)) :].lstrip(".").replace(".", "_")
+                out[i] = f"{out[i].removesuffix('_labels')}_{suffix}_labels"
     return out
 
 

@@ -83,12 +83,14 @@ def test_auto_takes_grey_rgb_but_not_colour_or_volumes(nuclei):
     colour = grey.copy()
     colour[..., 1] = colour[..., 1] // 2
     _, info = segment_instances(colour)
-    assert info["method"] == "classical" and "fallback" not in info
+    assert info["method"] == "classical" and "colour" in info["fallback"] and "ambiguity" not in info
     volume = np.stack([img] * 12).astype(np.float32)
     _, info = segment_instances(volume)
-    assert info["method"] == "classical"
+    assert info["method"] == "classical" and "fallback" not in info  # auto on volumes: as documented
     _, info = segment_instances(img, threshold=0.2)  # the classical pipeline's threshold: classical
-    assert info["method"] == "classical" and info["threshold"] == 0.2
+    assert info["method"] == "classical" and info["threshold"] == 0.2 and "threshold" in info["fallback"]
+    _, info = segment_instances(img[:12, :40])  # too small for the decoder
+    assert info["method"] == "classical" and "under 16" in info["fallback"]
     _, info = segment_instances(img, scribbles=simulate_scribbles(gt, seed=0))
     assert info["method"] == "classical" and info["mode"] == "scribbles"
 
@@ -168,3 +170,11 @@ def test_blockwise_auto_without_a_model_is_classical(nuclei):
     params, info = estimate_global_parameters(big, method="auto")
     assert params.method == "classical"
     assert all(sample["method"] == "classical" for sample in info["samples"])
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (3, 3), (1, 40), (8, 8)])
+def test_the_decoder_takes_tiny_images(shape):
+    # a one-token grid left the decoder's instance norms a single value: torch raised
+    img = np.random.default_rng(0).random(shape).astype(np.float32)
+    labels, info = segment_instances(img, method="learned")
+    assert labels.shape == shape and info["method"] == "learned"

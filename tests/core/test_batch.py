@@ -210,3 +210,18 @@ def test_cli_ome_zarr_mode(tmp_path, capsys):
     zarr.create_array(str(zarr_plain), shape=(8, 8), dtype="f4")
     assert main(["segment", str(zarr_plain), "--workers", "0"]) == 2
     assert "without OME metadata" in capsys.readouterr().err
+
+
+def test_equal_stems_of_two_formats_get_two_labels_files(tmp_path):
+    from skimage.io import imsave
+
+    src = tmp_path / "images"
+    src.mkdir()
+    tifffile.imwrite(src / "x.tif", _nuclei(3, 0))
+    imsave(src / "x.png", _nuclei(5, 1), check_contrast=False)
+    out = tmp_path / "out"
+    ups = list(segment_folder(src, out, method="classical"))
+    assert [u.status for u in ups] == ["done", "done"]
+    # the second overwrote the first's labels under one name
+    assert tifffile.imread(out / "x_png_labels.tif").max() == 5
+    assert tifffile.imread(out / "x_tif_labels.tif").max() == 3

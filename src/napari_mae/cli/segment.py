@@ -71,8 +71,8 @@ def register(subparsers) -> None:
         help="learned: the MAE encoder's instance decoder (--model, default the bundled default-2d); "
         "classical: the filter-bank pipeline; auto (default): learned when --model names a segmentation "
         "model, or with the bundled nuclei model on a single-channel 2D image, which falls back to classical "
-        "where that model is unsure of the image ('fallback' in the output says why); classical with "
-        "--scribbles or --threshold and otherwise",
+        "where that model is unsure of the image ('fallback' in the output says why; --method learned keeps "
+        "it), and classical otherwise (volumes, colour images, --scribbles, --threshold)",
     )
     p.add_argument(
         "--model",

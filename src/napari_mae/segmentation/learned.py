@@ -219,9 +219,11 @@ def predict_maps(
     if roi is None:
         roi = 128 if image.ndim == 2 else ROI_3D
     shape = image.shape
-    # pad to a multiple of the patch size and at least one window of one patch
-    pad = [(0, (-s) % p) for s, p in zip(shape, patch, strict=True)]
-    x = np.pad(image, pad, mode="reflect") if any(b for _, b in pad) else image
+    # pad to a multiple of the patch size, and to two patches at least: a one-token grid
+    # leaves the decoder's instance norms a single value (torch refuses it)
+    pad = [(0, max((-s) % p, 2 * p - s)) for s, p in zip(shape, patch, strict=True)]
+    mode = "reflect" if min(shape) > 1 else "edge"  # reflect needs two values per axis
+    x = np.pad(image, pad, mode=mode) if any(b for _, b in pad) else image
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
     roi_size = tuple(
         max(p, min(roi, s) - (min(roi, s) % p)) for s, p in zip(xt.shape[2:], patch, strict=True)

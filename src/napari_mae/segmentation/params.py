@@ -184,8 +184,10 @@ class SegmentationInfo(Mapping):
         The learned method on a 2D image, or ``method="auto"`` that fell back from it: the
         decoder's :func:`~napari_mae.segmentation.learned.foreground_ambiguity`.
     fallback : str, optional
-        ``method="auto"``: why the classical pipeline ran instead of the decoder that
-        was tried (its foreground was too ambiguous for an image of its kind).
+        ``method="auto"`` without a model on a 2D image: why the classical pipeline ran
+        instead of the bundled decoder (its foreground was too ambiguous for an image of
+        its kind, with ``ambiguity``; or why it was not tried: a colour image, a
+        ``threshold`` given, too small or too large).
     """
 
     mode: str

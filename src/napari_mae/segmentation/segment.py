@@ -190,12 +190,11 @@ def segment_instances(
         net = _learned_model(model, method == "learned")
         net = _fits_dimensions(net, ndim, method == "learned")
     # auto without a model: the bundled decoder where it fits (loaded after the empty check)
-    bundled = (
-        scrib is None
-        and method == "auto"
-        and model is None
-        and _bundled_fits(x, rgb, intensity_range, given=(threshold, tile_shape, params))
-    )
+    why_not = None
+    if scrib is None and method == "auto" and model is None:
+        why_not = _why_not_bundled(x, rgb, intensity_range, threshold=threshold, tile_shape=tile_shape,
+                                   params=params)  # fmt: skip
+    bundled = scrib is None and method == "auto" and model is None and why_not is None
     info: dict = {
         "mode": "scribbles" if scrib is not None else "automatic",
         "method": "learned" if net is not None else "classical",
@@ -216,6 +215,10 @@ def segment_instances(
         return np.zeros(shape, np.uint32), SegmentationInfo(**info)
     if bundled:
         net = _learned_model(None, False)  # None where the weights are missing: classical
+        if net is None:
+            why_not = "the bundled segmentation model is not installed"
+    if why_not is not None and ndim == 2:  # volumes: auto is the classical pipeline, as documented
+        info["fallback"] = f"auto ran the classical pipeline, not the bundled decoder: {why_not}"
     info["method"] = "learned" if net is not None else "classical"
     report(progress, 0, 100, "preparing")
     img, prep = bright_single_channel(x, invalid, rgb=rgb, bright_objects=bright_objects, scribbles=scrib)
@@ -242,6 +245,10 @@ def segment_instances(
     ):
         net = None  # the decoder's grid would be too large (small objects are upsampled): classical
         info["method"] = "classical"
+        info["fallback"] = (
+            "auto ran the classical pipeline, not the bundled decoder: its grid would exceed "
+            f"{AUTO_LEARNED_MAX_PIXELS / 2**20:g} MPix (objects under its radius are upsampled)"
+        )
     if net is not None:
         from napari_mae.segmentation.learned import decoder_input
 
@@ -292,26 +299,39 @@ def segment_instances(
 AUTO_LEARNED_MAX_PIXELS = 8 * 2**20
 
 
-def _bundled_fits(x: np.ndarray, rgb: bool, intensity_range, *, given: Sequence) -> bool:
-    """Whether ``method="auto"`` without a model tries the bundled 2D nuclei decoder.
+#: Smallest side, in pixels, of an image that ``method="auto"`` gives the bundled decoder.
+AUTO_LEARNED_MIN_SIDE = 16
+
+
+def _why_not_bundled(x: np.ndarray, rgb: bool, intensity_range, **given) -> str | None:
+    """Why ``method="auto"`` without a model does not try the bundled 2D nuclei decoder; None if it does.
 
     It was trained on single-channel 2D fluorescence images, so: a 2D image ``x`` (the
     normalised ``(C, Y, X)``) of one channel, or RGB(A) whose colour channels are equal (a
-    grey image saved in colour, as the DSB 2018 PNGs are), at most
-    :data:`AUTO_LEARNED_MAX_PIXELS`, not a block of a larger image (``intensity_range``
-    given: blocks run as the caller chose), and none of the classical pipeline's own
-    options ``given`` (``threshold``, ``tile_shape``, ``params``: the decoder has none of
-    them, and a value the caller set must not be ignored).
+    grey image saved in colour, as the DSB 2018 PNGs are), of at least
+    :data:`AUTO_LEARNED_MIN_SIDE` and at most :data:`AUTO_LEARNED_MAX_PIXELS` pixels, not a
+    block of a larger image (``intensity_range`` given: blocks run as the caller chose), and
+    none of the classical pipeline's own options ``given`` (``threshold``, ``tile_shape``,
+    ``params``: the decoder has none of them, and a value the caller set must not be ignored).
     """
-    if x.ndim != 3 or intensity_range is not None or any(g is not None for g in given):
-        return False
+    if x.ndim != 3:
+        return "a volume"
+    if intensity_range is not None:
+        return "a block of a larger image"
+    named = [k for k, v in given.items() if v is not None]
+    if named:
+        return f"{', '.join(named)} given (the classical pipeline's)"
+    if min(x.shape[1:]) < AUTO_LEARNED_MIN_SIDE:
+        return f"an image under {AUTO_LEARNED_MIN_SIDE} pixels on a side"
     if x[0].size > AUTO_LEARNED_MAX_PIXELS:
-        return False
+        return f"an image over {AUTO_LEARNED_MAX_PIXELS / 2**20:g} MPix (tiled by the classical pipeline)"
     if x.shape[0] == 1:
-        return True
+        return None
     if not rgb:
-        return False
-    return bool(np.array_equal(x[0], x[1], equal_nan=True) and np.array_equal(x[0], x[2], equal_nan=True))
+        return f"{x.shape[0]} channels (the decoder takes one)"
+    if np.array_equal(x[0], x[1], equal_nan=True) and np.array_equal(x[0], x[2], equal_nan=True):
+        return None
+    return "a colour image (the decoder was trained on grey fluorescence)"
 
 
 def _decoder_pixels(shape, radius_px, net) -> float:

@@ -458,8 +458,12 @@ class SegmentationWidget(ImageJobWidget):
                 f"{n_objects} objects ({info.get('mode', '')}, classical); radius "
                 f"{_fmt(info.get('radius'))} {unit}, threshold {_fmt(info.get('threshold'))}"
             )
-        if info.get("fallback"):
-            text += f" (the bundled model was unsure here: {info.get('ambiguity', 0):.0%} of its foreground ambiguous)"
+        if info.get("ambiguity") is not None and info.get("fallback"):
+            text += (
+                f" (the bundled model was unsure here: {info['ambiguity']:.0%} of its foreground ambiguous)"
+            )
+        elif info.get("fallback"):
+            text += f" ({info['fallback'].split(': ', 1)[-1]})"  # why auto did not try the decoder
         if len(sizes):
             text += f"; median {size_key} {np.median(sizes):.4g} {unit}{power}"
         work = info.get("working_shape")
