@@ -225,3 +225,16 @@ def test_equal_stems_of_two_formats_get_two_labels_files(tmp_path):
     # the second overwrote the first's labels under one name
     assert tifffile.imread(out / "x_png_labels.tif").max() == 5
     assert tifffile.imread(out / "x_tif_labels.tif").max() == 3
+
+
+def test_ctrl_c_in_a_folder_run_says_how_to_go_on(folder, tmp_path, monkeypatch, capsys):
+    import napari_mae.batch as batch
+
+    def interrupted(*args, **kwargs):
+        yield from ()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "segment_folder", interrupted)
+    assert main(["segment", str(folder), "--out", str(tmp_path / "out"), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "--resume" in err and "interrupted" in err

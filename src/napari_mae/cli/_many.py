@@ -136,7 +136,15 @@ def run_folder(args: argparse.Namespace) -> int:
                 )
             except BlockwiseError as exc:
                 raise CLIError(str(exc)) from exc
-        return _folder_loop(args, out, n, settings, client)
+        try:
+            return _folder_loop(args, out, n, settings, client)
+        except KeyboardInterrupt:
+            # the files done are kept: say how to go on (main() prints "interrupted", exit 130)
+            print(
+                f"napari-mae segment: the files done are in {out}; rerun with --resume to go on",
+                file=sys.stderr,
+            )
+            raise
 
 
 def _folder_loop(args, out: Path, n: int, settings: dict, client) -> int:

@@ -147,7 +147,9 @@ class BatchWidget(QWidget):
             check_batch_output(out, overwrite=self.overwrite.isChecked(), resume=resume)
             n = len(list_images(source, exclude=out))
             if n == 0:
-                raise ValueError(f"{source}: no TIFF, NIfTI, NRRD or OME-Zarr image found")
+                from napari_mae.io.readers import FORMAT_NAMES
+
+                raise ValueError(f"{source}: no image ({FORMAT_NAMES}) or OME-Zarr found")
             method = self.method.currentText()
             model = self.model.text().strip() or None
             if (
