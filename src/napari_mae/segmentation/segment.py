@@ -56,7 +56,10 @@ def segment_instances(
     ----------
     image : ndarray, shape ``([Z,] Y, X)``, ``(Y, X, 3)`` RGB, or with ``channel_axis``
         Any real dtype (uint8/uint16/int32/float32/float64 give the same labels); NaN
-        pixels are ignored (never labelled). An RGB image is recognised by a last axis
+        pixels are ignored (never labelled). A volume of one slice (one spatial axis of
+        length 1) is segmented as the 2D image it is (its ``spacing``, ``scribbles`` and
+        ``tile_shape`` may have 3 values or 2); the labels keep the singleton axis, ``info``
+        describes the 2D run. An RGB image is recognised by a last axis
         of length 3 or 4 on a 3-dimensional array whose other axes are both longer than 16
         and with no ``spacing`` of length 3 (:func:`napari_mae.preprocess.guess_rgb_axis`);
         otherwise pass ``channel_axis``.
@@ -174,6 +177,22 @@ def segment_instances(
     if channel_axis is None:
         channel_axis = guess_rgb_axis(arr.shape, spacing=spacing)
     rgb = channel_axis is not None and arr.shape[channel_axis] in (3, 4)
+    spatial = [a for a in range(arr.ndim) if a != channel_axis]
+    flat = [i for i, a in enumerate(spatial) if arr.shape[a] == 1]
+    if len(spatial) == 3 and len(flat) == 1 and min(arr.shape[a] for a in spatial if arr.shape[a] != 1) > 1:
+        # one slice (a plain 1 x Y x X TIFF, an X x Y x 1 NIfTI): the 2D image it is; a 3D
+        # pipeline finds nothing in a volume one voxel thick
+        k = flat[0]
+        labels, info = segment_instances(
+            np.squeeze(arr, spatial[k]),
+            scribbles=_drop_axis(scribbles, k, 3),
+            method=method, model=model, spacing=_drop_axis(spacing, k, 3),
+            channel_axis=None if channel_axis is None else channel_axis - int(channel_axis > spatial[k]),
+            object_radius=object_radius, threshold=threshold, bright_objects=bright_objects,
+            tile_shape=_drop_axis(tile_shape, k, 3), params=params, progress=progress,
+            intensity_range=intensity_range, radius_from_planes=radius_from_planes,
+        )  # fmt: skip
+        return np.expand_dims(labels, k), info
     x, invalid, _ = as_float_image(arr, channel_axis=channel_axis, intensity_range=intensity_range)
     shape = x.shape[1:]
     ndim = len(shape)
@@ -291,6 +310,19 @@ def segment_instances(
         )
     report(progress, 100, 100, "done")
     return labels, SegmentationInfo(**info)
+
+
+def _drop_axis(value, k: int, ndim: int):
+    """``value`` (None, a sequence of ``ndim`` per-axis values, or an array of ``ndim``
+    dimensions) without its axis ``k``; anything else unchanged (a 2D one given for the
+    single slice is taken as it is, a wrong one is refused by the 2D run's checks)."""
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
+        a = np.asarray(value)
+        return np.squeeze(a, k) if a.ndim == ndim and a.shape[k] == 1 else a
+    values = tuple(value)
+    return tuple(v for i, v in enumerate(values) if i != k) if len(values) == ndim else values
 
 
 #: Largest image, in pixels, that ``method="auto"`` gives the bundled decoder unasked, on
