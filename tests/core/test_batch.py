@@ -186,6 +186,8 @@ def test_cli_folder_mode(folder, tmp_path, capsys):
     assert main(["segment", str(folder), "--out", str(out), "--quiet"]) == 1  # one file failed
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["segmented"] == 3 and len(summary["failed"]) == 1 and summary["n_objects"] == 14
+    # auto decides per file: the summary says which method each got, and where the decoder was unsure
+    assert sum(summary["methods"].values()) == 3 and isinstance(summary["fallbacks"], list)
     assert main(["segment", str(folder / "img*.tif"), "--out", str(out), "--quiet"]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(["segment", str(folder / "img*.tif"), "--out", str(out), "--resume", "--quiet"]) == 0

@@ -43,3 +43,15 @@ def test_one_slice_scribbles_and_cli(nuclei, tmp_path, capsys):
                  "--quiet"]) == 0  # fmt: skip
     out = tifffile.imread(tmp_path / "l.tif")
     assert out.max() > 5 and out.size == img.size
+
+
+def test_cli_takes_a_2d_spacing_for_one_slice(nuclei, tmp_path, capsys):
+    import json
+
+    img, _ = nuclei
+    tifffile.imwrite(tmp_path / "slice.tif", img[None])
+    out = tmp_path / "l.tif"
+    args = ["segment", str(tmp_path / "slice.tif"), "--method", "classical", "--spacing", "0.5", "0.5"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["spacing"] == [0.5, 0.5] and tifffile.imread(out).max() > 5

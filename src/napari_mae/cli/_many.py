@@ -153,6 +153,8 @@ def _folder_loop(args, out: Path, n: int, settings: dict, client) -> int:
     from napari_mae.batch import segment_folder
 
     failed, done, skipped, n_objects = [], 0, 0, 0
+    methods: dict[str, int] = {}  # which method each file got (auto decides per file)
+    unsure: list[str] = []  # files where auto's decoder was unsure and the classical one ran
     bar = tqdm(total=n, unit="file", disable=args.quiet, file=sys.stderr)
     for up in segment_folder(
         args.image,
@@ -171,6 +173,11 @@ def _folder_loop(args, out: Path, n: int, settings: dict, client) -> int:
             done += up.status == "done"
             skipped += up.status == "skipped"
             n_objects += up.n_objects
+            method = up.info.get("method")
+            if method:
+                methods[method] = methods.get(method, 0) + 1
+            if up.info.get("fallback") and up.info.get("ambiguity") is not None:
+                unsure.append(str(up.path))
             bar.set_postfix_str(f"{up.path.name}: {up.n_objects} objects")
     bar.close()
     summary = {
@@ -181,6 +188,8 @@ def _folder_loop(args, out: Path, n: int, settings: dict, client) -> int:
         "skipped": skipped,
         "failed": failed,
         "n_objects": n_objects,
+        "methods": methods,
+        "fallbacks": unsure,
     }
     print(json.dumps(summary))
     return 1 if failed else 0

@@ -212,9 +212,16 @@ def run(args: argparse.Namespace) -> int:
     if n_spatial != 3 and not str(out).lower().endswith(TIFF_SUFFIXES):
         raise CLIError(f"--out {args.out}: NIfTI output needs a 3D volume; use a .tif name")
     if args.spacing is not None:
-        if len(args.spacing) != n_spatial:
-            raise CLIError(f"--spacing needs {n_spatial} values for this image, got {len(args.spacing)}")
         spacing = tuple(args.spacing)
+        sizes = [
+            n for a, n in enumerate(image.shape) if channel_axis is None or a != channel_axis % image.ndim
+        ]
+        if n_spatial == 3 and len(spacing) == 2 and sizes.count(1) == 1:
+            # a volume of one slice, segmented as the 2D image it is: Y X spacing is enough
+            k = sizes.index(1)
+            spacing = spacing[:k] + (1.0,) + spacing[k:]
+        if len(spacing) != n_spatial:
+            raise CLIError(f"--spacing needs {n_spatial} values for this image, got {len(args.spacing)}")
     elif spacing is not None and len(spacing) != n_spatial:
         spacing = None
     scribbles = None
