@@ -295,3 +295,28 @@ def test_a_segmentation_model_that_does_not_exist_is_a_notification(
     wait_done(qtbot, widget)
     assert "no such file" in errors(notifications)[-1]
     assert f"{layer.name} labels" not in viewer.layers
+
+
+def test_the_status_says_when_frames_got_different_methods(
+    viewer, add_widget, qtbot, notifications, monkeypatch
+):
+    import napari_mae.segmentation as seg
+
+    real = seg.segment_instances
+    calls = []
+
+    def alternate(frame, **kw):  # auto decides per frame: here learned, then classical
+        calls.append(kw["method"])
+        return real(frame, **{**kw, "method": "learned" if len(calls) == 1 else "classical"})
+
+    monkeypatch.setattr(seg, "segment_instances", alternate)
+    image, _ = small_nuclei_2d(96)
+    layer = viewer.add_image(np.stack([np.stack([image] * 3)] * 2))  # (T, Z, Y, X)
+    widget = add_widget("Segmentation")
+    widget.image.set_value(layer)
+    widget.time_mode.setCurrentText("all time points")
+    widget.run()
+    wait_done(qtbot, widget)
+    assert not errors(notifications), notifications
+    assert calls == ["auto", "auto"]
+    assert "classical on 1 frames" in widget.status.text() and "learned on 1 frames" in widget.status.text()

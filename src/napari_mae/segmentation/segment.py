@@ -361,9 +361,22 @@ def _why_not_bundled(x: np.ndarray, rgb: bool, intensity_range, **given) -> str 
         return None
     if not rgb:
         return f"{x.shape[0]} channels (the decoder takes one)"
-    if np.array_equal(x[0], x[1], equal_nan=True) and np.array_equal(x[0], x[2], equal_nan=True):
+    if _grey(x[:3]):
         return None
     return "a colour image (the decoder was trained on grey fluorescence)"
+
+
+#: Largest difference between colour channels, as a fraction of the normalised range, at
+#: which an RGB image still counts as grey (JPEG and a stray pixel leave small differences).
+GREY_TOLERANCE = 0.02
+
+
+def _grey(rgb: np.ndarray) -> bool:
+    """Whether the normalised ``(3, Y, X)`` channels are equal within :data:`GREY_TOLERANCE`
+    (the 1-99.8 % normalisation maps each channel's range to about [0, 1])."""
+    with np.errstate(invalid="ignore"):
+        spread = np.nanmax(np.abs(rgb - rgb[:1]), axis=0)
+    return bool(np.nanpercentile(spread, 99.9) <= GREY_TOLERANCE) if np.isfinite(spread).any() else True
 
 
 def _decoder_pixels(shape, radius_px, net) -> float:

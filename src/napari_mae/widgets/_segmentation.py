@@ -458,6 +458,9 @@ class SegmentationWidget(ImageJobWidget):
                 f"{n_objects} objects ({info.get('mode', '')}, classical); radius "
                 f"{_fmt(info.get('radius'))} {unit}, threshold {_fmt(info.get('threshold'))}"
             )
+        per_frame = [str(i.get("method", "")) for i in infos]
+        if len(set(per_frame)) > 1:  # auto decides per frame of a time series
+            text += "; " + ", ".join(f"{m} on {per_frame.count(m)} frames" for m in sorted(set(per_frame)))
         if info.get("ambiguity") is not None and info.get("fallback"):
             text += (
                 f" (the bundled model was unsure here: {info['ambiguity']:.0%} of its foreground ambiguous)"
