@@ -55,10 +55,12 @@ def check_output_path(
     what: str = "TIFF",
     *,
     overwrite: bool | None = None,
+    folder_hint: str = "",
 ) -> Path | None:
     """Check an output file option before any work is done; return it as a Path.
 
-    Raises ``CLIError`` when the path is a folder, when the name does not end in one of
+    Raises ``CLIError`` when the path is a folder (``folder_hint`` is added to that message),
+    when the name does not end in one of
     ``suffixes`` (case-insensitive; ``what`` names the formats in the message), when an existing
     parent of it is a file, or, with ``overwrite=False``, when it exists already: every
     command that writes a result file refuses to replace one unless ``--overwrite`` is
@@ -69,7 +71,8 @@ def check_output_path(
         return None
     out = Path(path)
     if out.is_dir():
-        raise CLIError(f"{option} {path} is a folder; give a file name ending in {', '.join(suffixes)}")
+        hint = f"; {folder_hint}" if folder_hint else ""
+        raise CLIError(f"{option} {path} is a folder; give a file name ending in {', '.join(suffixes)}{hint}")
     if not str(out).lower().endswith(suffixes):
         raise CLIError(
             f"{option} {path}: only {what} output is written; use a name ending in {', '.join(suffixes)}"

@@ -165,12 +165,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--workers, --scheduler and --block-size are for OME-Zarr input")
     # first: --overwrite never replaces the input image or the scribbles
     check_distinct_paths({"IMAGE": args.image, "--scribbles": args.scribbles}, {"--out": args.out})
-    if Path(args.out).is_dir():
-        raise CLIError(
-            f"--out {args.out} is a folder: one IMAGE is written to one labels file (a name ending in "
-            f"{', '.join(OUT_SUFFIXES)}); to write a folder of labels, give a folder or a glob as IMAGE"
-        )
-    out = check_output_path(args.out, "--out", OUT_SUFFIXES, what="TIFF or NIfTI", overwrite=args.overwrite)
+    out = check_output_path(
+        args.out, "--out", OUT_SUFFIXES, what="TIFF or NIfTI", overwrite=args.overwrite,
+        folder_hint="to write a folder of labels, give a folder or a glob as IMAGE",
+    )  # fmt: skip
     if args.scribbles and not Path(args.scribbles).exists():  # before the image is read
         raise CLIError(f"--scribbles {args.scribbles}: no such file")
     image, spacing, meta = _read(args.image)
@@ -213,12 +211,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {args.out}: NIfTI output needs a 3D volume; use a .tif name")
     if args.spacing is not None:
         spacing = tuple(args.spacing)
-        sizes = [
-            n for a, n in enumerate(image.shape) if channel_axis is None or a != channel_axis % image.ndim
-        ]
-        if n_spatial == 3 and len(spacing) == 2 and sizes.count(1) == 1:
+        from napari_mae.segmentation.segment import single_slice_axis
+
+        k = single_slice_axis(image.shape, None if channel_axis is None else channel_axis % image.ndim)
+        if len(spacing) == 2 and k is not None:
             # a volume of one slice, segmented as the 2D image it is: Y X spacing is enough
-            k = sizes.index(1)
             spacing = spacing[:k] + (1.0,) + spacing[k:]
         if len(spacing) != n_spatial:
             raise CLIError(f"--spacing needs {n_spatial} values for this image, got {len(args.spacing)}")

@@ -169,6 +169,12 @@ def _clip_scale(scale: float) -> float:
     return float(min(max(scale, 1.0 / 16.0), MAX_UPSCALE))
 
 
+def plane_scale(radius_px: float, r_ref: float) -> float:
+    """The factor by which :func:`segment_plane` first resamples a 2D image whose objects have
+    ``radius_px`` pixels radius, so that they get the decoder's ``r_ref`` (within [1/16, 4])."""
+    return _clip_scale(r_ref / max(float(radius_px), 1e-3))
+
+
 #: Window side of :func:`predict_maps` for volumes (3D decoder), in voxels of the model's scale.
 ROI_3D = 64
 
@@ -373,7 +379,7 @@ def segment_plane(
         ``ambiguity`` (:func:`foreground_ambiguity` of the last pass's foreground).
     """
     prm = params or LearnedParams()
-    scale = _clip_scale(r_ref / max(float(radius_px), 1e-3))
+    scale = plane_scale(radius_px, r_ref)
     passes = 0
     while True:
         passes += 1

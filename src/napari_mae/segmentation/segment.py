@@ -177,12 +177,11 @@ def segment_instances(
     if channel_axis is None:
         channel_axis = guess_rgb_axis(arr.shape, spacing=spacing)
     rgb = channel_axis is not None and arr.shape[channel_axis] in (3, 4)
-    spatial = [a for a in range(arr.ndim) if a != channel_axis]
-    flat = [i for i, a in enumerate(spatial) if arr.shape[a] == 1]
-    if len(spatial) == 3 and len(flat) == 1 and min(arr.shape[a] for a in spatial if arr.shape[a] != 1) > 1:
+    k = single_slice_axis(arr.shape, channel_axis)
+    if k is not None:
         # one slice (a plain 1 x Y x X TIFF, an X x Y x 1 NIfTI): the 2D image it is; a 3D
         # pipeline finds nothing in a volume one voxel thick
-        k = flat[0]
+        spatial = [a for a in range(arr.ndim) if a != channel_axis]
         labels, info = segment_instances(
             np.squeeze(arr, spatial[k]),
             scribbles=_drop_axis(scribbles, k, 3),
@@ -209,11 +208,13 @@ def segment_instances(
         net = _learned_model(model, method == "learned")
         net = _fits_dimensions(net, ndim, method == "learned")
     # auto without a model: the bundled decoder where it fits (loaded after the empty check)
-    why_not = None
-    if scrib is None and method == "auto" and model is None:
-        why_not = _why_not_bundled(x, rgb, intensity_range, threshold=threshold, tile_shape=tile_shape,
-                                   params=params)  # fmt: skip
-    bundled = scrib is None and method == "auto" and model is None and why_not is None
+    auto_bundled = scrib is None and method == "auto" and model is None
+    why_not = (
+        _why_not_bundled(x, rgb, intensity_range, threshold=threshold, tile_shape=tile_shape, params=params)
+        if auto_bundled
+        else None
+    )
+    bundled = auto_bundled and why_not is None
     info: dict = {
         "mode": "scribbles" if scrib is not None else "automatic",
         "method": "learned" if net is not None else "classical",
@@ -312,13 +313,36 @@ def segment_instances(
     return labels, SegmentationInfo(**info)
 
 
+def single_slice_axis(shape: Sequence[int], channel_axis: int | None = None) -> int | None:
+    """The singleton axis of a volume of one slice, counted among the spatial axes; else None.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The array's shape, channels included.
+    channel_axis : int or None
+        Which axis holds channels (non-negative), if any.
+
+    Returns
+    -------
+    int or None
+        ``k`` such that spatial axis ``k`` has length 1 and the two others more than 1
+        (:func:`segment_instances` segments such a volume as the 2D image it is); None for
+        anything else.
+    """
+    sizes = [n for a, n in enumerate(shape) if a != channel_axis]
+    if len(sizes) != 3 or sizes.count(1) != 1 or min(n for n in sizes if n != 1) < 2:
+        return None
+    return sizes.index(1)
+
+
 def _drop_axis(value, k: int, ndim: int):
     """``value`` (None, a sequence of ``ndim`` per-axis values, or an array of ``ndim``
     dimensions) without its axis ``k``; anything else unchanged (a 2D one given for the
     single slice is taken as it is, a wrong one is refused by the 2D run's checks)."""
     if value is None:
         return None
-    if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
+    if hasattr(value, "__array__"):
         a = np.asarray(value)
         return np.squeeze(a, k) if a.ndim == ndim and a.shape[k] == 1 else a
     values = tuple(value)
@@ -380,12 +404,11 @@ def _grey(rgb: np.ndarray) -> bool:
 
 
 def _decoder_pixels(shape, radius_px, net) -> float:
-    """Pixels of the grid the 2D decoder works on: ``shape`` resampled so that objects of
-    ``radius_px`` get the decoder's radius (upsampled at most ``MAX_UPSCALE`` per axis)."""
-    from napari_mae.segmentation.learned import _clip_scale
+    """Pixels of the grid the 2D decoder works on: ``shape`` resampled as
+    :func:`~napari_mae.segmentation.learned.segment_plane` does (its first pass)."""
+    from napari_mae.segmentation.learned import plane_scale
 
-    r_ref = float(net.decoder_config.object_radius)
-    scale = _clip_scale(r_ref / max(float(np.sqrt(np.prod(radius_px))), 1e-3))
+    scale = plane_scale(float(np.sqrt(np.prod(radius_px))), float(net.decoder_config.object_radius))
     return float(np.prod(shape)) * scale**2
 
 

@@ -466,7 +466,7 @@ class SegmentationWidget(ImageJobWidget):
                 f" (the bundled model was unsure here: {info['ambiguity']:.0%} of its foreground ambiguous)"
             )
         elif info.get("fallback"):
-            text += f" ({info['fallback'].split(': ', 1)[-1]})"  # why auto did not try the decoder
+            text += f" ({info['fallback']})"  # why auto did not try the decoder
         if len(sizes):
             text += f"; median {size_key} {np.median(sizes):.4g} {unit}{power}"
         work = info.get("working_shape")
