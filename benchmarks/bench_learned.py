@@ -203,7 +203,7 @@ def main(argv=None) -> int:
             print(json.dumps(run_dsb(method, args.model, 1.0, args.limit)), flush=True)
     if args.part in ("all", "scale"):
         for zoom in (0.5, 2.0):
-            for method in ("learned", "classical"):
+            for method in ("learned", "classical", "auto"):
                 print(json.dumps(run_dsb(method, args.model, zoom, args.limit)), flush=True)
     if args.part in ("all", "3d"):
         run_3d(args.model)
